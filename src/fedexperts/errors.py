@@ -1,0 +1,13 @@
+"""Exceptions raised for user mistakes: the CLI prints their message and exits non-zero."""
+
+
+class FedExpertsError(Exception):
+    """Base class: a problem with what the user asked for, reported without a traceback."""
+
+
+class UnsupportedModelError(FedExpertsError):
+    """The model's type is unknown to fedexperts, or the model has no MoE layer."""
+
+
+class SurgeryError(FedExpertsError):
+    """An expert subset, graft choice or saved MoE state does not fit the model."""

@@ -1,0 +1,132 @@
+"""Tiny random-weight configs of every supported MoE family, for tests, demos and benchmarks.
+
+Each is a stock transformers config (hidden 32, a few layers, 8 experts, top-2) with the family's
+own quirks switched on: a dense first layer for DeepSeek, a dense layer in Qwen's
+``mlp_only_layers``, a shared expert where the family has one, group-limited routing for DeepSeek,
+alternating sparse blocks in Switch Transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 128,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 16,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+_FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "mlp_only_layers": [1],
+        "intermediate_size": 48,
+        "norm_topk_prob": False,
+    },
+    "qwen3_moe": {"num_experts": 8, "moe_intermediate_size": 16, "mlp_only_layers": [0], "intermediate_size": 48},
+    "olmoe": {"num_experts": 8},
+    "mixtral": {"num_local_experts": 8},
+    "deepseek_v2": {
+        "n_routed_experts": 8,
+        "moe_intermediate_size": 16,
+        "intermediate_size": 48,
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 1,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "deepseek_v3": {
+        "n_routed_experts": 8,
+        "moe_intermediate_size": 16,
+        "intermediate_size": 48,
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 1,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "n_group": 2,
+        "topk_group": 1,
+    },
+    "gpt_oss": {"num_local_experts": 8, "head_dim": 8, "layer_types": None},
+    "granitemoe": {"num_local_experts": 8},
+    "phimoe": {"num_local_experts": 8},
+    "switch_transformers": {
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 32,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "num_experts": 8,
+        "expert_capacity": 64,
+        "encoder_sparse_step": 2,
+        "decoder_sparse_step": 2,
+        "vocab_size": 128,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "router_bias": False,
+        "tie_word_embeddings": False,
+    },
+}
+
+TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_OVERRIDES)
+
+
+def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedConfig:
+    """A tiny config of ``model_type``; keyword arguments override any field."""
+    if model_type not in _FAMILY_OVERRIDES:
+        raise KeyError(f"no tiny config for {model_type!r}; have: {', '.join(TINY_FAMILIES)}")
+    fields = dict(_FAMILY_OVERRIDES[model_type])
+    if model_type != "switch_transformers":
+        fields = {**_COMMON, **fields}
+    fields.update(overrides)
+    fields = {key: value for key, value in fields.items() if value is not None or key == "q_lora_rank"}
+    return transformers.AutoConfig.for_model(model_type, **fields)
+
+
+def tiny_model(model_type: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A randomly initialised tiny model of ``model_type`` in eval mode (deterministic per seed)."""
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    if config.is_encoder_decoder:
+        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    _randomise_zero_initialised(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def _randomise_zero_initialised(model: nn.Module) -> None:
+    """Give routers random rows: several families initialise them to zero, which ties every expert."""
+    from fedexperts.moe.families import moe_layers
+
+    for layer in moe_layers(model):
+        weight = layer.family.router_weight(layer.router)
+        weight.normal_(0.0, 0.5)

@@ -1,0 +1,94 @@
+"""Standalone routed experts, computed with each family's own code.
+
+A copy of some experts of a fused block is a fresh instance of the family's own experts class
+built with the expert count set to ``n``, so it runs through the same ``experts_implementation``
+(``grouped_mm`` / ``eager``) and layout handling (GPT-OSS's transposed, interleaved, biased
+weights) as the model itself: nothing about the layout is re-implemented here. For Switch
+Transformers an expert already is a module, so a copy is a deep copy of it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedexperts.errors import SurgeryError
+from fedexperts.moe.families import ExpertLayout, MoELayer
+
+
+def check_expert_indices(layer: MoELayer, indices: Sequence[int]) -> list[int]:
+    """The indices as ints, or a :class:`SurgeryError` if empty, duplicated or out of range."""
+    chosen = [int(i) for i in indices]
+    if not chosen:
+        raise SurgeryError(f"{layer.name}: empty expert list")
+    bad = [i for i in chosen if not 0 <= i < layer.num_experts]
+    if bad:
+        raise SurgeryError(
+            f"{layer.name}: expert indices {bad} out of range; the layer has {layer.num_experts} experts"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise SurgeryError(f"{layer.name}: duplicate expert indices in {chosen}")
+    return chosen
+
+
+def copy_experts(layer: MoELayer, indices: Sequence[int]) -> nn.Module:
+    """A new module holding copies of the given experts of ``layer``, in that order."""
+    chosen = check_expert_indices(layer, indices)
+    family = layer.family
+    source = layer.experts
+    if family.layout is ExpertLayout.MODULE_PER_EXPERT:
+        return nn.ModuleList(copy.deepcopy(source[f"expert_{i}"]) for i in chosen)
+    config = copy.deepcopy(source.config)
+    setattr(config, family.num_experts_field, len(chosen))
+    with torch.device("meta"):
+        clone = type(source)(config)
+    index = torch.tensor(chosen, device=source.get_parameter(family.expert_tensors[0]).device)
+    for tensor_name in family.expert_tensors:
+        original = source.get_parameter(tensor_name)
+        sliced = original.detach().index_select(0, index).clone()
+        setattr(clone, tensor_name, nn.Parameter(sliced, requires_grad=original.requires_grad))
+    return clone
+
+
+def run_experts(layer: MoELayer, module: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over the experts of ``module`` (from :func:`copy_experts`) for every token.
+
+    ``hidden`` is (T, H); ``weights`` is (T, n), one weight per expert of the module.
+    """
+    if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
+        assert isinstance(module, nn.ModuleList)
+        out = torch.zeros_like(hidden)
+        for slot, expert in enumerate(module):
+            out = out + expert(hidden).to(hidden.dtype) * weights[:, slot : slot + 1].to(hidden.dtype)
+        return out
+    count = weights.shape[1]
+    index = torch.arange(count, device=hidden.device).expand(hidden.shape[0], count)
+    return module(hidden, index, weights.to(hidden.dtype))
+
+
+def each_expert_output(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+    """Output of every routed expert of ``layer`` on every token, unweighted: (E, T, H).
+
+    One batched call per layer: tokens are repeated once per expert and dispatched through the
+    model's own experts forward, so each expert sees all tokens in a single grouped matmul.
+    """
+    experts = layer.num_experts
+    tokens = hidden.shape[0]
+    if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
+        return torch.stack([layer.experts[f"expert_{j}"](hidden) for j in range(experts)])
+    repeated = hidden.repeat(experts, 1)
+    index = torch.arange(experts, device=hidden.device).repeat_interleave(tokens).unsqueeze(-1)
+    ones = torch.ones(index.shape, dtype=hidden.dtype, device=hidden.device)
+    return layer.experts(repeated, index, ones).view(experts, tokens, -1)
+
+
+def one_expert_output(layer: MoELayer, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Output of one routed expert on every token, unweighted: (T, H). One forward per call."""
+    if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
+        return layer.experts[f"expert_{expert}"](hidden)
+    index = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
+    ones = torch.ones(index.shape, dtype=hidden.dtype, device=hidden.device)
+    return layer.experts(hidden, index, ones)

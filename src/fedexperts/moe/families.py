@@ -1,0 +1,434 @@
+"""Where the parts of each Hugging Face MoE family live.
+
+transformers v5 stores routed experts as fused 3-D tensors (one leading row per expert) behind a
+router module that returns ``(logits, top-k weights, top-k indices)``; Switch Transformers still
+keeps one module per expert and a top-1 router with expert capacity. A :class:`MoEFamily` is the
+explicit description of one ``model_type``: which layers are sparse (from the config, checked
+against the modules), the attribute names of router, experts and shared experts, the tensors that
+carry one row per expert, and how to read the router's own output. Nothing here is guessed from
+substrings of parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedexperts.errors import UnsupportedModelError
+
+
+class ExpertLayout(StrEnum):
+    """How one expert's weights are stored."""
+
+    FUSED = "fused"
+    """``gate_up_proj`` (E, 2I, H) as ``[gate; up]`` and ``down_proj`` (E, H, I), ``nn.Linear`` orientation."""
+    FUSED_TRANSPOSED_INTERLEAVED = "fused-transposed-interleaved"
+    """GPT-OSS: ``gate_up_proj`` (E, H, 2I) with gate/up interleaved by column, ``down_proj`` (E, I, H), biases."""
+    MODULE_PER_EXPERT = "module-per-expert"
+    """Switch Transformers: an ``nn.ModuleDict`` of ``expert_{i}`` dense MLPs."""
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What a router chose for each token (flattened batch x sequence order).
+
+    ``indices`` is (T, k) with -1 where no expert was chosen (Switch drops tokens past capacity);
+    ``weights`` is (T, k), the weight each chosen expert's output is scaled by.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One sparse block of a model, resolved to its modules."""
+
+    name: str
+    """Module path of the sparse block (the model's own naming), e.g. ``model.layers.3.mlp``."""
+    stack: str
+    """``decoder`` for decoder-only models; ``encoder`` or ``decoder`` for Switch Transformers."""
+    layer_index: int
+    """Index of the transformer layer in its stack (dense layers count)."""
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    shared_experts: tuple[nn.Module, ...]
+    family: MoEFamily
+
+    @property
+    def router_name(self) -> str:
+        return f"{self.name}.{self.family.router_attr}"
+
+    @property
+    def experts_name(self) -> str:
+        return f"{self.name}.{self.family.experts_attr}"
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts the block holds now (after any pruning)."""
+        return int(self.family.router_weight(self.router).shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return self.family.router_top_k(self.router)
+
+
+def _all_layers(config: Any, stack: str, num_layers: int) -> list[int]:
+    return list(range(num_layers))
+
+
+def _qwen_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]:
+    """Qwen2/3-MoE: ``mlp_only_layers`` are dense; otherwise every ``decoder_sparse_step``-th layer."""
+    mlp_only = set(config.mlp_only_layers or [])
+    step = config.decoder_sparse_step
+    if config.num_experts <= 0:
+        return []
+    return [i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0]
+
+
+def _deepseek_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]:
+    """DeepSeek-V2/V3: the first ``first_k_dense_replace`` layers are dense."""
+    return [i for i in range(num_layers) if i >= config.first_k_dense_replace]
+
+
+def _switch_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]:
+    """Switch Transformers: every ``{encoder,decoder}_sparse_step``-th block (index % step == 1)."""
+    step = config.decoder_sparse_step if stack == "decoder" else config.encoder_sparse_step
+    if step <= 0:
+        return []
+    return [i for i in range(num_layers) if step == 1 or i % step == 1]
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """Description of one MoE ``model_type`` in transformers v5 (decoder-only, fused experts)."""
+
+    model_type: str
+    display_name: str
+    num_experts_field: str
+    """Config field that holds the routed expert count."""
+    top_k_field: str | None
+    """Config field that holds top-k (``None``: fixed top-1)."""
+    block_attr: str
+    """Attribute of a decoder layer that holds the sparse block."""
+    router_attr: str
+    experts_attr: str = "experts"
+    shared_expert_attrs: tuple[str, ...] = ()
+    router_expert_tensors: tuple[str, ...] = ("weight",)
+    """Router parameters/buffers with one row per expert (relative to the router module)."""
+    router_bias: str | None = None
+    """Router bias with one entry per expert, if the router has one (relative to the router)."""
+    expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    """Expert parameters with one leading row per expert (relative to the experts module)."""
+    layout: ExpertLayout = ExpertLayout.FUSED
+    routing: str = "softmax over all experts, top-k"
+    """How the router chooses, in words (for docs and error messages)."""
+    masking_identity: bool = True
+    """Whether pruning equals the full model with dropped experts' logits set to -inf."""
+    sparse_layers: Callable[[Any, str, int], list[int]] = field(default=_all_layers)
+    group_routing: bool = False
+    """DeepSeek's group-limited routing (``n_group`` / ``topk_group``)."""
+
+    # -- model structure -------------------------------------------------------------------------
+    def stacks(self, model: nn.Module) -> list[tuple[str, str, nn.ModuleList]]:
+        """``(stack name, module path prefix, layers)`` for each layer stack of the model."""
+        base_prefix = getattr(model, "base_model_prefix", "model")
+        base = getattr(model, base_prefix, None)
+        if isinstance(base, nn.Module) and isinstance(getattr(base, "layers", None), nn.ModuleList):
+            return [("decoder", f"{base_prefix}.layers", base.layers)]
+        if isinstance(getattr(model, "layers", None), nn.ModuleList):
+            return [("decoder", "layers", model.layers)]
+        raise UnsupportedModelError(
+            f"cannot find the decoder layers of {type(model).__name__} (model_type {self.model_type!r})"
+        )
+
+    def num_layers(self, config: Any, stack: str) -> int:
+        return int(config.num_hidden_layers)
+
+    def block_in_layer(self, layer: nn.Module) -> tuple[str, nn.Module | None]:
+        """Relative path and module of the sparse block inside one transformer layer."""
+        return self.block_attr, getattr(layer, self.block_attr, None)
+
+    def attention_modules(self, layer: nn.Module) -> list[nn.Module]:
+        """The attention modules of one transformer layer."""
+        return [layer.self_attn]
+
+    def is_sparse_block(self, block: nn.Module | None) -> bool:
+        return (
+            block is not None
+            and isinstance(getattr(block, self.router_attr, None), nn.Module)
+            and isinstance(getattr(block, self.experts_attr, None), nn.Module)
+        )
+
+    # -- router ----------------------------------------------------------------------------------
+    def router_weight(self, router: nn.Module) -> torch.Tensor:
+        weight = router.get_parameter(self.router_expert_tensors[0])
+        return weight
+
+    def router_top_k(self, router: nn.Module) -> int:
+        return int(router.top_k)
+
+    def router_bias_of(self, router: nn.Module) -> torch.Tensor | None:
+        """The router's per-expert bias, or ``None`` when it has none."""
+        if self.router_bias is None:
+            return None
+        owner_path, _, leaf = self.router_bias.rpartition(".")
+        owner = router.get_submodule(owner_path) if owner_path else router
+        bias = getattr(owner, leaf, None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def decisions(self, router_output: Any) -> RoutingDecision:
+        """Read the router's own output: ``(logits, weights, indices)`` in transformers v5."""
+        _, weights, indices = router_output
+        return RoutingDecision(indices=indices.reshape(indices.shape[0], -1), weights=weights)
+
+    def block_output(self, output: Any) -> torch.Tensor:
+        """The hidden-state output of a sparse block (GPT-OSS also returns router scores)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def config_num_experts(self, config: Any) -> int:
+        return int(getattr(config, self.num_experts_field))
+
+    def config_top_k(self, config: Any) -> int:
+        return 1 if self.top_k_field is None else int(getattr(config, self.top_k_field))
+
+
+@dataclass(frozen=True)
+class SwitchFamily(MoEFamily):
+    """Switch Transformers: encoder-decoder, one module per expert, top-1 routing with capacity."""
+
+    def stacks(self, model: nn.Module) -> list[tuple[str, str, nn.ModuleList]]:
+        found = []
+        for stack in ("encoder", "decoder"):
+            part = getattr(model, stack, None)
+            if part is not None and isinstance(getattr(part, "block", None), nn.ModuleList):
+                found.append((stack, f"{stack}.block", part.block))
+        if not found:
+            raise UnsupportedModelError(f"cannot find the encoder/decoder blocks of {type(model).__name__}")
+        return found
+
+    def num_layers(self, config: Any, stack: str) -> int:
+        if stack == "decoder":
+            return int(config.num_decoder_layers)
+        return int(config.num_layers)
+
+    def block_in_layer(self, layer: nn.Module) -> tuple[str, nn.Module | None]:
+        feed_forward_index = len(layer.layer) - 1
+        feed_forward = layer.layer[feed_forward_index]
+        return f"layer.{feed_forward_index}.mlp", getattr(feed_forward, "mlp", None)
+
+    def attention_modules(self, layer: nn.Module) -> list[nn.Module]:
+        """Self-attention (and, in the decoder, cross-attention) sublayers of a Switch block."""
+        return list(layer.layer)[:-1]
+
+    def router_weight(self, router: nn.Module) -> torch.Tensor:
+        return router.classifier.weight
+
+    def router_top_k(self, router: nn.Module) -> int:
+        return 1
+
+    def decisions(self, router_output: Any) -> RoutingDecision:
+        """Switch returns ``(one-hot dispatch mask, max probability, logits)``; dropped tokens have no expert."""
+        dispatch, probs, _ = router_output
+        dispatch = dispatch.reshape(-1, dispatch.shape[-1])
+        chosen = dispatch.any(dim=-1)
+        indices = torch.where(chosen, dispatch.argmax(dim=-1), torch.full_like(chosen, -1, dtype=torch.long))
+        weights = probs.reshape(-1, 1) * chosen.unsqueeze(-1)
+        return RoutingDecision(indices=indices.unsqueeze(-1), weights=weights)
+
+
+_COMMON_FUSED = "fused 3-D experts"
+
+FAMILIES: dict[str, MoEFamily] = {
+    family.model_type: family
+    for family in (
+        MoEFamily(
+            model_type="qwen2_moe",
+            display_name="Qwen2-MoE / Qwen1.5-MoE",
+            num_experts_field="num_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="gate",
+            shared_expert_attrs=("shared_expert", "shared_expert_gate"),
+            routing="softmax over all experts, top-k (optionally renormalised); sigmoid-gated shared expert",
+            sparse_layers=_qwen_sparse_layers,
+        ),
+        MoEFamily(
+            model_type="qwen3_moe",
+            display_name="Qwen3-MoE",
+            num_experts_field="num_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="gate",
+            routing="softmax over all experts, top-k (optionally renormalised)",
+            sparse_layers=_qwen_sparse_layers,
+        ),
+        MoEFamily(
+            model_type="olmoe",
+            display_name="OLMoE",
+            num_experts_field="num_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="gate",
+            routing="softmax over all experts, top-k (optionally renormalised)",
+        ),
+        MoEFamily(
+            model_type="mixtral",
+            display_name="Mixtral",
+            num_experts_field="num_local_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="gate",
+            routing="softmax over all experts, top-k, renormalised",
+        ),
+        MoEFamily(
+            model_type="deepseek_v2",
+            display_name="DeepSeek-V2",
+            num_experts_field="n_routed_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="gate",
+            shared_expert_attrs=("shared_experts",),
+            routing="softmax, greedy or group-limited top-k, scaled; shared experts",
+            sparse_layers=_deepseek_sparse_layers,
+            group_routing=True,
+        ),
+        MoEFamily(
+            model_type="deepseek_v3",
+            display_name="DeepSeek-V3",
+            num_experts_field="n_routed_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="gate",
+            shared_expert_attrs=("shared_experts",),
+            router_expert_tensors=("weight", "e_score_correction_bias"),
+            routing="sigmoid scores + correction bias, group-limited top-k, renormalised, scaled; shared experts",
+            sparse_layers=_deepseek_sparse_layers,
+            group_routing=True,
+        ),
+        MoEFamily(
+            model_type="gpt_oss",
+            display_name="GPT-OSS",
+            num_experts_field="num_local_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="router",
+            router_expert_tensors=("weight", "bias"),
+            router_bias="bias",
+            expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+            layout=ExpertLayout.FUSED_TRANSPOSED_INTERLEAVED,
+            routing="top-k of biased logits, softmax over the k",
+        ),
+        MoEFamily(
+            model_type="granitemoe",
+            display_name="Granite-MoE",
+            num_experts_field="num_local_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="block_sparse_moe",
+            router_attr="router",
+            routing="top-k of logits, softmax over the k",
+        ),
+        MoEFamily(
+            model_type="phimoe",
+            display_name="PhiMoE",
+            num_experts_field="num_local_experts",
+            top_k_field="num_experts_per_tok",
+            block_attr="mlp",
+            router_attr="router",
+            routing="SparseMixer top-2 (masked softmax per pick)",
+        ),
+        SwitchFamily(
+            model_type="switch_transformers",
+            display_name="Switch Transformers",
+            num_experts_field="num_experts",
+            top_k_field=None,
+            block_attr="mlp",
+            router_attr="router",
+            router_expert_tensors=("classifier.weight", "classifier.bias"),
+            router_bias="classifier.bias",
+            expert_tensors=(),
+            layout=ExpertLayout.MODULE_PER_EXPERT,
+            routing="top-1 softmax with per-sequence expert capacity",
+            sparse_layers=_switch_sparse_layers,
+        ),
+    )
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_for(model_or_config: nn.Module | Any) -> MoEFamily:
+    """The family of a model (or config), or a clear error naming the type and the supported list."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(str(model_type))
+    if family is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not a supported MoE family; supported: "
+            + ", ".join(supported_model_types())
+        )
+    return family
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every sparse block of ``model``, in forward order (encoder before decoder).
+
+    The layers that the config declares sparse must be exactly the layers that hold a router and
+    experts; a mismatch means a model variant this family description does not cover.
+    """
+    family = family_for(model)
+    config = model.config
+    found: list[MoELayer] = []
+    for stack, prefix, layers in family.stacks(model):
+        expected = family.sparse_layers(config, stack, len(layers))
+        actual = []
+        for index, layer in enumerate(layers):
+            relative, block = family.block_in_layer(layer)
+            if not family.is_sparse_block(block):
+                continue
+            assert block is not None
+            actual.append(index)
+            found.append(
+                MoELayer(
+                    name=f"{prefix}.{index}.{relative}",
+                    stack=stack,
+                    layer_index=index,
+                    block=block,
+                    router=getattr(block, family.router_attr),
+                    experts=getattr(block, family.experts_attr),
+                    shared_experts=tuple(
+                        getattr(block, attr) for attr in family.shared_expert_attrs if hasattr(block, attr)
+                    ),
+                    family=family,
+                )
+            )
+        if actual != expected:
+            raise UnsupportedModelError(
+                f"{family.model_type} {stack}: config declares sparse layers {expected} "
+                f"but the model has routers and experts in layers {actual}"
+            )
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {family.model_type!r}) has no MoE layer: "
+            "every layer is dense under this config"
+        )
+    return found
+
+
+def moe_layer_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, MoELayer]:
+    """Look up MoE layers by block path, with a clear error for a name that is not one."""
+    layers = {layer.name: layer for layer in moe_layers(model)}
+    unknown = [name for name in names if name not in layers]
+    if unknown:
+        raise UnsupportedModelError(
+            f"not MoE layers of this model: {unknown}; MoE layers are: {list(layers)}"
+        )
+    return layers

@@ -1,0 +1,184 @@
+"""FLEx's personal-expert graft: a client-owned copy of chosen experts joined through a sigmoid gate.
+
+Each grafted sparse block computes ``moe(x) + sum_i sigmoid(gate_i(x)) * personal_i(x)``. The
+personal experts are copies of pretrained routed experts (built with the family's own experts
+class, see :mod:`fedexperts.moe.experts`) and each gate row starts as the router row of the expert
+it copies, so the gate opens as much as the router would have chosen that expert. The graft adds
+two children to the block, ``personal_experts`` and ``personal_gate``, and a forward hook; every
+original parameter keeps its name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from fedexperts.atomic import atomic_file
+from fedexperts.errors import SurgeryError
+from fedexperts.moe.experts import check_expert_indices, copy_experts, run_experts
+from fedexperts.moe.families import MoELayer, moe_layer_by_name, moe_layers
+
+PERSONAL_EXPERTS = "personal_experts"
+PERSONAL_GATE = "personal_gate"
+_GRAFT_ATTRIBUTE = "_fedexperts_graft"
+_METADATA_KEY = "fedexperts_graft"
+
+
+@dataclass(frozen=True)
+class Graft:
+    """The personal experts grafted onto one sparse block."""
+
+    layer: str
+    experts: tuple[int, ...]
+    """Indices (in the block's current numbering) of the routed experts that were copied."""
+    gate_bias: bool
+    handle: RemovableHandle
+
+
+def grafts(model: nn.Module) -> dict[str, Graft]:
+    """The grafts currently attached to ``model``, by layer name."""
+    found = {}
+    for layer in moe_layers(model):
+        graft = getattr(layer.block, _GRAFT_ATTRIBUTE, None)
+        if isinstance(graft, Graft):
+            found[layer.name] = graft
+    return found
+
+
+def graft_personal_experts(
+    model: nn.Module, choices: Mapping[str, int | Sequence[int]], *, gate_bias: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Attach personal experts copied from the chosen routed experts of each named layer.
+
+    ``choices`` maps layer names to one expert index or several (top-n grafting). The gate of each
+    copied expert starts as that expert's router row; with ``gate_bias`` it also gets a trainable
+    bias, started from the router's bias for the expert where the router has one, else zero.
+    """
+    layers = moe_layer_by_name(model, choices)
+    checked: dict[str, list[int]] = {}
+    for name, choice in choices.items():
+        if getattr(layers[name].block, _GRAFT_ATTRIBUTE, None) is not None:
+            raise SurgeryError(f"{name} already has personal experts; remove them first")
+        checked[name] = check_expert_indices(layers[name], [choice] if isinstance(choice, int) else choice)
+    for name, chosen in checked.items():
+        _attach(layers[name], chosen, gate_bias)
+    return {name: tuple(chosen) for name, chosen in checked.items()}
+
+
+def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
+    family = layer.family
+    router_weight = family.router_weight(layer.router)
+    index = torch.tensor(chosen, dtype=torch.long, device=router_weight.device)
+    gate = nn.Linear(router_weight.shape[1], len(chosen), bias=gate_bias)
+    gate.to(device=router_weight.device, dtype=router_weight.dtype)
+    with torch.no_grad():
+        gate.weight.copy_(router_weight.detach().index_select(0, index))
+        if gate.bias is not None:
+            gate.bias.zero_()
+            router_bias = family.router_bias_of(layer.router)
+            if router_bias is not None:
+                gate.bias.copy_(router_bias.detach().index_select(0, index))
+    block = layer.block
+    block.add_module(PERSONAL_EXPERTS, copy_experts(layer, chosen))
+    block.add_module(PERSONAL_GATE, gate)
+
+    def add_personal_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        weights = torch.sigmoid(module.get_submodule(PERSONAL_GATE)(flat))
+        personal = run_experts(layer, module.get_submodule(PERSONAL_EXPERTS), flat, weights).view_as(hidden)
+        if isinstance(output, tuple):
+            return (output[0] + personal, *output[1:])
+        return output + personal
+
+    handle = block.register_forward_hook(add_personal_output, with_kwargs=True)
+    setattr(block, _GRAFT_ATTRIBUTE, Graft(layer.name, tuple(chosen), gate_bias, handle))
+
+
+def remove_personal_experts(model: nn.Module, layer_names: Iterable[str] | None = None) -> None:
+    """Detach the grafts of the named layers (default: all), leaving them as before grafting."""
+    wanted = None if layer_names is None else set(layer_names)
+    for layer in moe_layers(model):
+        if wanted is not None and layer.name not in wanted:
+            continue
+        graft = getattr(layer.block, _GRAFT_ATTRIBUTE, None)
+        if graft is None:
+            continue
+        graft.handle.remove()
+        delattr(layer.block, PERSONAL_EXPERTS)
+        delattr(layer.block, PERSONAL_GATE)
+        delattr(layer.block, _GRAFT_ATTRIBUTE)
+
+
+def personal_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The grafted tensors alone, under their full names in ``model``."""
+    state: dict[str, torch.Tensor] = {}
+    for name in grafts(model):
+        block = model.get_submodule(name)
+        for part in (PERSONAL_EXPERTS, PERSONAL_GATE):
+            for key, tensor in block.get_submodule(part).state_dict().items():
+                state[f"{name}.{part}.{key}"] = tensor
+    return state
+
+
+def save_personal(model: nn.Module, path: str | Path) -> Path:
+    """Write the personal experts and gates (safetensors, with the graft layout in its metadata)."""
+    attached = grafts(model)
+    if not attached:
+        raise SurgeryError("the model has no personal experts to save")
+    layout = {name: {"experts": list(g.experts), "gate_bias": g.gate_bias} for name, g in attached.items()}
+    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in personal_state_dict(model).items()}
+    target = Path(path)
+    with atomic_file(target) as staging:
+        save_file(tensors, str(staging), metadata={_METADATA_KEY: json.dumps(layout)})
+    return target
+
+
+def load_personal(model: nn.Module, path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Graft the personal parts saved at ``path`` onto ``model`` (a freshly loaded base model).
+
+    The saved layout must name MoE layers of this model and expert indices it has; every saved
+    tensor must match the graft's shape. On any mismatch nothing stays attached.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise SurgeryError(f"{source}: no such personal-state file")
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if _METADATA_KEY not in metadata:
+            raise SurgeryError(f"{source}: not a personal-state file (no {_METADATA_KEY!r} metadata)")
+        layout = json.loads(metadata[_METADATA_KEY])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    by_bias: dict[bool, dict[str, list[int]]] = {}
+    for name, entry in layout.items():
+        by_bias.setdefault(bool(entry["gate_bias"]), {})[name] = [int(i) for i in entry["experts"]]
+    attached: dict[str, tuple[int, ...]] = {}
+    try:
+        for gate_bias, choices in by_bias.items():
+            attached.update(graft_personal_experts(model, choices, gate_bias=gate_bias))
+        expected = personal_state_dict(model)
+        if set(expected) != set(tensors):
+            raise SurgeryError(
+                f"{source}: tensors {sorted(set(tensors) ^ set(expected))[:4]} do not match the saved layout"
+            )
+        for key, target in expected.items():
+            if tensors[key].shape != target.shape:
+                raise SurgeryError(
+                    f"{source}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(target.shape)}"
+                )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key])
+    except Exception:
+        remove_personal_experts(model, attached)
+        raise
+    return attached

@@ -1,0 +1,118 @@
+"""FLEx's grafting choice: which pretrained expert best reconstructs each full MoE layer.
+
+For every MoE layer, on a client's calibration tokens X with full-layer output Z (routed experts,
+shared experts and all), the loss of routed expert j is ``||Z - E_j(X)||_F`` over all real
+tokens. The one-pass method evaluates every expert of a layer in a single batched experts call;
+the per-expert method runs one forward per expert and exists as the reference it is tested and
+benchmarked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedexperts.errors import FedExpertsError
+from fedexperts.moe.experts import each_expert_output, one_expert_output
+from fedexperts.moe.families import MoELayer, moe_layers
+
+
+class SelectionMethod(StrEnum):
+    ONE_PASS = "one-pass"
+    PER_EXPERT = "per-expert"
+
+
+@dataclass(frozen=True)
+class GraftChoice:
+    """Reconstruction losses of every expert of one layer, best first."""
+
+    layer: str
+    losses: torch.Tensor
+    """Frobenius norm of ``Z - E_j(X)`` over the calibration tokens, per expert j."""
+
+    @property
+    def ranking(self) -> list[int]:
+        return [int(i) for i in torch.argsort(self.losses, stable=True)]
+
+    @property
+    def best(self) -> int:
+        return self.ranking[0]
+
+    def top(self, n: int) -> list[int]:
+        if not 1 <= n <= self.losses.numel():
+            raise FedExpertsError(f"{self.layer}: cannot graft top-{n} of {self.losses.numel()} experts")
+        return self.ranking[:n]
+
+
+def _squared_errors(layer: MoELayer, hidden: torch.Tensor, target: torch.Tensor, method: SelectionMethod,
+                    chunk: int) -> torch.Tensor:
+    errors = torch.zeros(layer.num_experts, dtype=torch.float64, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        x, z = hidden[start : start + chunk], target[start : start + chunk].float()
+        if method is SelectionMethod.ONE_PASS:
+            outputs = each_expert_output(layer, x).float()
+            errors += (outputs - z.unsqueeze(0)).pow(2).sum(dim=(1, 2)).double()
+        else:
+            for expert in range(layer.num_experts):
+                output = one_expert_output(layer, expert, x).float()
+                errors[expert] += (output - z).pow(2).sum().double()
+    return errors
+
+
+@torch.no_grad()
+def reconstruction_losses(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    method: SelectionMethod | str = SelectionMethod.ONE_PASS,
+    tokens_per_chunk: int = 1024,
+) -> dict[str, GraftChoice]:
+    """Run ``model`` on calibration batches and score every routed expert of every MoE layer.
+
+    ``batches`` are keyword arguments for the model's forward; their ``attention_mask`` (and
+    ``decoder_attention_mask`` for encoder-decoder models) exclude padding tokens. Expert outputs are computed ``tokens_per_chunk`` tokens at a time, so
+    memory stays at ``experts x chunk x hidden`` per layer.
+    """
+    method = SelectionMethod(method)
+    layers = moe_layers(model)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    totals = {layer.name: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in layers}
+    real: dict[str, torch.Tensor | None] = {}
+
+    def hook_for(layer: MoELayer) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            target = layer.family.block_output(output).reshape(-1, hidden.shape[-1])
+            mask = real.get(layer.stack)
+            if mask is not None:
+                hidden, target = hidden[mask], target[mask]
+            totals[layer.name] += _squared_errors(layer, hidden, target, method, tokens_per_chunk).cpu()
+
+        return hook
+
+    handles = [layer.block.register_forward_hook(hook_for(layer), with_kwargs=True) for layer in layers]
+    seen = False
+    try:
+        was_training = model.training
+        model.eval()
+        for batch in batches:
+            masks = {"encoder": batch.get("attention_mask"), "decoder": batch.get("attention_mask")}
+            if encoder_decoder:
+                masks["decoder"] = batch.get("decoder_attention_mask")
+            real.clear()
+            real.update({stack: None if m is None else m.reshape(-1).bool() for stack, m in masks.items()})
+            model(**batch)
+            seen = True
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise FedExpertsError("grafting selection needs at least one calibration batch")
+    return {name: GraftChoice(name, errors.sqrt()) for name, errors in totals.items()}
