@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 import transformers
-from torch import nn
+from transformers import PreTrainedModel
+
+from fedexperts.errors import UnsupportedModelError
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 32,
@@ -38,7 +40,12 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
         "intermediate_size": 48,
         "norm_topk_prob": False,
     },
-    "qwen3_moe": {"num_experts": 8, "moe_intermediate_size": 16, "mlp_only_layers": [0], "intermediate_size": 48},
+    "qwen3_moe": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "mlp_only_layers": [0],
+        "intermediate_size": 48,
+    },
     "olmoe": {"num_experts": 8},
     "mixtral": {"num_local_experts": 8},
     "deepseek_v2": {
@@ -101,7 +108,7 @@ TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_OVERRIDES)
 def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedConfig:
     """A tiny config of ``model_type``; keyword arguments override any field."""
     if model_type not in _FAMILY_OVERRIDES:
-        raise KeyError(f"no tiny config for {model_type!r}; have: {', '.join(TINY_FAMILIES)}")
+        raise UnsupportedModelError(f"no tiny config for {model_type!r}; have: {', '.join(TINY_FAMILIES)}")
     fields = dict(_FAMILY_OVERRIDES[model_type])
     if model_type != "switch_transformers":
         fields = {**_COMMON, **fields}
@@ -110,20 +117,18 @@ def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedCon
     return transformers.AutoConfig.for_model(model_type, **fields)
 
 
-def tiny_model(model_type: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+def tiny_model(model_type: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A randomly initialised tiny model of ``model_type`` in eval mode (deterministic per seed)."""
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    if config.is_encoder_decoder:
-        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    model: PreTrainedModel = auto.from_config(config)
     _randomise_zero_initialised(model)
     return model.eval()
 
 
 @torch.no_grad()
-def _randomise_zero_initialised(model: nn.Module) -> None:
+def _randomise_zero_initialised(model: PreTrainedModel) -> None:
     """Give routers random rows: several families initialise them to zero, which ties every expert."""
     from fedexperts.moe.families import moe_layers
 

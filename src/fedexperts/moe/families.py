@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedexperts.errors import UnsupportedModelError
 
@@ -55,9 +56,11 @@ class MoELayer:
     """``decoder`` for decoder-only models; ``encoder`` or ``decoder`` for Switch Transformers."""
     layer_index: int
     """Index of the transformer layer in its stack (dense layers count)."""
-    block: nn.Module
-    router: nn.Module
-    experts: nn.Module
+    # transformers modules carry family-specific attributes (``router.top_k``, ``experts.num_experts``,
+    # ``router.num_group``) that ``nn.Module``'s typing cannot describe, so they are typed ``Any``.
+    block: Any
+    router: Any
+    experts: Any
     shared_experts: tuple[nn.Module, ...]
     family: MoEFamily
 
@@ -136,14 +139,13 @@ class MoEFamily:
     """DeepSeek's group-limited routing (``n_group`` / ``topk_group``)."""
 
     # -- model structure -------------------------------------------------------------------------
-    def stacks(self, model: nn.Module) -> list[tuple[str, str, nn.ModuleList]]:
+    def stacks(self, model: PreTrainedModel) -> list[tuple[str, str, nn.ModuleList]]:
         """``(stack name, module path prefix, layers)`` for each layer stack of the model."""
         base_prefix = getattr(model, "base_model_prefix", "model")
-        base = getattr(model, base_prefix, None)
-        if isinstance(base, nn.Module) and isinstance(getattr(base, "layers", None), nn.ModuleList):
-            return [("decoder", f"{base_prefix}.layers", base.layers)]
-        if isinstance(getattr(model, "layers", None), nn.ModuleList):
-            return [("decoder", "layers", model.layers)]
+        for prefix, owner in ((base_prefix, getattr(model, base_prefix, None)), ("", model)):
+            layers = getattr(owner, "layers", None)
+            if isinstance(layers, nn.ModuleList):
+                return [("decoder", f"{prefix}.layers".lstrip("."), layers)]
         raise UnsupportedModelError(
             f"cannot find the decoder layers of {type(model).__name__} (model_type {self.model_type!r})"
         )
@@ -151,15 +153,15 @@ class MoEFamily:
     def num_layers(self, config: Any, stack: str) -> int:
         return int(config.num_hidden_layers)
 
-    def block_in_layer(self, layer: nn.Module) -> tuple[str, nn.Module | None]:
+    def block_in_layer(self, layer: Any) -> tuple[str, nn.Module | None]:
         """Relative path and module of the sparse block inside one transformer layer."""
         return self.block_attr, getattr(layer, self.block_attr, None)
 
-    def attention_modules(self, layer: nn.Module) -> list[nn.Module]:
+    def attention_modules(self, layer: Any) -> list[nn.Module]:
         """The attention modules of one transformer layer."""
         return [layer.self_attn]
 
-    def is_sparse_block(self, block: nn.Module | None) -> bool:
+    def is_sparse_block(self, block: Any) -> bool:
         return (
             block is not None
             and isinstance(getattr(block, self.router_attr, None), nn.Module)
@@ -167,14 +169,14 @@ class MoEFamily:
         )
 
     # -- router ----------------------------------------------------------------------------------
-    def router_weight(self, router: nn.Module) -> torch.Tensor:
+    def router_weight(self, router: Any) -> torch.Tensor:
         weight = router.get_parameter(self.router_expert_tensors[0])
         return weight
 
-    def router_top_k(self, router: nn.Module) -> int:
+    def router_top_k(self, router: Any) -> int:
         return int(router.top_k)
 
-    def router_bias_of(self, router: nn.Module) -> torch.Tensor | None:
+    def router_bias_of(self, router: Any) -> torch.Tensor | None:
         """The router's per-expert bias, or ``None`` when it has none."""
         if self.router_bias is None:
             return None
@@ -203,12 +205,12 @@ class MoEFamily:
 class SwitchFamily(MoEFamily):
     """Switch Transformers: encoder-decoder, one module per expert, top-1 routing with capacity."""
 
-    def stacks(self, model: nn.Module) -> list[tuple[str, str, nn.ModuleList]]:
+    def stacks(self, model: PreTrainedModel) -> list[tuple[str, str, nn.ModuleList]]:
         found = []
         for stack in ("encoder", "decoder"):
-            part = getattr(model, stack, None)
-            if part is not None and isinstance(getattr(part, "block", None), nn.ModuleList):
-                found.append((stack, f"{stack}.block", part.block))
+            blocks = getattr(getattr(model, stack, None), "block", None)
+            if isinstance(blocks, nn.ModuleList):
+                found.append((stack, f"{stack}.block", blocks))
         if not found:
             raise UnsupportedModelError(f"cannot find the encoder/decoder blocks of {type(model).__name__}")
         return found
@@ -218,19 +220,19 @@ class SwitchFamily(MoEFamily):
             return int(config.num_decoder_layers)
         return int(config.num_layers)
 
-    def block_in_layer(self, layer: nn.Module) -> tuple[str, nn.Module | None]:
+    def block_in_layer(self, layer: Any) -> tuple[str, nn.Module | None]:
         feed_forward_index = len(layer.layer) - 1
         feed_forward = layer.layer[feed_forward_index]
         return f"layer.{feed_forward_index}.mlp", getattr(feed_forward, "mlp", None)
 
-    def attention_modules(self, layer: nn.Module) -> list[nn.Module]:
+    def attention_modules(self, layer: Any) -> list[nn.Module]:
         """Self-attention (and, in the decoder, cross-attention) sublayers of a Switch block."""
         return list(layer.layer)[:-1]
 
-    def router_weight(self, router: nn.Module) -> torch.Tensor:
+    def router_weight(self, router: Any) -> torch.Tensor:
         return router.classifier.weight
 
-    def router_top_k(self, router: nn.Module) -> int:
+    def router_top_k(self, router: Any) -> int:
         return 1
 
     def decisions(self, router_output: Any) -> RoutingDecision:
@@ -372,13 +374,12 @@ def family_for(model_or_config: nn.Module | Any) -> MoEFamily:
     family = FAMILIES.get(str(model_type))
     if family is None:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: "
-            + ", ".join(supported_model_types())
+            f"model_type {model_type!r} is not a supported MoE family; supported: " + ", ".join(supported_model_types())
         )
     return family
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
+def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
     """Every sparse block of ``model``, in forward order (encoder before decoder).
 
     The layers that the config declares sparse must be exactly the layers that hold a router and
@@ -423,12 +424,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return found
 
 
-def moe_layer_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, MoELayer]:
+def moe_layer_by_name(model: PreTrainedModel, names: Iterable[str]) -> dict[str, MoELayer]:
     """Look up MoE layers by block path, with a clear error for a name that is not one."""
     layers = {layer.name: layer for layer in moe_layers(model)}
     unknown = [name for name in names if name not in layers]
     if unknown:
-        raise UnsupportedModelError(
-            f"not MoE layers of this model: {unknown}; MoE layers are: {list(layers)}"
-        )
+        raise UnsupportedModelError(f"not MoE layers of this model: {unknown}; MoE layers are: {list(layers)}")
     return layers

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,13 +61,13 @@ class RoleRules:
         return table.get(info.kind, Role.FROZEN)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> Any:
     """The transformers model inside a peft wrapper (names are then the model's own)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
 
 
-def _module_kinds(model: nn.Module) -> dict[int, ParamKind]:
+def _module_kinds(model: Any) -> dict[int, ParamKind]:
     family = family_for(model)
     kinds: dict[int, ParamKind] = {}
     for _stack, _prefix, layers in family.stacks(model):
@@ -81,7 +82,10 @@ def _module_kinds(model: nn.Module) -> dict[int, ParamKind]:
         kinds[id(moe.experts)] = ParamKind.ROUTED_EXPERT
         for shared in moe.shared_experts:
             kinds[id(shared)] = ParamKind.SHARED_EXPERT
-        for attr, kind in ((PERSONAL_EXPERTS, ParamKind.PERSONAL_EXPERT), (PERSONAL_GATE, ParamKind.PERSONAL_GATE)):
+        for attr, kind in (
+            (PERSONAL_EXPERTS, ParamKind.PERSONAL_EXPERT),
+            (PERSONAL_GATE, ParamKind.PERSONAL_GATE),
+        ):
             personal = getattr(moe.block, attr, None)
             if isinstance(personal, nn.Module):
                 kinds[id(personal)] = kind

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
 
 from fedexperts.atomic import atomic_file
 from fedexperts.errors import SurgeryError
@@ -44,7 +45,7 @@ class Graft:
     handle: RemovableHandle
 
 
-def grafts(model: nn.Module) -> dict[str, Graft]:
+def grafts(model: PreTrainedModel) -> dict[str, Graft]:
     """The grafts currently attached to ``model``, by layer name."""
     found = {}
     for layer in moe_layers(model):
@@ -55,7 +56,7 @@ def grafts(model: nn.Module) -> dict[str, Graft]:
 
 
 def graft_personal_experts(
-    model: nn.Module, choices: Mapping[str, int | Sequence[int]], *, gate_bias: bool = True
+    model: PreTrainedModel, choices: Mapping[str, int | Sequence[int]], *, gate_bias: bool = True
 ) -> dict[str, tuple[int, ...]]:
     """Attach personal experts copied from the chosen routed experts of each named layer.
 
@@ -104,7 +105,7 @@ def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
     setattr(block, _GRAFT_ATTRIBUTE, Graft(layer.name, tuple(chosen), gate_bias, handle))
 
 
-def remove_personal_experts(model: nn.Module, layer_names: Iterable[str] | None = None) -> None:
+def remove_personal_experts(model: PreTrainedModel, layer_names: Iterable[str] | None = None) -> None:
     """Detach the grafts of the named layers (default: all), leaving them as before grafting."""
     wanted = None if layer_names is None else set(layer_names)
     for layer in moe_layers(model):
@@ -119,7 +120,7 @@ def remove_personal_experts(model: nn.Module, layer_names: Iterable[str] | None 
         delattr(layer.block, _GRAFT_ATTRIBUTE)
 
 
-def personal_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def personal_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The grafted tensors alone, under their full names in ``model``."""
     state: dict[str, torch.Tensor] = {}
     for name in grafts(model):
@@ -130,7 +131,7 @@ def personal_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_personal(model: nn.Module, path: str | Path) -> Path:
+def save_personal(model: PreTrainedModel, path: str | Path) -> Path:
     """Write the personal experts and gates (safetensors, with the graft layout in its metadata)."""
     attached = grafts(model)
     if not attached:
@@ -143,7 +144,7 @@ def save_personal(model: nn.Module, path: str | Path) -> Path:
     return target
 
 
-def load_personal(model: nn.Module, path: str | Path) -> dict[str, tuple[int, ...]]:
+def load_personal(model: PreTrainedModel, path: str | Path) -> dict[str, tuple[int, ...]]:
     """Graft the personal parts saved at ``path`` onto ``model`` (a freshly loaded base model).
 
     The saved layout must name MoE layers of this model and expert indices it has; every saved

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoELayer, RoutingDecision, moe_layers
@@ -61,7 +62,7 @@ class RoutingRecorder:
         probabilities = recorder.activation()
     """
 
-    def __init__(self, model: nn.Module, *, keep_tokens: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, *, keep_tokens: bool = False) -> None:
         self.layers: list[MoELayer] = moe_layers(model)
         self.keep_tokens = keep_tokens
         self.stats: dict[str, LayerRouting] = {

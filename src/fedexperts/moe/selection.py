@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.experts import each_expert_output, one_expert_output
@@ -49,8 +50,9 @@ class GraftChoice:
         return self.ranking[:n]
 
 
-def _squared_errors(layer: MoELayer, hidden: torch.Tensor, target: torch.Tensor, method: SelectionMethod,
-                    chunk: int) -> torch.Tensor:
+def _squared_errors(
+    layer: MoELayer, hidden: torch.Tensor, target: torch.Tensor, method: SelectionMethod, chunk: int
+) -> torch.Tensor:
     errors = torch.zeros(layer.num_experts, dtype=torch.float64, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         x, z = hidden[start : start + chunk], target[start : start + chunk].float()
@@ -66,7 +68,7 @@ def _squared_errors(layer: MoELayer, hidden: torch.Tensor, target: torch.Tensor,
 
 @torch.no_grad()
 def reconstruction_losses(
-    model: nn.Module,
+    model: PreTrainedModel,
     batches: Iterable[Mapping[str, Any]],
     *,
     method: SelectionMethod | str = SelectionMethod.ONE_PASS,
@@ -75,8 +77,9 @@ def reconstruction_losses(
     """Run ``model`` on calibration batches and score every routed expert of every MoE layer.
 
     ``batches`` are keyword arguments for the model's forward; their ``attention_mask`` (and
-    ``decoder_attention_mask`` for encoder-decoder models) exclude padding tokens. Expert outputs are computed ``tokens_per_chunk`` tokens at a time, so
-    memory stays at ``experts x chunk x hidden`` per layer.
+    ``decoder_attention_mask`` for encoder-decoder models) exclude padding tokens. Expert outputs
+    are computed ``tokens_per_chunk`` tokens at a time, so memory stays at ``experts x chunk x
+    hidden`` per layer.
     """
     method = SelectionMethod(method)
     layers = moe_layers(model)

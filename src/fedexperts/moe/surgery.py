@@ -9,6 +9,7 @@ beside a pruned checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ import torch
 import transformers
 from safetensors.torch import load_model, save_model
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedexperts.atomic import atomic_directory
 from fedexperts.errors import SurgeryError
@@ -68,7 +70,7 @@ class ExpertMap:
         )
 
 
-def expert_map(model: nn.Module) -> ExpertMap:
+def expert_map(model: PreTrainedModel) -> ExpertMap:
     """The model's current local-to-global expert map (the identity for an unpruned model)."""
     recorded = getattr(model, _MAP_ATTRIBUTE, None)
     if isinstance(recorded, ExpertMap):
@@ -141,7 +143,7 @@ def _group_plan(layer: MoELayer, keep: Sequence[int]) -> tuple[int, int] | None:
     return len(runs), topk_group
 
 
-def select_experts(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> ExpertMap:
+def select_experts(model: PreTrainedModel, keep: Mapping[str, Sequence[int]]) -> ExpertMap:
     """Keep only the listed experts (local indices, in the given order) of each named MoE layer.
 
     Layers not named keep all their experts. Everything is checked before anything changes: an
@@ -185,7 +187,7 @@ def select_experts(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> Exper
     return new_map
 
 
-def _slice_layer(model: nn.Module, layer: MoELayer, chosen: list[int]) -> None:
+def _slice_layer(model: PreTrainedModel, layer: MoELayer, chosen: list[int]) -> None:
     family = layer.family
     count = len(chosen)
     device = family.router_weight(layer.router).device
@@ -209,7 +211,7 @@ def _slice_layer(model: nn.Module, layer: MoELayer, chosen: list[int]) -> None:
             module.num_experts = count
 
 
-def _fix_model_counts(model: nn.Module) -> None:
+def _fix_model_counts(model: Any) -> None:
     """Set the model-level cached expert count used by the router auxiliary loss.
 
     With different counts per layer no single count is right, so the model-level aux loss (which
@@ -242,7 +244,7 @@ def gather_expert_rows(full: torch.Tensor, local_to_global: Sequence[int]) -> to
     return full.index_select(0, index)
 
 
-def save_pruned(model: nn.Module, directory: str | Path) -> Path:
+def save_pruned(model: PreTrainedModel, directory: str | Path) -> Path:
     """Save a (possibly pruned) model: config, weights in its in-memory naming, and its expert map.
 
     ``save_pretrained`` cannot be used: stock configs hold one expert count, and transformers
@@ -250,14 +252,16 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
     """
     target = Path(directory)
     mapping = expert_map(model)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
     with atomic_directory(target) as staging:
-        model.config.save_pretrained(staging)
+        config.save_pretrained(staging)
         save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / EXPERT_MAP_FILE).write_text(json.dumps(mapping.to_json(), indent=2))
     return target
 
 
-def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a model saved by :func:`save_pruned`, with its per-layer expert counts and map."""
     source = Path(directory)
     for needed in ("config.json", WEIGHTS_FILE, EXPERT_MAP_FILE):
@@ -285,7 +289,12 @@ def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> n
         layers[name].router.num_group, layers[name].router.topk_group = num_group, topk_group
     model.to_empty(device="cpu")
     _initialise_non_persistent_buffers(model)
-    missing, unexpected = load_model(model, str(source / WEIGHTS_FILE), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(source / WEIGHTS_FILE), strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise SurgeryError(
+            f"{source / WEIGHTS_FILE} does not match the saved structure: {str(error).strip().splitlines()[-1]}"
+        ) from error
     if missing or unexpected:
         raise SurgeryError(
             f"{source / WEIGHTS_FILE} does not match the saved structure: "
@@ -296,7 +305,7 @@ def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> n
     return model.to(dtype) if dtype is not None else model
 
 
-def _initialise_non_persistent_buffers(model: nn.Module) -> None:
+def _initialise_non_persistent_buffers(model: PreTrainedModel) -> None:
     """Recompute buffers that are not saved (rotary frequencies), as ``from_pretrained`` does."""
     for module in model.modules():
         if module._non_persistent_buffers_set:
