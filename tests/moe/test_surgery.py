@@ -225,3 +225,15 @@ def test_loading_a_broken_folder_is_a_clear_error(tmp_path):
     (target / EXPERT_MAP_FILE).write_text(json.dumps(wrong.to_json()))
     with pytest.raises(SurgeryError, match="does not match the saved structure"):
         load_pruned(target)
+
+
+def test_deepseek_v2_group_limited_routing_keeps_whole_groups(batch_factory):
+    overrides = {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}
+    model = tiny_model("deepseek_v2", **overrides)
+    batch = batch_factory(model)
+    names = [layer.name for layer in moe_layers(model)]
+    with masked_router_logits(model, dict.fromkeys(names, (3, 4))):
+        reference = logits(model, batch)
+    mapping = select_experts(model, dict.fromkeys(names, (0, 1, 2, 5, 6, 7)))
+    assert mapping.groups == dict.fromkeys(names, (2, 1)) and mapping.flat_routing == ()
+    torch.testing.assert_close(real(batch, logits(model, batch)), real(batch, reference), rtol=1e-4, atol=1e-5)

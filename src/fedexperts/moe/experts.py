@@ -69,20 +69,32 @@ def run_experts(layer: MoELayer, module: nn.Module, hidden: torch.Tensor, weight
     return module(hidden, index, weights.to(hidden.dtype))
 
 
+def _dense_projection(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    """Every expert's projection of every token in one batched matmul: (T, in) -> (E, T, out)."""
+    out = torch.matmul(hidden, weight if transposed else weight.transpose(1, 2))
+    return out if bias is None else out + bias.unsqueeze(1)
+
+
 def each_expert_output(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
     """Output of every routed expert of ``layer`` on every token, unweighted: (E, T, H).
 
-    One batched call per layer: tokens are repeated once per expert and dispatched through the
-    model's own experts forward, so each expert sees all tokens in a single grouped matmul.
+    Fused experts are evaluated densely with two batched matmuls over the expert dimension, reading
+    the layout flags (``is_transposed``, ``has_bias``) that transformers sets on the experts module
+    and applying the module's own ``_apply_gate`` (SwiGLU, GPT-OSS's clamped interleaved variant).
+    transformers has no "all experts on all tokens" forward, so this part is written here.
     """
-    experts = layer.num_experts
-    tokens = hidden.shape[0]
+    experts = layer.experts
     if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
-        return torch.stack([layer.experts[f"expert_{j}"](hidden) for j in range(experts)])
-    repeated = hidden.repeat(experts, 1)
-    index = torch.arange(experts, device=hidden.device).repeat_interleave(tokens).unsqueeze(-1)
-    ones = torch.ones(index.shape, dtype=hidden.dtype, device=hidden.device)
-    return layer.experts(repeated, index, ones).view(experts, tokens, -1)
+        return torch.stack([experts[f"expert_{j}"](hidden) for j in range(layer.num_experts)])
+    if not experts.has_gate or getattr(experts, "has_post_expert_norm", False):
+        raise SurgeryError(f"{layer.name}: experts without a gated projection are not supported")
+    transposed = bool(experts.is_transposed)
+    gate_up_bias = experts.gate_up_proj_bias if experts.has_bias else None
+    down_bias = experts.down_proj_bias if experts.has_bias else None
+    gate_up = _dense_projection(hidden, experts.gate_up_proj, gate_up_bias, transposed)
+    return _dense_projection(experts._apply_gate(gate_up), experts.down_proj, down_bias, transposed)
 
 
 def one_expert_output(layer: MoELayer, expert: int, hidden: torch.Tensor) -> torch.Tensor:

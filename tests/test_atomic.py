@@ -1,0 +1,30 @@
+import pytest
+
+from fedexperts.atomic import atomic_directory, atomic_file
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "state.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_file(target) as staging:
+        staging.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert target.read_bytes() == b"old"
+    with atomic_file(target) as staging:
+        staging.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.bin"]
+
+
+def test_atomic_directory_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    target = tmp_path / "checkpoint"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "weights").write_text("half")
+        raise RuntimeError("crash")
+    assert (target / "weights").read_text() == "old"
+    with atomic_directory(target) as staging:
+        (staging / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
