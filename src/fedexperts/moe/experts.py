@@ -50,6 +50,11 @@ def copy_experts(layer: MoELayer, indices: Sequence[int]) -> nn.Module:
         original = source.get_parameter(tensor_name)
         sliced = original.detach().index_select(0, index).clone()
         setattr(clone, tensor_name, nn.Parameter(sliced, requires_grad=original.requires_grad))
+    unset = [name for name, tensor in [*clone.named_parameters(), *clone.named_buffers()] if tensor.is_meta]
+    if unset:
+        raise SurgeryError(
+            f"{layer.experts_name}: {type(source).__name__} has tensors {unset} this family does not list"
+        )
     return clone
 
 
