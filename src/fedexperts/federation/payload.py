@@ -1,0 +1,99 @@
+"""What crosses the wire: named tensors plus small JSON metadata, as safetensors bytes.
+
+safetensors is the format (no pickle, bf16 supported, a bounded JSON header); this module adds
+the metadata convention, exact byte accounting (the length of the encoded message) and the
+validation a server runs on every reply before it aggregates anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from fedexperts.errors import FedExpertsError
+
+_METADATA_KEY = "fedexperts"
+
+
+class PayloadError(FedExpertsError):
+    """A message that cannot be decoded, or an update that does not fit what the server expects."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Named tensors (the model's own parameter names) and JSON-able metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Raw bytes of the tensors alone (what the wire format adds on top is its overhead)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def encode(payload: Payload, *, dtype: torch.dtype | None = None) -> bytes:
+    """Serialize to safetensors bytes; ``dtype`` casts floating tensors for transfer (e.g. bf16)."""
+    tensors = {
+        name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+        .detach()
+        .contiguous()
+        .cpu()
+        for name, tensor in payload.tensors.items()
+    }
+    try:
+        metadata = json.dumps(payload.metadata, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise PayloadError(f"payload metadata is not JSON-able: {error}") from error
+    return save(tensors, metadata={_METADATA_KEY: metadata})
+
+
+def decode(data: bytes) -> Payload:
+    """Parse bytes made by :func:`encode`; anything else is a :class:`PayloadError`."""
+    try:
+        tensors = load(data)
+        header_length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_length])
+        metadata = json.loads(header.get("__metadata__", {}).get(_METADATA_KEY, "{}"))
+    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
+        raise PayloadError(f"not a fedexperts message: {error}") from error
+    return Payload(tensors=dict(tensors), metadata=metadata)
+
+
+def validate_update(
+    payload: Payload, expected: Mapping[str, torch.Tensor], *, sender: str, allow_missing: bool = False
+) -> None:
+    """Check a client's update against the tensors the server expects, before any averaging.
+
+    Every key must be expected (and, unless ``allow_missing``, every expected key present), with
+    the expected shape, a floating dtype, and only finite values.
+    """
+    unexpected = sorted(set(payload.tensors) - set(expected))
+    if unexpected:
+        raise PayloadError(f"{sender}: unexpected tensors {unexpected[:5]}")
+    missing = sorted(set(expected) - set(payload.tensors))
+    if missing and not allow_missing:
+        raise PayloadError(f"{sender}: missing tensors {missing[:5]}")
+    for name, tensor in payload.tensors.items():
+        reference = expected[name]
+        if tensor.shape != reference.shape:
+            raise PayloadError(f"{sender}: {name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}")
+        if not tensor.is_floating_point():
+            raise PayloadError(f"{sender}: {name} has dtype {tensor.dtype}, expected a floating dtype")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise PayloadError(f"{sender}: {name} has {bad} NaN/Inf values")
+
+
+def check_metadata_numbers(metadata: Mapping[str, Any], *, sender: str) -> None:
+    """Refuse non-finite numbers in metrics a client reports (they would poison averages)."""
+    for key, value in metadata.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PayloadError(f"{sender}: metadata {key!r} is {value}")
