@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from fedexperts.federation import Payload, PayloadError
+from fedexperts.federation.state import CheckpointStore, ClientStateStore
+
+
+def test_client_state_round_trips_and_is_absent_before_first_save(tmp_path):
+    store = ClientStateStore(tmp_path)
+    assert store.load("client-7") is None
+    state = Payload({"gate.weight": torch.randn(2, 4), "steps": torch.tensor([3])}, {"round": 2, "experts": [1, 5]})
+    store.save("client-7", state)
+    loaded = store.load("client-7")
+    assert loaded is not None and loaded.metadata == state.metadata
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in state.tensors.items())
+
+
+@pytest.mark.parametrize("client_id", ["", "../escape", "a/b", ".hidden", "x" * 129])
+def test_unsafe_client_ids_are_refused(tmp_path, client_id):
+    with pytest.raises(PayloadError, match="client id"):
+        ClientStateStore(tmp_path).save(client_id, Payload({}))
+
+
+def test_corrupt_client_state_is_a_clear_error(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.path("c1").write_bytes(b"garbage")
+    with pytest.raises(PayloadError, match="unreadable state file"):
+        store.load("c1")
+
+
+def test_checkpoints_keep_the_newest_and_resume_from_the_latest(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+    assert store.latest() is None
+    for round_number in (1, 2, 3):
+        store.save(round_number, Payload({"w": torch.full((2,), float(round_number))}, {"seed": 5}))
+    assert store.rounds() == [2, 3]
+    latest = store.latest()
+    assert latest is not None
+    round_number, state = latest
+    assert round_number == 3 and state.metadata == {"seed": 5, "round": 3}
+    assert torch.equal(state.tensors["w"], torch.full((2,), 3.0))
+
+
+def test_a_torn_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    store.save(1, Payload({"w": torch.ones(2)}))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fedexperts.federation.state.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(2, Payload({"w": torch.zeros(2)}))
+    assert store.rounds() == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["round-000001.safetensors"]
