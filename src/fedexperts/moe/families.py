@@ -176,6 +176,10 @@ class MoEFamily:
     def router_top_k(self, router: Any) -> int:
         return int(router.top_k)
 
+    def router_logits(self, router_output: Any) -> torch.Tensor:
+        """The router's logits (T, E), with their autograd graph."""
+        return router_output[0]
+
     def router_bias_of(self, router: Any) -> torch.Tensor | None:
         """The router's per-expert bias, or ``None`` when it has none."""
         if self.router_bias is None:
@@ -234,6 +238,9 @@ class SwitchFamily(MoEFamily):
 
     def router_top_k(self, router: Any) -> int:
         return 1
+
+    def router_logits(self, router_output: Any) -> torch.Tensor:
+        return router_output[2]
 
     def decisions(self, router_output: Any) -> RoutingDecision:
         """Switch returns ``(one-hot dispatch mask, max probability, logits)``; dropped tokens have no expert."""
@@ -361,6 +368,12 @@ FAMILIES: dict[str, MoEFamily] = {
         ),
     )
 }
+
+
+def unwrap_model(model: nn.Module) -> Any:
+    """The transformers model inside a peft wrapper (whose names are the model's own)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def supported_model_types() -> list[str]:

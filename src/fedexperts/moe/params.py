@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedexperts.moe.families import family_for, moe_layers
+from fedexperts.moe.families import family_for, moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_EXPERTS, PERSONAL_GATE
 
 
@@ -61,12 +61,6 @@ class RoleRules:
         return table.get(info.kind, Role.FROZEN)
 
 
-def _unwrap(model: nn.Module) -> Any:
-    """The transformers model inside a peft wrapper (names are then the model's own)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
 def _module_kinds(model: Any) -> dict[int, ParamKind]:
     family = family_for(model)
     kinds: dict[int, ParamKind] = {}
@@ -106,7 +100,7 @@ def _adapter_containers(module: nn.Module) -> tuple[str, ...]:
 
 def parameter_kinds(model: nn.Module) -> dict[str, ParamInfo]:
     """Kind of every trainable-or-not parameter, by its name in the (unwrapped) model."""
-    root = _unwrap(model)
+    root = unwrap_model(model)
     kinds = _module_kinds(root)
     module_info: dict[str, ParamInfo] = {}
     adapter_modules: set[str] = set()
@@ -125,13 +119,13 @@ def parameter_roles(model: nn.Module, rules: RoleRules) -> dict[str, Role]:
 
 def apply_roles(model: nn.Module, roles: Mapping[str, Role]) -> None:
     """Train exactly the shared and personal parameters; freeze the rest."""
-    for name, parameter in _unwrap(model).named_parameters():
+    for name, parameter in unwrap_model(model).named_parameters():
         parameter.requires_grad_(roles[name] is not Role.FROZEN)
 
 
 def state_by_role(model: nn.Module, roles: Mapping[str, Role], role: Role) -> dict[str, torch.Tensor]:
     """The parameters of one role, by name, detached (views: no copy)."""
-    return {name: p.detach() for name, p in _unwrap(model).named_parameters() if roles[name] is role}
+    return {name: p.detach() for name, p in unwrap_model(model).named_parameters() if roles[name] is role}
 
 
 FLEX_ROLES = RoleRules(

@@ -1,0 +1,213 @@
+"""The local training loop every client runs: plain PyTorch, no trainer object rebuilt per round.
+
+AdamW over the trainable parameters only (frozen experts are neither in the optimizer nor given
+gradients), a cosine learning rate that runs across rounds (round r continues where round r-1
+stopped), gradient accumulation, clipping, optional gradient checkpointing and bf16 autocast, label
+smoothing, a proximal term (FedProx) and the router load-balancing loss.
+
+The load-balancing loss is computed here per MoE layer (Switch Transformers' ``E * sum_i f_i P_i``,
+top-k aware) because transformers' own version concatenates every layer's router logits and so
+cannot handle sub-MoEs whose layers hold different numbers of experts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedexperts.errors import FedExpertsError
+from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training hyper-parameters (one round of one client)."""
+
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 0.0
+    weight_decay: float = 0.0
+    steps_per_round: int = 10
+    """Optimizer steps per round (each over ``grad_accumulation`` batches)."""
+    grad_accumulation: int = 1
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    total_rounds: int = 1
+    """Rounds the cosine schedule spans."""
+    label_smoothing: float = 0.0
+    router_aux_loss_coef: float = 0.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    """bf16 autocast (CPU or CUDA); weights stay in their dtype."""
+
+    def learning_rate_at(self, global_step: int) -> float:
+        """Linear warm-up, then cosine from ``learning_rate`` to ``min_learning_rate`` over all rounds."""
+        total = max(self.steps_per_round * self.total_rounds, 1)
+        if global_step < self.warmup_steps:
+            return self.learning_rate * (global_step + 1) / self.warmup_steps
+        progress = min((global_step - self.warmup_steps) / max(total - self.warmup_steps, 1), 1.0)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_learning_rate + (self.learning_rate - self.min_learning_rate) * cosine
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    """Mean task loss (without auxiliary terms) over the round's batches."""
+    steps: int
+    tokens: int
+    """Supervised (label) tokens seen."""
+    seconds: float
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy over positions whose label is not ``IGNORE_INDEX``."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def load_balancing_loss(
+    router_logits: Iterable[tuple[torch.Tensor, int]], attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean over MoE layers of ``E * sum_i f_i * P_i`` on real tokens (each layer its own E and top-k).
+
+    ``router_logits`` holds ``(logits, top_k)`` per layer.
+    """
+    losses = []
+    real = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    for logits, top_k in router_logits:
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        if real is not None and real.numel() == flat.shape[0]:
+            flat = flat[real]
+        probabilities = flat.softmax(dim=-1)
+        chosen = probabilities.topk(min(top_k, flat.shape[-1]), dim=-1).indices
+        fraction = F.one_hot(chosen, flat.shape[-1]).float().sum(dim=1).mean(dim=0) / top_k
+        losses.append(flat.shape[-1] * (fraction * probabilities.mean(dim=0)).sum())
+    if not losses:
+        raise FedExpertsError("router auxiliary loss asked for, but no router ran")
+    return torch.stack(losses).mean()
+
+
+@contextmanager
+def captured_router_logits(model: nn.Module, enabled: bool) -> Iterator[list[tuple[torch.Tensor, int]]]:
+    """Collect every MoE router's logits (with gradients) during the forwards inside the block."""
+    captured: list[tuple[torch.Tensor, int]] = []
+    if not enabled:
+        yield captured
+        return
+    handles = []
+    for layer in moe_layers(unwrap_model(model)):
+
+        def hook(module: nn.Module, args: Any, output: Any, layer: MoELayer = layer) -> None:
+            captured.append((layer.family.router_logits(output), layer.top_k))
+
+        handles.append(layer.router.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise FedExpertsError("the model has no trainable parameters: every role is frozen")
+    return params
+
+
+def train_local(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    settings: TrainSettings,
+    *,
+    round_index: int = 0,
+    proximal: Callable[[], torch.Tensor] | None = None,
+    progress: bool = False,
+    description: str = "train",
+) -> TrainResult:
+    """Run ``settings.steps_per_round`` optimizer steps on ``batches`` (cycled if it runs out).
+
+    ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` returns an
+    extra loss term (FedProx's ``mu/2 ||w - w_global||^2``). The caller seeds torch for
+    reproducibility; the loop itself draws no randomness besides the model's dropout.
+    """
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    device = params[0].device
+    checkpointing = _checkpointing_switches(model) if settings.gradient_checkpointing else None
+    if checkpointing is not None:
+        checkpointing[0]({"use_reentrant": False})  # first argument: torch.utils.checkpoint kwargs
+    model.train()
+    source = _cycle(batches)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
+    total_loss, total_batches, tokens = 0.0, 0, 0
+    start = time.perf_counter()
+    steps = range(settings.steps_per_round)
+    for step in tqdm(steps, desc=description, disable=not progress, leave=False):
+        learning_rate = settings.learning_rate_at(round_index * settings.steps_per_round + step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(settings.grad_accumulation):
+            batch = {key: value.to(device) for key, value in next(source).items()}
+            labels = batch.pop("labels")
+            with autocast, captured_router_logits(model, settings.router_aux_loss_coef > 0) as router_logits:
+                outputs = model(**batch)
+                loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
+                objective = loss
+                if router_logits:
+                    aux = load_balancing_loss(router_logits, batch.get("attention_mask"))
+                    objective = objective + settings.router_aux_loss_coef * aux
+                if proximal is not None:
+                    objective = objective + proximal()
+            if not torch.isfinite(objective):
+                raise FedExpertsError(f"{description}: loss became {objective.item()} at step {step}")
+            (objective / settings.grad_accumulation).backward()
+            total_loss += loss.item()
+            total_batches += 1
+            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if settings.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if checkpointing is not None:
+        checkpointing[1]()  # the base model is shared by the next client
+    model.eval()
+    return TrainResult(
+        loss=total_loss / max(total_batches, 1),
+        steps=settings.steps_per_round,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _checkpointing_switches(model: nn.Module) -> tuple[Any, Any]:
+    """transformers' enable/disable pair (renamed to ``activation_checkpointing_*`` in late v5)."""
+    base = unwrap_model(model)
+    for prefix in ("activation_checkpointing", "gradient_checkpointing"):
+        enable, disable = getattr(base, f"{prefix}_enable", None), getattr(base, f"{prefix}_disable", None)
+        if callable(enable) and callable(disable):
+            return enable, disable
+    raise FedExpertsError(f"{type(base).__name__} does not support gradient checkpointing")
+
+
+def _cycle(batches: Iterable[Mapping[str, torch.Tensor]]) -> Any:
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise FedExpertsError("no training batches: the client's training split is empty")
