@@ -1,5 +1,31 @@
 """Federated algorithms: what is shared or personal, how clients are built, how the server aggregates."""
 
 from fedexperts.algorithms.aggregation import ServerOptimizer, ServerRule, weighted_average
+from fedexperts.algorithms.base import (
+    Algorithm,
+    ClientInfo,
+    ClientUpdate,
+    LoraSettings,
+    SharedScope,
+    attention_linear_names,
+    scope_rules,
+)
+from fedexperts.algorithms.fedavg import FedAvg, FedProx, MoEAsDense
+from fedexperts.algorithms.local import LocalOnly
 
-__all__ = ["ServerOptimizer", "ServerRule", "weighted_average"]
+__all__ = [
+    "Algorithm",
+    "ClientInfo",
+    "ClientUpdate",
+    "FedAvg",
+    "FedProx",
+    "LocalOnly",
+    "LoraSettings",
+    "MoEAsDense",
+    "ServerOptimizer",
+    "ServerRule",
+    "SharedScope",
+    "attention_linear_names",
+    "scope_rules",
+    "weighted_average",
+]

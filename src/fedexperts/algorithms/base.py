@@ -1,0 +1,181 @@
+"""The algorithm interface: roles, client-model construction, payloads and aggregation.
+
+An :class:`Algorithm` is prepared once per process on the loaded base model (e.g. attention LoRA
+is injected in place), then, for every client it is handed to, it fills the trainable tensors
+from what the client received (shared) and what the client kept (personal), says what goes back,
+and aggregates replies on the server. Runtimes only move :class:`Payload` objects around and never
+special-case an algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import peft
+import torch
+from torch import nn
+
+from fedexperts.algorithms.aggregation import ServerOptimizer, State, weighted_average
+from fedexperts.errors import FedExpertsError
+from fedexperts.federation.payload import Payload
+from fedexperts.moe.families import family_for, unwrap_model
+from fedexperts.moe.params import ParamKind, Role, RoleRules, apply_roles, parameter_roles
+
+EXAMPLES_KEY = "examples"
+
+
+class SharedScope(StrEnum):
+    """Which parameters the federation trains and shares."""
+
+    ATTENTION_LORA = "attention-lora"
+    ATTENTION = "attention"
+    NON_EXPERT = "non-expert"
+    """Every weight except the routed experts (attention, embeddings, norms, routers, shared experts)."""
+    EVERYTHING = "everything"
+    """MoE-as-dense: every weight including all routed experts."""
+
+
+_NON_EXPERT = (
+    ParamKind.ATTENTION,
+    ParamKind.EMBEDDING,
+    ParamKind.LM_HEAD,
+    ParamKind.DENSE_MLP,
+    ParamKind.ROUTER,
+    ParamKind.SHARED_EXPERT,
+    ParamKind.OTHER,
+)
+
+
+def scope_rules(scope: SharedScope, role: Role = Role.SHARED) -> RoleRules:
+    """Role rules that give ``role`` to the parameters of ``scope`` and freeze the rest."""
+    if scope is SharedScope.ATTENTION_LORA:
+        return RoleRules(adapters={ParamKind.ATTENTION: role})
+    if scope is SharedScope.ATTENTION:
+        return RoleRules(base={ParamKind.ATTENTION: role})
+    kinds = _NON_EXPERT if scope is SharedScope.NON_EXPERT else tuple(ParamKind)
+    return RoleRules(base=dict.fromkeys(kinds, role))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    client_id: str
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client: ClientInfo
+    payload: Payload
+
+
+def attention_linear_names(model: nn.Module) -> list[str]:
+    """Full names of the ``nn.Linear`` modules inside attention modules (LoRA targets, by structure)."""
+    base = unwrap_model(model)
+    family = family_for(base)
+    attention = {
+        id(module)
+        for _stack, _prefix, layers in family.stacks(base)
+        for layer in layers
+        for module in family.attention_modules(layer)
+    }
+    names: list[str] = []
+    for name, module in base.named_modules():
+        if id(module) in attention:
+            names.extend(f"{name}.{child}" for child, sub in module.named_modules() if isinstance(sub, nn.Linear))
+    return names
+
+
+class Algorithm:
+    """Base behaviour shared by every algorithm; subclasses choose roles and override hooks.
+
+    The model is prepared once (:meth:`prepare`). Per client: :meth:`setup_client` loads the
+    trainable tensors, training runs, :meth:`uplink` and :meth:`personal_state` read them back.
+    Tensors of a role are the model's own parameter names (with peft's LoRA segments).
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        rules: RoleRules,
+        *,
+        lora: LoraSettings | None = None,
+        server: ServerOptimizer | None = None,
+    ) -> None:
+        self.rules = rules
+        self.lora = lora
+        self.server = server or ServerOptimizer()
+        self.roles: dict[str, Role] = {}
+        self._initial_personal: State = {}
+
+    # -- once per process --------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Inject LoRA (if any) in place, assign roles, and remember the personal tensors' start."""
+        if self.lora is not None:
+            config = peft.LoraConfig(
+                r=self.lora.rank,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=self.lora.dropout,
+                target_modules=attention_linear_names(model),
+            )
+            peft.inject_adapter_in_model(config, model)
+        self.roles = parameter_roles(model, self.rules)
+        apply_roles(model, self.roles)
+        if not any(role is not Role.FROZEN for role in self.roles.values()):
+            raise FedExpertsError(f"{self.name}: no parameter is trainable under these roles")
+        self._initial_personal = {
+            name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()
+        }
+
+    def initial_global_state(self, model: nn.Module) -> State:
+        return {name: param.detach().clone() for name, param in self._params(model, Role.SHARED).items()}
+
+    # -- per client ----------------------------------------------------------------------------------
+    def downlink(self, global_state: State, client: ClientInfo) -> Payload:
+        """What a client receives this round (default: the whole shared state)."""
+        return Payload(dict(global_state))
+
+    @torch.no_grad()
+    def setup_client(self, model: nn.Module, received: Payload, personal: Payload | None) -> None:
+        """Load received shared tensors and the client's personal ones (or their start values)."""
+        for name, param in self._params(model, Role.SHARED).items():
+            if name not in received.tensors:
+                raise FedExpertsError(f"{self.name}: the client did not receive shared tensor {name}")
+            param.copy_(received.tensors[name])
+        kept = personal.tensors if personal is not None else {}
+        for name, param in self._params(model, Role.PERSONAL).items():
+            param.copy_(kept.get(name, self._initial_personal[name]))
+
+    def proximal_term(self, model: nn.Module, received: Payload) -> Callable[[], torch.Tensor] | None:
+        """An extra local loss term (FedProx); none by default."""
+        return None
+
+    def uplink(self, model: nn.Module, client: ClientInfo) -> Payload:
+        tensors = {name: param.detach().clone() for name, param in self._params(model, Role.SHARED).items()}
+        return Payload(tensors, {EXAMPLES_KEY: client.num_examples})
+
+    def personal_state(self, model: nn.Module) -> Payload | None:
+        tensors = {name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()}
+        return Payload(tensors) if tensors else None
+
+    # -- server --------------------------------------------------------------------------------------
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        """Example-weighted average of the shared tensors, applied by the server optimizer."""
+        if not updates:
+            return dict(global_state)
+        averaged = weighted_average([(u.payload.tensors, float(u.client.num_examples)) for u in updates])
+        return self.server.step(global_state, averaged)
+
+    def _params(self, model: nn.Module, role: Role) -> dict[str, nn.Parameter]:
+        if not self.roles:
+            raise FedExpertsError(f"{self.name}: prepare(model) must run before clients are built")
+        return {name: p for name, p in unwrap_model(model).named_parameters() if self.roles.get(name) is role}
