@@ -1,0 +1,207 @@
+"""Experiment configuration: a TOML file validated by pydantic, with dotted ``key=value`` overrides.
+
+Unknown keys, wrong types and out-of-range values are reported as one :class:`ConfigError` per
+problem, naming the dotted key and what is allowed, so the CLI can print them without a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+
+from fedexperts.algorithms.aggregation import ServerRule
+from fedexperts.algorithms.base import SharedScope
+from fedexperts.errors import FedExpertsError
+
+
+class ConfigError(FedExpertsError):
+    """An experiment config that does not validate."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class ModelConfig(_Section):
+    name: str = "builtin"
+    """``builtin`` (the pretrained ExpertBench MoE), a local folder, or a hub name."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    source: str = "expertbench"
+    """``expertbench``, a local JSON/JSONL/CSV/Parquet file or folder, or a hub dataset name."""
+    columns: str | None = None
+    items: int = Field(1200, ge=1)
+    """ExpertBench: how many tasks to generate."""
+    scheme: Literal["iid", "dirichlet", "pathological"] = "pathological"
+    alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(1, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_length: int = Field(256, ge=8)
+    skip_bad_rows: bool = False
+
+
+class AlgorithmName(StrEnum):
+    LOCAL = "local"
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    DENSE = "dense"
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ServerConfig(_Section):
+    rule: ServerRule = ServerRule.FEDAVG
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class AlgorithmConfig(_Section):
+    name: AlgorithmName = AlgorithmName.FEDAVG
+    scope: SharedScope = SharedScope.ATTENTION_LORA
+    mu: float = Field(0.01, ge=0)
+    """FedProx's proximal weight."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+class FederationConfig(_Section):
+    clients: int = Field(5, ge=1)
+    rounds: int = Field(3, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(1, ge=1)
+    """Clients sampled per round at least (when ``fraction`` would pick fewer)."""
+    min_successful: int = Field(1, ge=1)
+    """A round with fewer successful clients than this fails the run."""
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(1e-3, gt=0)
+    min_learning_rate: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps_per_round: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    router_aux_loss_coef: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(32, ge=1)
+    max_examples: int | None = Field(64, ge=1)
+    """Per client test split, to bound evaluation time (``None``: all)."""
+    batch_size: int = Field(16, ge=1)
+    probes: bool = True
+
+
+class ExperimentConfig(_Section):
+    name: str = "default"
+    output_dir: Path = Path("runs")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.federation.min_clients > self.federation.clients:
+            raise ValueError(
+                f"federation.min_clients ({self.federation.min_clients}) exceeds federation.clients "
+                f"({self.federation.clients})"
+            )
+        if self.federation.min_successful > self.federation.min_clients:
+            raise ValueError(
+                f"federation.min_successful ({self.federation.min_successful}) exceeds federation.min_clients "
+                f"({self.federation.min_clients}): a round could never succeed"
+            )
+        return self
+
+
+def _describe(error: ErrorDetails) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    context = error.get("ctx") or {}
+    allowed = context.get("expected")
+    suffix = f" (allowed: {allowed})" if allowed else ""
+    return f"{key}: {error['msg']}{suffix}"
+
+
+def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_allowed_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a config mapping after applying dotted overrides."""
+    merged: dict[str, Any] = {key: value for key, value in data.items()}
+    for override in overrides or []:
+        path, value = parse_override(override)
+        allowed = _allowed_keys(ExperimentConfig)
+        if ".".join(path) not in allowed:
+            raise ConfigError(f"override {'.'.join(path)!r}: unknown key; keys are: {', '.join(allowed)}")
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[path[-1]] = value
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as error:
+        problems = "; ".join(_describe(item) for item in error.errors())
+        raise ConfigError(f"invalid config: {problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a TOML experiment file (none: the built-in default) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        source = Path(path)
+        try:
+            data = tomllib.loads(source.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{source}: not valid TOML ({error})") from None
+    return build_config(data, overrides)
