@@ -11,3 +11,7 @@ class UnsupportedModelError(FedExpertsError):
 
 class SurgeryError(FedExpertsError):
     """An expert subset, graft choice or saved MoE state does not fit the model."""
+
+
+class DataError(FedExpertsError):
+    """Instruction data that cannot be read, does not fit the schema, or cannot be split as asked."""

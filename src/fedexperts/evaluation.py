@@ -1,0 +1,220 @@
+"""Scores: exact match, ROUGE-L, greedy generation, and multiple-choice accuracy by log-likelihood.
+
+Exact match only normalises whitespace (and, when asked, case): ExpertBench's personal conventions
+are about the surface form, so punctuation and casing must count. ROUGE-L is the lenient score
+(``rouge_score`` lowercases and drops punctuation).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Protocol
+
+import torch
+from rouge_score import rouge_scorer
+from torch import nn
+
+
+def normalize_text(text: str, *, ignore_case: bool = False) -> str:
+    """Unicode NFKC, surrounding whitespace removed, inner whitespace runs made one space."""
+    text = " ".join(unicodedata.normalize("NFKC", text).split())
+    return text.casefold() if ignore_case else text
+
+
+def exact_match(prediction: str, reference: str, *, ignore_case: bool = False) -> bool:
+    return normalize_text(prediction, ignore_case=ignore_case) == normalize_text(reference, ignore_case=ignore_case)
+
+
+@cache
+def _rouge() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of the longest common token subsequence."""
+    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    add_special_tokens: bool = False,
+) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches), without the prompt or special tokens."""
+    pad = _pad_id(tokenizer)
+    device = _device(model)
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer(list(prompts[start : start + batch_size]), add_special_tokens=add_special_tokens)
+        rows = encoded["input_ids"]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, width - len(row) :] = torch.as_tensor(row)
+            attention_mask[index, width - len(row) :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    return outputs
+
+
+class MultipleChoice(Protocol):
+    """A question whose ``choices`` continue ``prompt``; ``answer_index`` marks the right one."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def choices(self) -> Sequence[str]: ...
+    @property
+    def answer_index(self) -> int: ...
+
+
+@torch.no_grad()
+def continuation_log_likelihoods(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 64,
+    add_special_tokens: bool = False,
+) -> list[float]:
+    """Sum of log-probabilities of each continuation's tokens given its prompt."""
+    pad = _pad_id(tokenizer)
+    device = _device(model)
+    prompt_ids = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=add_special_tokens)["input_ids"]
+    continuation_ids = tokenizer([text for _, text in pairs], add_special_tokens=False)["input_ids"]
+    if any(not ids for ids in prompt_ids):
+        raise ValueError("every prompt must have at least one token to condition the continuation on")
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = list(
+            zip(prompt_ids[start : start + batch_size], continuation_ids[start : start + batch_size], strict=True)
+        )
+        width = max(len(prompt) + len(continuation) for prompt, continuation in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for index, (prompt, continuation) in enumerate(batch):
+            row = list(prompt) + list(continuation)
+            input_ids[index, : len(row)] = torch.as_tensor(row)
+            attention_mask[index, : len(row)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for index, (prompt, continuation) in enumerate(batch):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
+            targets = torch.as_tensor(continuation, dtype=torch.long)
+            scores.append(float(log_probs[index, positions, targets].sum()))
+    return scores
+
+
+def choice_predictions(model: Any, tokenizer: Any, questions: Sequence[MultipleChoice], **kwargs: Any) -> list[int]:
+    """Index of the most likely choice of each question (``kwargs`` go to the scorer)."""
+    pairs = [(question.prompt, choice) for question in questions for choice in question.choices]
+    scores = continuation_log_likelihoods(model, tokenizer, pairs, **kwargs)
+    predictions, offset = [], 0
+    for question in questions:
+        count = len(question.choices)
+        chunk = scores[offset : offset + count]
+        predictions.append(max(range(count), key=chunk.__getitem__))
+        offset += count
+    return predictions
+
+
+def multiple_choice_accuracy(model: Any, tokenizer: Any, questions: Sequence[MultipleChoice], **kwargs: Any) -> float:
+    """Fraction of questions whose right choice is the most likely one."""
+    if not questions:
+        raise ValueError("no questions to score")
+    predictions = choice_predictions(model, tokenizer, questions, **kwargs)
+    return sum(p == q.answer_index for p, q in zip(predictions, questions, strict=True)) / len(questions)
+
+
+@dataclass(frozen=True)
+class RoutingProfile:
+    """How often each expert is chosen, per group of inputs (e.g. a task category) and MoE layer."""
+
+    groups: tuple[str, ...]
+    layers: tuple[str, ...]
+    counts: torch.Tensor
+    """(groups, layers, experts): how many real tokens of each group chose each expert."""
+
+    def distributions(self) -> torch.Tensor:
+        """Each (group, layer) row normalised to a distribution over experts."""
+        counts = self.counts.double()
+        return counts / counts.sum(dim=-1, keepdim=True).clamp_min(1)
+
+    def entropy(self) -> dict[str, float]:
+        """Per group: entropy (bits) of its expert distribution, averaged over layers; lower is more specialised."""
+        entropies = _entropy_bits(self.distributions()).mean(dim=-1)
+        return {group: float(value) for group, value in zip(self.groups, entropies, strict=True)}
+
+    def divergence(self) -> dict[str, float]:
+        """Per group: Jensen-Shannon divergence (bits) from all groups pooled, averaged over layers.
+
+        0 when a group routes like everything else; 1 at most, for disjoint experts.
+        """
+        pooled = self.counts.double().sum(dim=0, keepdim=True)
+        pooled = pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(1)
+        own = self.distributions()
+        middle = (own + pooled) / 2
+        divergence = _entropy_bits(middle) - (_entropy_bits(own) + _entropy_bits(pooled.expand_as(own))) / 2
+        return {group: float(value) for group, value in zip(self.groups, divergence.mean(dim=-1), strict=True)}
+
+    def total_variation(self, first: str, second: str) -> float:
+        """Total-variation distance between two groups' expert distributions, averaged over layers."""
+        own = self.distributions()
+        a, b = own[self.groups.index(first)], own[self.groups.index(second)]
+        return float(0.5 * (a - b).abs().sum(dim=-1).mean())
+
+    def merged(self, groups: Mapping[str, Sequence[str]]) -> RoutingProfile:
+        """A profile whose groups pool the counts of the listed groups (e.g. two halves of one category)."""
+        counts = [sum(self.counts[self.groups.index(part)] for part in parts) for parts in groups.values()]
+        return RoutingProfile(tuple(groups), self.layers, torch.stack([torch.as_tensor(c) for c in counts]))
+
+
+def _entropy_bits(distribution: torch.Tensor) -> torch.Tensor:
+    logs = torch.where(distribution > 0, distribution.log2(), torch.zeros_like(distribution))
+    return -(distribution * logs).sum(dim=-1)
+
+
+@torch.no_grad()
+def routing_profile(model: Any, batches: Mapping[str, Iterable[Mapping[str, torch.Tensor]]]) -> RoutingProfile:
+    """Run each group's batches (``input_ids``, ``attention_mask``) and count expert choices of real tokens."""
+    from fedexperts.moe.routing import RoutingRecorder
+
+    device = _device(model)
+    per_group = []
+    layers: tuple[str, ...] = ()
+    for group_batches in batches.values():
+        with RoutingRecorder(model) as recorder:
+            for batch in group_batches:
+                with recorder.mask(batch["attention_mask"]):
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        counts = recorder.counts()
+        layers = tuple(counts)
+        per_group.append(torch.stack([counts[name] for name in layers]))
+    return RoutingProfile(tuple(batches), layers, torch.stack(per_group))

@@ -1,0 +1,109 @@
+"""Load a model and its tokenizer from a hub name or a local folder, and check it is a supported MoE.
+
+The config is read first, so an unsupported or dense model is refused before any weight is
+loaded, with :mod:`fedexperts.moe`'s own message. Code shipped with a checkpoint never runs unless
+the caller passes ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from fedexperts.errors import FedExpertsError
+from fedexperts.moe.families import MoEFamily, family_for, moe_layers
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: transformers.PreTrainedModel
+    tokenizer: Any
+    family: MoEFamily
+    source: str
+
+
+def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise FedExpertsError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _refuse_local_remote_code(folder: Path) -> None:
+    """A local checkpoint whose config points at its own code (``auto_map``) needs explicit trust."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers reports a missing or broken config itself
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise FedExpertsError(
+            f"{folder} ships its own model code (auto_map in config.json); fedexperts does not run it "
+            "unless you pass trust_remote_code=True, and only do that for code you trust"
+        )
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    experts_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load ``name_or_path`` (a local folder, else a hub name) as a causal LM MoE with its tokenizer.
+
+    ``experts_implementation`` is transformers' switch for fused experts (``eager``,
+    ``grouped_mm``, ``batched_mm``; ``None`` keeps transformers' choice). The tokenizer gets the
+    EOS token as padding when it has no pad token. The model is returned in eval mode on ``device``.
+    """
+    source = str(name_or_path)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        source = str(local)
+        if not trust_remote_code:
+            _refuse_local_remote_code(local)
+    elif isinstance(name_or_path, Path) or source.startswith(("/", "./", "../", "~")):
+        raise FedExpertsError(f"no model folder at {source}")
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **options)
+    except ValueError as error:  # includes the hub client's invalid-name error
+        if "trust_remote_code" in str(error):
+            raise FedExpertsError(
+                f"{source} needs its own model code; pass trust_remote_code=True only if you trust it"
+            ) from error
+        raise FedExpertsError(f"cannot read a model config from {source!r}: {error}") from error
+    except OSError as error:
+        raise FedExpertsError(
+            f"cannot find a model at {source!r} (not a folder here, nor on the hub): {error}"
+        ) from error
+    family = family_for(config)
+    model_class = (
+        transformers.AutoModelForSeq2SeqLM
+        if getattr(config, "is_encoder_decoder", False)
+        else transformers.AutoModelForCausalLM
+    )
+    if experts_implementation is not None:
+        options["experts_implementation"] = experts_implementation
+    try:
+        model = model_class.from_pretrained(source, config=config, dtype=_dtype(dtype), **options)
+    except ValueError as error:
+        raise FedExpertsError(f"cannot load {source}: {error}") from error
+    moe_layers(model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        source, trust_remote_code=trust_remote_code, revision=revision
+    )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    movable: Any = model  # transformers types its wrapper of ``nn.Module.to`` in a way mypy cannot call
+    movable.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source)
