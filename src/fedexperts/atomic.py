@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
 
 
 @contextmanager
@@ -46,3 +49,14 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def save_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a safetensors file atomically (tensors detached, made contiguous, moved to the CPU)."""
+    target = Path(path)
+    prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    with atomic_file(target) as staging:
+        save_file(prepared, str(staging), metadata=dict(metadata or {}))
+    return target

@@ -48,7 +48,7 @@ def test_a_torn_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fedexperts.federation.state.save_file", crash)
+    monkeypatch.setattr("fedexperts.atomic.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         store.save(2, Payload({"w": torch.zeros(2)}))
     assert store.rounds() == [1]

@@ -153,7 +153,7 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fedexperts.moe.personal.save_file", fail)
+    monkeypatch.setattr("fedexperts.atomic.save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         save_personal(model, path)
     assert path.read_bytes() == before

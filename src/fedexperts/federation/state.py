@@ -12,9 +12,8 @@ import re
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from fedexperts.atomic import atomic_file
+from fedexperts.atomic import save_tensors
 from fedexperts.federation.payload import Payload, PayloadError
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -23,10 +22,8 @@ _CHECKPOINT = re.compile(r"^round-(\d{6})\.safetensors$")
 
 
 def _write(path: Path, payload: Payload) -> None:
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in payload.tensors.items()}
     metadata = {_METADATA_KEY: json.dumps(payload.metadata, sort_keys=True, allow_nan=False)}
-    with atomic_file(path) as staging:
-        save_file(tensors, str(staging), metadata=metadata)
+    save_tensors(path, payload.tensors, metadata)
 
 
 def _read(path: Path) -> Payload:

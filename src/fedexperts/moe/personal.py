@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from fedexperts.atomic import atomic_file
+from fedexperts.atomic import save_tensors
 from fedexperts.errors import SurgeryError
 from fedexperts.moe.experts import check_expert_indices, copy_experts, run_experts
 from fedexperts.moe.families import MoELayer, moe_layer_by_name, moe_layers
@@ -137,11 +136,7 @@ def save_personal(model: PreTrainedModel, path: str | Path) -> Path:
     if not attached:
         raise SurgeryError("the model has no personal experts to save")
     layout = {name: {"experts": list(g.experts), "gate_bias": g.gate_bias} for name, g in attached.items()}
-    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in personal_state_dict(model).items()}
-    target = Path(path)
-    with atomic_file(target) as staging:
-        save_file(tensors, str(staging), metadata={_METADATA_KEY: json.dumps(layout)})
-    return target
+    return save_tensors(path, personal_state_dict(model), {_METADATA_KEY: json.dumps(layout)})
 
 
 def load_personal(model: PreTrainedModel, path: str | Path) -> dict[str, tuple[int, ...]]:
