@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fedexperts.data.tokenize import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
