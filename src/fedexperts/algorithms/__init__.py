@@ -12,6 +12,7 @@ from fedexperts.algorithms.base import (
 )
 from fedexperts.algorithms.fedavg import FedAvg, FedProx, MoEAsDense
 from fedexperts.algorithms.local import LocalOnly
+from fedexperts.algorithms.registry import build_algorithm
 
 __all__ = [
     "Algorithm",
@@ -26,6 +27,7 @@ __all__ = [
     "ServerRule",
     "SharedScope",
     "attention_linear_names",
+    "build_algorithm",
     "scope_rules",
     "weighted_average",
 ]
