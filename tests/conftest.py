@@ -27,3 +27,41 @@ def make_batch(model: torch.nn.Module, *, seed: int = 0, batch: int = 3, length:
 @pytest.fixture
 def batch_factory():
     return make_batch
+
+
+@pytest.fixture(scope="session")
+def micro_model_path(tmp_path_factory):
+    """The ``micro`` built-in model (a trained 2-layer OLMoE with its tokenizer), built once per session."""
+    from fedexperts.models.builtin import RECIPES, pretrain
+
+    folder = tmp_path_factory.mktemp("micro-model") / "micro"
+    pretrain(RECIPES["micro"], folder, progress=False)
+    return folder
+
+
+MICRO_RUN = (
+    "data.items=120",
+    "data.max_length=64",
+    "federation.clients=3",
+    "federation.rounds=2",
+    "train.steps_per_round=2",
+    "train.batch_size=4",
+    "train.learning_rate=0.01",
+    "eval.max_examples=3",
+    "eval.union_examples=4",
+    "eval.probes=4",
+    "eval.max_new_tokens=4",
+)
+
+
+@pytest.fixture
+def micro_config(micro_model_path, tmp_path):
+    """A two-round, three-client experiment on the micro model; keyword overrides as dotted strings."""
+    from fedexperts.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            None, [f'model.name="{micro_model_path}"', f'output_dir="{tmp_path / "runs"}"', *MICRO_RUN, *overrides]
+        )
+
+    return make

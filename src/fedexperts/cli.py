@@ -49,6 +49,109 @@ def demo(
     run_demo(model_type, seed, console)
 
 
+def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str]]:
+    """``[CONFIG] [key=value ...]``: words with ``=`` are overrides, one other word is the TOML file."""
+    files = [arg for arg in args or [] if "=" not in arg]
+    if len(files) > 1:
+        raise FedExpertsError(f"one config file at most, got {', '.join(files)} (overrides are key=value)")
+    return (Path(files[0]) if files else None), [arg for arg in args or [] if "=" in arg]
+
+
+def _print_round(record: dict[str, Any]) -> None:
+    clients = record["clients"].values()
+    ok = sum(entry["status"] == "ok" for entry in clients)
+    scored = [entry["eval"]["rouge_l"] for entry in clients if entry.get("eval")]
+    score = f", eval ROUGE-L {sum(scored) / len(scored):.3f} (before training)" if scored else ""
+    console.print(
+        f"round {record['round']}: {ok}/{len(record['clients'])} clients ok{score}, "
+        f"{record['bytes_down']:,} B down / {record['bytes_up']:,} B up, {record['seconds']['round']:.1f} s"
+    )
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def run(
+    args: Annotated[
+        list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Where the run writes (default: output_dir/name).")] = None,
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run in its run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in the run directory first."),
+) -> None:
+    """Run one federated experiment in this process; print per-client results; write the run directory."""
+    from fedexperts.config import load_config
+    from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.reporting import final_table, load_run, write_report
+
+    path, overrides = _config_and_overrides(args)
+    config = load_config(path, overrides)
+    target = run_dir or config.output_dir / config.name
+    console.print(
+        f"[bold]{config.name}[/]: {config.algorithm.name} on {config.data.source} with {config.model.name}, "
+        f"{config.federation.clients} clients x {config.federation.rounds} rounds -> {target}"
+    )
+    result = run_experiment(config, target, resume=resume, overwrite=overwrite, on_round=_print_round)
+    written = write_report(result.run_dir)
+    console.print(final_table(load_run(result.run_dir)))
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command()
+@user_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fedexperts run`.")]) -> None:
+    """Rebuild a run's summary.md and plots from its metrics.jsonl."""
+    from fedexperts.reporting import final_table, load_run, write_report
+
+    written = write_report(run_dir)
+    console.print(final_table(load_run(run_dir)))
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command()
+@user_errors
+def compare(
+    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] shared by every run")] = None,
+    algorithms: str = typer.Option("local,fedavg,fedprox,dense", help="Comma-separated algorithm names."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated federation seeds (data and partition stay fixed)."),
+    out: Annotated[
+        Path | None, typer.Option(help="Folder of the runs and comparison (default: output_dir/name).")
+    ] = None,
+) -> None:
+    """Run several algorithms and seeds on the same data and partition; report mean and 95% CI per method.
+
+    Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
+    """
+    from fedexperts.config import load_config
+    from fedexperts.federation.inprocess import METRICS_FILE, run_experiment
+    from fedexperts.reporting import compare as compare_runs
+    from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
+
+    path, overrides = _config_and_overrides(args)
+    names = [name.strip() for name in algorithms.split(",") if name.strip()]
+    try:
+        seed_values = [int(seed) for seed in seeds.split(",") if seed.strip()]
+    except ValueError:
+        raise FedExpertsError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not names or not seed_values:
+        raise FedExpertsError("--algorithms and --seeds must each name at least one value")
+    base = load_config(path, overrides)
+    folder = out or base.output_dir / base.name
+    groups: dict[str, list[Any]] = {}
+    for name in names:
+        for seed in seed_values:
+            config = load_config(path, [*overrides, f"algorithm.name={name}", f"federation.seed={seed}"])
+            run_dir = folder / name / f"seed-{seed}"
+            finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
+            if not finished:
+                console.print(f"[bold]{name}[/], seed {seed} -> {run_dir}")
+                run_experiment(config, run_dir, resume=(run_dir / "config.toml").exists(), on_round=_print_round)
+                write_report(run_dir)
+            groups.setdefault(name, []).append(load_run(run_dir))
+    comparison = compare_runs(groups)
+    console.print(comparison_table(comparison))
+    console.print(f"wrote {', '.join(str(p) for p in write_comparison(folder, comparison))}")
+
+
 @app.command()
 @user_errors
 def pretrain(
@@ -114,6 +217,39 @@ def partition(
     console.print(partition_table(result))
     if plot is not None:
         console.print(f"plot: {plot_partition(result, plot)}")
+
+
+@app.command()
+@user_errors
+def plan(
+    model: Annotated[
+        str | None, typer.Argument(help="Preset name, a config.json or a folder holding one, or 'all'.")
+    ] = None,
+    algorithm: str | None = typer.Option(None, help="Shorthand for --set algorithm.name=NAME."),
+    config: Annotated[Path | None, typer.Option(help="Experiment TOML whose [algorithm] section is used.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override dotted.key=value (repeatable).")
+    ] = None,
+    dtype: str = typer.Option("bfloat16", help="Dtype of the client's weights: bfloat16, float16 or float32."),
+    transfer_dtype: str | None = typer.Option(None, help="Cast floating tensors on the wire (bfloat16, float16)."),
+    every_preset: bool = typer.Option(False, "--all", help="Compare every preset in one table."),
+) -> None:
+    """Size a federation from the model config alone: parameters by role, bytes per round, client memory."""
+    from fedexperts.config import load_config
+    from fedexperts.planning import PRESETS, comparison_table, plan_table
+    from fedexperts.planning import plan as make_plan
+
+    settings = [f"algorithm.name={algorithm}"] if algorithm is not None else []
+    experiment = load_config(config, settings + list(overrides or []))
+    if every_preset or model == "all":
+        plans = [make_plan(name, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype) for name in PRESETS]
+        console.print(comparison_table(plans))
+        return
+    if model is None:
+        raise FedExpertsError(
+            f"give a MODEL (a preset, a config.json or a folder) or --all; presets: {', '.join(PRESETS)}"
+        )
+    console.print(plan_table(make_plan(model, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype)))
 
 
 if __name__ == "__main__":

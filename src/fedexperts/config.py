@@ -47,6 +47,8 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_length: int = Field(256, ge=8)
     skip_bad_rows: bool = False
+    seed: int = 0
+    """Seed of the data and its partition (kept apart from ``federation.seed`` so seeds share one split)."""
 
 
 class AlgorithmName(StrEnum):
@@ -107,11 +109,16 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    every: int = Field(1, ge=0)
+    """Evaluate sampled clients (before they train) every this many rounds; 0: only the final evaluation."""
     max_new_tokens: int = Field(32, ge=1)
-    max_examples: int | None = Field(64, ge=1)
-    """Per client test split, to bound evaluation time (``None``: all)."""
+    max_examples: int | None = Field(32, ge=1)
+    """Per client test split, to bound evaluation time (``None``: all); the same subset every round."""
+    union_examples: int = Field(64, ge=0)
+    """Final evaluation of each client on this many examples pooled from every client's test split (0: skip)."""
+    probes: int = Field(64, ge=0)
+    """Knowledge probes per client in the final evaluation (ExpertBench only; 0: skip)."""
     batch_size: int = Field(16, ge=1)
-    probes: bool = True
 
 
 class ExperimentConfig(_Section):

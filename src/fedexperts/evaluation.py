@@ -218,3 +218,88 @@ def routing_profile(model: Any, batches: Mapping[str, Iterable[Mapping[str, torc
         layers = tuple(counts)
         per_group.append(torch.stack([counts[name] for name in layers]))
     return RoutingProfile(tuple(batches), layers, torch.stack(per_group))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out instruction examples: prompts and references for generation, token rows for the loss."""
+
+    prompts: tuple[str, ...]
+    references: tuple[str, ...]
+    rows: tuple[Mapping[str, Any], ...]
+    """``input_ids`` and ``labels`` per example (response-only labels), as made by ``tokenize_instructions``."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class Scores:
+    loss: float
+    """Mean next-token loss over the references' tokens (teacher forcing)."""
+    exact_match: float
+    rouge_l: float
+    examples: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"loss": self.loss, "exact_match": self.exact_match, "rouge_l": self.rouge_l, "examples": self.examples}
+
+
+@torch.no_grad()
+def token_loss(model: Any, rows: Sequence[Mapping[str, Any]], *, pad_token_id: int, batch_size: int = 16) -> float:
+    """Mean cross-entropy over every supervised token of ``rows`` (not a mean of per-batch means)."""
+    from fedexperts.data.tokenize import IGNORE_INDEX, InstructionCollator
+
+    collate = InstructionCollator(pad_token_id)
+    device = _device(model)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dict(row) for row in rows[start : start + batch_size]])
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+        targets = batch["labels"][:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += float(losses)
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def instruction_scores(
+    model: Any,
+    tokenizer: Any,
+    data: EvalSet,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    add_special_tokens: bool = False,
+) -> Scores:
+    """Loss, exact match and ROUGE-L of greedy completions on ``data``.
+
+    ``add_special_tokens`` must match how the prompts were tokenized for training (the template's choice).
+    """
+    if not len(data):
+        raise ValueError("no examples to evaluate")
+    was_training = model.training
+    model.eval()
+    try:
+        loss = token_loss(model, data.rows, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+        predictions = generate(
+            model,
+            tokenizer,
+            data.prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            add_special_tokens=add_special_tokens,
+        )
+    finally:
+        model.train(was_training)
+    pairs = list(zip(predictions, data.references, strict=True))
+    return Scores(
+        loss=loss,
+        exact_match=sum(exact_match(p, r) for p, r in pairs) / len(pairs),
+        rouge_l=sum(rouge_l(p, r) for p, r in pairs) / len(pairs),
+        examples=len(pairs),
+    )

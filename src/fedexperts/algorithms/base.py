@@ -19,7 +19,7 @@ from torch import nn
 
 from fedexperts.algorithms.aggregation import ServerOptimizer, State, weighted_average
 from fedexperts.errors import FedExpertsError
-from fedexperts.federation.payload import Payload
+from fedexperts.federation.payload import Payload, validate_update
 from fedexperts.moe.families import family_for, unwrap_model
 from fedexperts.moe.params import ParamKind, Role, RoleRules, apply_roles, parameter_roles
 
@@ -168,6 +168,10 @@ class Algorithm:
         return Payload(tensors) if tensors else None
 
     # -- server --------------------------------------------------------------------------------------
+    def check_update(self, update: Payload, global_state: State, client: ClientInfo) -> None:
+        """Refuse (``PayloadError``) an update whose keys, shapes, dtypes or values the server cannot average."""
+        validate_update(update, global_state, sender=client.client_id)
+
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         """Example-weighted average of the shared tensors, applied by the server optimizer."""
         if not updates:

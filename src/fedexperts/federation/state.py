@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -19,6 +20,7 @@ from fedexperts.federation.payload import Payload, PayloadError
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _METADATA_KEY = "fedexperts"
 _CHECKPOINT = re.compile(r"^round-(\d{6})\.safetensors$")
+_STAGED_ROUND = re.compile(r"^round-(\d{6})$")
 
 
 def _write(path: Path, payload: Payload) -> None:
@@ -37,7 +39,13 @@ def _read(path: Path) -> Payload:
 
 
 class ClientStateStore:
-    """One safetensors file per client under ``root``."""
+    """One safetensors file per client under ``root``, with per-round staging.
+
+    A client's new state is first *staged* under the round it was trained in, and becomes the
+    client's state only when the runtime *commits* that round (after the server checkpoint of the
+    round is safely written). A run killed mid-round therefore resumes from the states the
+    checkpoint belongs to, and redoes the round exactly.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -53,9 +61,47 @@ class ClientStateStore:
         _write(self.path(client_id), state)
 
     def load(self, client_id: str) -> Payload | None:
-        """The client's saved state, or ``None`` before its first round."""
+        """The client's committed state, or ``None`` before its first committed round."""
         path = self.path(client_id)
         return _read(path) if path.exists() else None
+
+    def _staging(self, round_number: int) -> Path:
+        return self.root / ".staging" / f"round-{round_number:06d}"
+
+    def stage(self, round_number: int, client_id: str, state: Payload) -> None:
+        """Write a client's state trained in ``round_number``; it takes effect at :meth:`commit`."""
+        self.path(client_id)  # validates the id
+        _write(self._staging(round_number) / f"{client_id}.safetensors", state)
+
+    def unstage(self, round_number: int, client_id: str) -> None:
+        """Forget a staged state (its client's update was rejected)."""
+        (self._staging(round_number) / f"{client_id}.safetensors").unlink(missing_ok=True)
+
+    def commit(self, round_number: int) -> None:
+        """Make the round's staged states current (idempotent: a crash half-way is finished by a retry)."""
+        staging = self._staging(round_number)
+        if not staging.is_dir():
+            return
+        for staged in sorted(staging.glob("*.safetensors")):
+            staged.replace(self.root / staged.name)
+        shutil.rmtree(staging)
+
+    def discard_staged(self, *, after: int) -> None:
+        """Drop what was staged for rounds after ``after`` (work of a round that never completed)."""
+        parent = self.root / ".staging"
+        if not parent.is_dir():
+            return
+        for folder in parent.iterdir():
+            match = _STAGED_ROUND.match(folder.name)
+            if match and int(match.group(1)) > after:
+                shutil.rmtree(folder)
+
+    def staged_rounds(self) -> list[int]:
+        parent = self.root / ".staging"
+        if not parent.is_dir():
+            return []
+        found = (_STAGED_ROUND.match(folder.name) for folder in parent.iterdir())
+        return sorted(int(match.group(1)) for match in found if match)
 
 
 class CheckpointStore:

@@ -1,0 +1,194 @@
+"""From a validated config to what a run needs: the base model, tokenizer, algorithm and client data.
+
+Both runtimes build their setting here, so a client's data, its evaluation subset and the
+algorithm's starting point are the same functions of the config whichever runtime runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+
+from fedexperts.algorithms import Algorithm, build_algorithm
+from fedexperts.config import ExperimentConfig
+from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
+from fedexperts.data.partition import Partition, PartitionSpec, Scheme
+from fedexperts.data.templates import PromptTemplate, prompt_template
+from fedexperts.data.tokenize import tokenize_instructions
+from fedexperts.errors import DataError
+from fedexperts.evaluation import EvalSet
+from fedexperts.models.load import LoadedModel, load_model
+
+BUILTIN_MODEL = "builtin"
+EXPERTBENCH = "expertbench"
+
+
+def client_ids(count: int) -> list[str]:
+    """``client-00`` ... : zero-padded so that they sort in client order."""
+    width = len(str(max(count - 1, 0)))
+    return [f"client-{index:0{width}d}" for index in range(count)]
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from ``(seed, round, client, ...)``: stateless, so a resumed run draws the same numbers."""
+    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class ClientData:
+    client_id: str
+    index: int
+    train: tuple[dict[str, list[int]], ...]
+    """Tokenized training rows (``input_ids``, ``labels``)."""
+    test: EvalSet
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything a runtime needs besides the run directory."""
+
+    config: ExperimentConfig
+    loaded: LoadedModel
+    algorithm: Algorithm
+    template: PromptTemplate
+    clients: tuple[ClientData, ...]
+    union: EvalSet | None
+    probes: tuple[KnowledgeProbe, ...]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+
+def load_base(config: ExperimentConfig) -> LoadedModel:
+    """The base model: ``builtin`` is the pretrained ExpertBench MoE (built on first use)."""
+    source: Any = config.model.name
+    if source == BUILTIN_MODEL:
+        from fedexperts.models.builtin import default_model_path
+
+        source = default_model_path()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(
+        source,
+        dtype=config.model.dtype,
+        device=device,
+        experts_implementation=config.model.experts_implementation,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+
+
+def federated_rows(config: ExperimentConfig) -> tuple[Partition, ExpertBench | None]:
+    """Every client's raw train/test rows (in its own style on ExpertBench), and the bench if used."""
+    spec = PartitionSpec(
+        Scheme(config.data.scheme),
+        num_clients=config.federation.clients,
+        alpha=config.data.alpha,
+        classes_per_client=config.data.classes_per_client,
+        test_fraction=config.data.test_fraction,
+        seed=config.data.seed,
+    )
+    if config.data.source == EXPERTBENCH:
+        from fedexperts.models.builtin import RECIPES
+
+        bench = ExpertBench.from_seed(RECIPES["default"].world_seed)
+        return bench.federated(config.data.items, spec).partition, bench
+    from fedexperts.data.partition import partition
+    from fedexperts.data.sources import load_instructions
+
+    loaded = load_instructions(config.data.source, columns=config.data.columns, skip_bad_rows=config.data.skip_bad_rows)
+    return partition(loaded.dataset, spec), None
+
+
+def eval_set(
+    rows: datasets.Dataset,
+    tokenizer: Any,
+    template: PromptTemplate,
+    config: ExperimentConfig,
+    limit: int | None,
+    seed: int,
+) -> EvalSet:
+    """A fixed, seeded subset of ``rows`` (at most ``limit``) with prompts, references and token rows."""
+    if limit is not None and len(rows) > limit:
+        chosen = np.random.default_rng(seed).choice(len(rows), size=limit, replace=False)
+        rows = rows.select(sorted(int(index) for index in chosen))
+    tokens = tokenize_instructions(rows, tokenizer, max_length=config.data.max_length, template=template.kind)
+    return EvalSet(
+        prompts=tuple(
+            template.prompt(tokenizer, instruction, context)
+            for instruction, context in zip(rows["instruction"], rows["context"], strict=True)
+        ),
+        references=tuple(rows["response"]),
+        rows=tuple({"input_ids": ids, "labels": labels} for ids, labels in zip(*_columns(tokens.dataset), strict=True)),
+    )
+
+
+def _columns(dataset: datasets.Dataset) -> tuple[list[list[int]], list[list[int]]]:
+    return dataset["input_ids"], dataset["labels"]
+
+
+def build_setting(
+    config: ExperimentConfig, *, only_clients: Sequence[int] | None = None, loaded: LoadedModel | None = None
+) -> Setting:
+    """Load the base model (unless given), prepare the algorithm on it, and tokenize the clients' data.
+
+    ``only_clients`` restricts the tokenized clients (a Flower node builds its own partition only);
+    the union test set and probes are built from every client's test rows regardless.
+    """
+    loaded = loaded or load_base(config)
+    torch.manual_seed(config.federation.seed)  # LoRA and other initialisations inside prepare
+    algorithm = build_algorithm(config.algorithm)
+    algorithm.prepare(loaded.model)
+    template = prompt_template(loaded.tokenizer)
+    parts, bench = federated_rows(config)
+    ids = client_ids(config.federation.clients)
+    wanted = set(range(len(ids))) if only_clients is None else set(only_clients)
+    clients = []
+    for split in parts.clients:
+        if split.client not in wanted:
+            continue
+        if len(split.train) == 0 or len(split.test) == 0:
+            raise DataError(
+                f"{ids[split.client]} has {len(split.train)} training and {len(split.test)} test rows; "
+                "every client needs both (use fewer clients, more data.items or a larger data.test_fraction)"
+            )
+        train = tokenize_instructions(
+            split.train, loaded.tokenizer, max_length=config.data.max_length, template=template.kind
+        )
+        test = eval_set(
+            split.test,
+            loaded.tokenizer,
+            template,
+            config,
+            config.eval.max_examples,
+            derived_seed(config.data.seed, split.client),
+        )
+        rows = tuple(
+            {"input_ids": ids_, "labels": labels} for ids_, labels in zip(*_columns(train.dataset), strict=True)
+        )
+        clients.append(ClientData(ids[split.client], split.client, rows, test))
+    union = None
+    if config.eval.union_examples:
+        pooled = datasets.concatenate_datasets([split.test for split in parts.clients])
+        union = eval_set(pooled, loaded.tokenizer, template, config, config.eval.union_examples, config.data.seed)
+    probes: tuple[KnowledgeProbe, ...] = ()
+    if bench is not None and config.eval.probes:
+        every = bench.probes(seed=config.data.seed)
+        chosen = np.random.default_rng(config.data.seed).choice(
+            len(every), size=min(config.eval.probes, len(every)), replace=False
+        )
+        probes = tuple(every[int(index)] for index in sorted(chosen))
+    return Setting(config, loaded, algorithm, template, tuple(clients), union, probes)

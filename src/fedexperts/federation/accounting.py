@@ -1,0 +1,72 @@
+"""Measuring what a client step costs: peak memory while it runs, and wall time per phase.
+
+Peak memory on CUDA is torch's own allocator peak. On CPU, torch offers no allocator statistics,
+so a background thread samples the process's resident set size (psutil) every few milliseconds;
+the figure is the process peak during the step (base model included), which is what a client
+machine must hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+
+@dataclass
+class PeakMemory:
+    bytes: int = 0
+    device: str = "cpu"
+
+
+@contextmanager
+def peak_memory(device: torch.device | str = "cpu", *, interval: float = 0.005) -> Iterator[PeakMemory]:
+    """Track the peak memory of the block: CUDA allocator peak on a GPU, process RSS peak on CPU."""
+    device = torch.device(device)
+    result = PeakMemory(device=device.type)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            yield result
+        finally:
+            torch.cuda.synchronize(device)
+            result.bytes = int(torch.cuda.max_memory_allocated(device))
+        return
+    process = psutil.Process()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            result.bytes = max(result.bytes, int(process.memory_info().rss))
+            if stop.wait(interval):
+                return
+
+    sampler = threading.Thread(target=sample, name="fedexperts-peak-memory", daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        sampler.join()
+        result.bytes = max(result.bytes, int(process.memory_info().rss))
+
+
+@dataclass
+class Stopwatch:
+    """Seconds spent per named phase; phases may repeat and accumulate."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,135 @@
+"""The client step both runtimes call: build the client's model, evaluate, train, keep state, reply.
+
+A step is a pure function of (config, client, round, received tensors, the client's committed
+state): the random seed is derived from ``(federation.seed, round, client)``, so the in-process
+runtime, a resumed run and a Flower ClientApp all compute the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedexperts.algorithms import ClientInfo
+from fedexperts.config import TrainConfig
+from fedexperts.data.tokenize import InstructionCollator
+from fedexperts.evaluation import Scores, instruction_scores, multiple_choice_accuracy
+from fedexperts.experiment import ClientData, Setting, derived_seed
+from fedexperts.federation.accounting import Stopwatch, peak_memory
+from fedexperts.federation.payload import Payload
+from fedexperts.federation.state import ClientStateStore
+from fedexperts.training import TrainSettings, train_local
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    client_id: str
+    round: int
+    """1-based round; the final evaluation uses ``rounds + 1``."""
+    train: bool = True
+    evaluate: bool = True
+    """Score the client's model on its own test split before it trains."""
+    union: bool = False
+    """Also score it on the union test set (final evaluation)."""
+    probes: bool = False
+    """Also score knowledge probes (final evaluation)."""
+
+
+def train_settings(config: TrainConfig, rounds: int) -> TrainSettings:
+    return TrainSettings(
+        learning_rate=config.learning_rate,
+        min_learning_rate=config.min_learning_rate,
+        weight_decay=config.weight_decay,
+        steps_per_round=config.steps_per_round,
+        grad_accumulation=config.grad_accumulation,
+        max_grad_norm=config.max_grad_norm,
+        warmup_steps=config.warmup_steps,
+        total_rounds=rounds,
+        label_smoothing=config.label_smoothing,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        gradient_checkpointing=config.gradient_checkpointing,
+        bf16=config.bf16,
+    )
+
+
+def shuffled_batches(
+    rows: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches over ``rows``, reshuffled every epoch by a generator seeded with ``seed``."""
+    collate = InstructionCollator(pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield collate([rows[index] for index in order[start : start + batch_size]])
+
+
+def _scores(prefix: str, scores: Scores) -> dict[str, float | int]:
+    return {f"{prefix}_{key}": value for key, value in scores.as_dict().items()}
+
+
+def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, received: Payload) -> Payload:
+    """Run one client task on the shared base model; the reply carries the uplink and the metrics.
+
+    The new personal state is staged under ``task.round``; the runtime commits it once the round
+    is checkpointed.
+    """
+    config = setting.config
+    client = _client(setting, task.client_id)
+    info = ClientInfo(client.client_id, client.num_examples)
+    algorithm, model, tokenizer = setting.algorithm, setting.model, setting.tokenizer
+    device = next(model.parameters()).device
+    torch.manual_seed(derived_seed(config.federation.seed, task.round, client.index))
+    watch = Stopwatch()
+    metrics: dict[str, Any] = {"examples": client.num_examples}
+    with peak_memory(device) as peak:
+        algorithm.setup_client(model, received, store.load(client.client_id))
+        evaluate_options: dict[str, Any] = {
+            "max_new_tokens": config.eval.max_new_tokens,
+            "batch_size": config.eval.batch_size,
+            "add_special_tokens": setting.template.add_special_tokens,
+        }
+        with watch.phase("eval"):
+            if task.evaluate:
+                metrics.update(_scores("eval", instruction_scores(model, tokenizer, client.test, **evaluate_options)))
+            if task.union and setting.union is not None:
+                metrics.update(
+                    _scores("union", instruction_scores(model, tokenizer, setting.union, **evaluate_options))
+                )
+            if task.probes and setting.probes:
+                metrics["probes"] = multiple_choice_accuracy(model, tokenizer, setting.probes)
+        uplink = Payload({})
+        if task.train:
+            with watch.phase("train"):
+                batches = shuffled_batches(
+                    client.train,
+                    config.train.batch_size,
+                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                    derived_seed(config.federation.seed, task.round, client.index, 1),
+                )
+                result = train_local(
+                    model,
+                    batches,
+                    train_settings(config.train, config.federation.rounds),
+                    round_index=task.round - 1,
+                    proximal=algorithm.proximal_term(model, received),
+                    description=client.client_id,
+                )
+            metrics.update({"train_loss": result.loss, "train_tokens": result.tokens})
+            uplink = algorithm.uplink(model, info)
+            personal = algorithm.personal_state(model)
+            if personal is not None:
+                store.stage(task.round, client.client_id, personal)
+    metrics.update({f"seconds_{name}": value for name, value in watch.seconds.items()})
+    metrics["peak_memory_bytes"] = peak.bytes
+    return Payload(uplink.tensors, {**uplink.metadata, **metrics})
+
+
+def _client(setting: Setting, client_id: str) -> ClientData:
+    for client in setting.clients:
+        if client.client_id == client_id:
+            return client
+    raise KeyError(f"{client_id} is not one of this process's clients")

@@ -1,0 +1,298 @@
+"""Compare methods over seeds: mean and 95% Student-t confidence interval of each headline metric.
+
+Each group is one method (its label) run with several seeds; a seed is one sample. The interval's
+half-width is ``t(0.975, n - 1) * s / sqrt(n)`` with ``s`` the sample standard deviation
+(``ddof=1``). With a single seed there is no spread to estimate, so the interval is undefined
+(``None``, shown as ``± n/a``), never zero. Runs that lack a metric (no final record, no probes)
+are left out of that metric's sample, and the table says so with its own ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from fedexperts.atomic import atomic_file
+from fedexperts.errors import FedExpertsError
+from fedexperts.reporting import format as fmt
+from fedexperts.reporting.runs import RunRecord
+
+CONFIDENCE = 0.95
+MARKDOWN_FILE = "comparison.md"
+PLOT_FILE = "comparison.png"
+
+
+class ComparisonError(FedExpertsError):
+    """Groups that cannot be compared (none, or a method without runs)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One compared number: how to read it from a run, which way is better, how to print it."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    value: Callable[[RunRecord], float | None]
+    show: Callable[[float], str]
+
+
+def _personalized_rouge_l(run: RunRecord) -> float | None:
+    return None if run.personalized is None else run.personalized.rouge_l
+
+
+def _personalized_exact_match(run: RunRecord) -> float | None:
+    return None if run.personalized is None else run.personalized.exact_match
+
+
+def _union_rouge_l(run: RunRecord) -> float | None:
+    return None if run.union is None else run.union.rouge_l
+
+
+def _bytes_per_client_round(run: RunRecord) -> float | None:
+    traffic = run.bytes_per_client_round
+    return None if traffic is None else traffic.total
+
+
+def _optional_int(value: int | None) -> float | None:
+    return None if value is None else float(value)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("personalized_rouge_l", "personalized ROUGE-L", True, _personalized_rouge_l, fmt.score),
+    Metric("personalized_exact_match", "personalized exact match", True, _personalized_exact_match, fmt.score),
+    Metric("union_rouge_l", "union ROUGE-L", True, _union_rouge_l, fmt.score),
+    Metric("probes", "probe accuracy", True, lambda run: run.probes, fmt.score),
+    Metric("bytes_per_client_round", "bytes per client per round (down+up)", False, _bytes_per_client_round, fmt.size),
+    Metric("peak_memory_bytes", "peak memory", False, lambda run: _optional_int(run.peak_memory_bytes), fmt.size),
+    Metric(
+        "rounds_to_90",
+        "rounds to 90% of best ROUGE-L",
+        False,
+        lambda run: _optional_int(run.rounds_to_90),
+        lambda value: f"{value:.2f}",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric over seeds: the values, their mean and the CI half-width (``None`` below two values)."""
+
+    values: tuple[float, ...]
+    mean: float | None
+    ci: float | None
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        if self.mean is None or self.ci is None:
+            return None
+        return self.mean - self.ci, self.mean + self.ci
+
+
+def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """Mean and two-sided Student-t CI half-width of ``values`` (a small sample of seeds)."""
+    from scipy.stats import t
+
+    sample = tuple(float(value) for value in values)
+    n = len(sample)
+    if n == 0:
+        return Estimate(sample, None, None)
+    mean = math.fsum(sample) / n
+    if n == 1:
+        return Estimate(sample, mean, None)
+    deviation = math.sqrt(math.fsum((value - mean) ** 2 for value in sample) / (n - 1))
+    quantile = float(t.ppf(0.5 + confidence / 2, n - 1))
+    return Estimate(sample, mean, quantile * deviation / math.sqrt(n))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The best method on one metric and whether its CI overlaps the runner-up's.
+
+    ``overlap`` is ``None`` when it cannot be told: no runner-up, or either CI undefined. ``tied``
+    lists every method whose mean equals the best one (just the best when there is no tie).
+    """
+
+    metric: Metric
+    best: str | None
+    runner_up: str | None
+    overlap: bool | None
+    tied: tuple[str, ...] = ()
+
+    @property
+    def tie(self) -> bool:
+        return len(self.tied) > 1
+
+
+@dataclass(frozen=True)
+class Comparison:
+    labels: tuple[str, ...]
+    runs: dict[str, tuple[RunRecord, ...]]
+    metrics: tuple[Metric, ...]
+    estimates: dict[str, dict[str, Estimate]]
+    """Metric key, then method label."""
+
+    def metric(self, key: str) -> Metric:
+        for metric in self.metrics:
+            if metric.key == key:
+                return metric
+        raise KeyError(key)
+
+    def estimate(self, key: str, label: str) -> Estimate:
+        return self.estimates[key][label]
+
+    def verdict(self, key: str) -> Verdict:
+        """Rank methods by mean (ties keep the groups' order) and compare the top two intervals."""
+        metric = self.metric(key)
+        ranked = [
+            label
+            for label in self.labels
+            if (mean := self.estimates[key][label].mean) is not None and not math.isnan(mean)
+        ]
+        sign = -1.0 if metric.higher_is_better else 1.0
+        ranked.sort(key=lambda label: sign * (self.estimates[key][label].mean or 0.0))
+        if not ranked:
+            return Verdict(metric, None, None, None)
+        top = self.estimates[key][ranked[0]].mean
+        tied = tuple(label for label in ranked if self.estimates[key][label].mean == top)
+        if len(ranked) == 1:
+            return Verdict(metric, ranked[0], None, None, tied)
+        first, second = self.estimates[key][ranked[0]], self.estimates[key][ranked[1]]
+        overlap = None
+        if first.ci is not None and second.ci is not None and first.mean is not None and second.mean is not None:
+            overlap = abs(first.mean - second.mean) <= first.ci + second.ci
+        return Verdict(metric, ranked[0], ranked[1], overlap, tied)
+
+    def duplicate_seeds(self, label: str) -> list[int]:
+        """Seeds that occur more than once in a group (usually the same run loaded twice)."""
+        counts = Counter(run.info.seed for run in self.runs[label])
+        return sorted(seed for seed, times in counts.items() if times > 1)
+
+
+def compare(groups: Mapping[str, Sequence[RunRecord]], metrics: Sequence[Metric] = METRICS) -> Comparison:
+    """Estimate every metric for every method (group label) over its seeds."""
+    if not groups:
+        raise ComparisonError("nothing to compare: no groups of runs")
+    empty = [label for label, runs in groups.items() if not runs]
+    if empty:
+        raise ComparisonError(f"methods without runs: {', '.join(map(repr, empty))}")
+    runs = {label: tuple(group) for label, group in groups.items()}
+    estimates = {
+        metric.key: {
+            label: estimate([value for run in group if (value := metric.value(run)) is not None])
+            for label, group in runs.items()
+        }
+        for metric in metrics
+    }
+    return Comparison(tuple(runs), runs, tuple(metrics), estimates)
+
+
+def _cell(comparison: Comparison, metric: Metric, label: str) -> str:
+    item = comparison.estimate(metric.key, label)
+    if item.mean is None:
+        return fmt.MISSING
+    text = f"{metric.show(item.mean)} ± {'n/a' if item.ci is None else metric.show(item.ci)}"
+    if item.n != len(comparison.runs[label]):
+        text += f" (n={item.n})"
+    return text
+
+
+def _seeds(comparison: Comparison, label: str) -> str:
+    seeds = ", ".join(str(run.info.seed) for run in comparison.runs[label])
+    return f"{len(comparison.runs[label])} ({seeds})"
+
+
+def _direction(metric: Metric) -> str:
+    return "higher is better" if metric.higher_is_better else "lower is better"
+
+
+def verdict_line(comparison: Comparison, verdict: Verdict) -> str:
+    """One sentence: the best method on a metric and whether its lead is clear at 95%."""
+    metric = verdict.metric
+    head = f"{metric.label} ({_direction(metric)}):"
+    if verdict.best is None:
+        return f"{head} no method has a value."
+    if verdict.tie:
+        methods = ", ".join(f"**{label}** {_cell(comparison, metric, label)}" for label in verdict.tied)
+        return f"{head} a tie between {methods}."
+    best = f"**{verdict.best}** {_cell(comparison, metric, verdict.best)}"
+    if verdict.runner_up is None:
+        return f"{head} {best}; no other method has a value."
+    runner_up = f"runner-up {verdict.runner_up} {_cell(comparison, metric, verdict.runner_up)}"
+    if verdict.overlap is None:
+        outcome = "overlap cannot be told (a CI is undefined: one seed)"
+    elif verdict.overlap:
+        outcome = "the CIs overlap, so the lead is not clear at 95%"
+    else:
+        outcome = "the CIs do not overlap"
+    return f"{head} {best}; {runner_up}; {outcome}."
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    """``comparison.md``: the table of mean ± CI per metric and method, then the best method per metric."""
+    labels = comparison.labels
+    lines = [
+        "# Comparison",
+        "",
+        f"Mean over seeds ± half-width of the {CONFIDENCE:.0%} confidence interval (Student t, n − 1 degrees "
+        "of freedom). With one seed the interval is undefined (`± n/a`). `(n=k)` marks a metric that only "
+        "k of the method's runs have.",
+        "",
+        "| metric | " + " | ".join(fmt.markdown_cell(label) for label in labels) + " |",
+        "|---|" + "---|" * len(labels),
+        "| seeds (n) | " + " | ".join(_seeds(comparison, label) for label in labels) + " |",
+    ]
+    for metric in comparison.metrics:
+        arrow = "↑" if metric.higher_is_better else "↓"
+        cells = " | ".join(_cell(comparison, metric, label) for label in labels)
+        lines.append(f"| {metric.label} {arrow} | {cells} |")
+    lines += ["", "## Best method per metric", ""]
+    lines += [f"- {verdict_line(comparison, comparison.verdict(metric.key))}" for metric in comparison.metrics]
+    notes = [
+        f"- {label}: seeds occurring more than once: {', '.join(map(str, seeds))}"
+        for label in labels
+        if (seeds := comparison.duplicate_seeds(label))
+    ]
+    if notes:
+        lines += ["", "## Warnings", "", *notes]
+    lines += ["", f"![personalized score per method]({PLOT_FILE})", ""]
+    return "\n".join(lines)
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    """A rich table for the terminal: one row per metric, one column per method."""
+    table = Table(title=f"comparison: mean ± {CONFIDENCE:.0%} CI over seeds (n/a: one seed; best in green)")
+    table.add_column("metric")
+    for label in comparison.labels:
+        table.add_column(Text(label), justify="right")
+    table.add_row("seeds (n)", *(_seeds(comparison, label) for label in comparison.labels), end_section=True)
+    for metric in comparison.metrics:
+        best = comparison.verdict(metric.key).tied
+        cells = [
+            Text(_cell(comparison, metric, label), style="bold green" if label in best else "")
+            for label in comparison.labels
+        ]
+        table.add_row(f"{metric.label} {'↑' if metric.higher_is_better else '↓'}", *cells)
+    return table
+
+
+def write_comparison(out_dir: str | Path, comparison: Comparison) -> list[Path]:
+    """Write ``comparison.md`` and ``comparison.png`` into ``out_dir``, each atomically."""
+    from fedexperts.reporting.plots import plot_comparison
+
+    folder = Path(out_dir)
+    markdown = folder / MARKDOWN_FILE
+    with atomic_file(markdown) as staging:
+        staging.write_text(comparison_markdown(comparison), encoding="utf-8")
+    return [markdown, plot_comparison(comparison, folder / PLOT_FILE)]
