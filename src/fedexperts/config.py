@@ -56,6 +56,12 @@ class AlgorithmName(StrEnum):
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
     DENSE = "dense"
+    FLEX = "flex"
+    RANDOM_EXPERT = "random-expert"
+    """FLEx's own baseline: FedAvg of attention LoRA plus one randomly chosen routed expert per layer."""
+    FEDMOE = "fedmoe"
+    RANDOM_MOE = "random-moe"
+    """FedMoE's baseline: random sub-MoEs of the sizes FedMoE's search would choose."""
 
 
 class LoraConfig(_Section):

@@ -6,6 +6,7 @@ algorithm's starting point are the same functions of the config whichever runtim
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ class ClientData:
     train: tuple[dict[str, list[int]], ...]
     """Tokenized training rows (``input_ids``, ``labels``)."""
     test: EvalSet
+    categories: dict[str, int]
+    """Training rows per category (empty when the data has no categories)."""
 
     @property
     def num_examples(self) -> int:
@@ -179,7 +182,10 @@ def build_setting(
         rows = tuple(
             {"input_ids": ids_, "labels": labels} for ids_, labels in zip(*_columns(train.dataset), strict=True)
         )
-        clients.append(ClientData(ids[split.client], split.client, rows, test))
+        categories = (
+            Counter(str(name) for name in split.train["category"]) if "category" in split.train.column_names else {}
+        )
+        clients.append(ClientData(ids[split.client], split.client, rows, test, dict(categories)))
     union = None
     if config.eval.union_examples:
         pooled = datasets.concatenate_datasets([split.test for split in parts.clients])

@@ -9,8 +9,8 @@ special-case an algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import peft
@@ -72,9 +72,25 @@ class ClientInfo:
 
 
 @dataclass(frozen=True)
+class LocalData:
+    """What an algorithm may read of a client's data while building its model (never sent anywhere).
+
+    ``batches`` yields model-ready batches (``input_ids``, ``attention_mask``, ``labels``) of the
+    client's training split, in a fixed order; FLEx calibrates its grafting choice on them and
+    FedMoE measures expert activations.
+    """
+
+    client: ClientInfo
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    categories: Mapping[str, int] = field(default_factory=dict)
+    """Training rows per category (FedMoE's same-category estimation)."""
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     client: ClientInfo
     payload: Payload
+    """The client's tensors; its metadata carries the example count and whatever the client reported."""
 
 
 def attention_linear_names(model: nn.Module) -> list[str]:
@@ -145,8 +161,20 @@ class Algorithm:
         return Payload(dict(global_state))
 
     @torch.no_grad()
-    def setup_client(self, model: nn.Module, received: Payload, personal: Payload | None) -> None:
-        """Load received shared tensors and the client's personal ones (or their start values)."""
+    def setup_client(
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData | None = None
+    ) -> nn.Module:
+        """Load received shared tensors and the client's personal ones (or their start values).
+
+        Returns the model the client trains and evaluates: ``model`` itself here; an algorithm may
+        return another view of it (FedMoE: the client's sub-MoE). ``data`` is ``None`` when there is
+        no data to look at (``fedexperts plan``).
+        """
+        self._load_shared_and_personal(model, received, personal)
+        return model
+
+    @torch.no_grad()
+    def _load_shared_and_personal(self, model: nn.Module, received: Payload, personal: Payload | None) -> None:
         for name, param in self._params(model, Role.SHARED).items():
             if name not in received.tensors:
                 raise FedExpertsError(f"{self.name}: the client did not receive shared tensor {name}")
@@ -168,6 +196,13 @@ class Algorithm:
         return Payload(tensors) if tensors else None
 
     # -- server --------------------------------------------------------------------------------------
+    def server_state(self) -> Payload:
+        """What the server must checkpoint besides the global state (default: server-optimizer moments)."""
+        return Payload(self.server.state())
+
+    def load_server_state(self, state: Payload) -> None:
+        self.server.load_state(state.tensors)
+
     def check_update(self, update: Payload, global_state: State, client: ClientInfo) -> None:
         """Refuse (``PayloadError``) an update whose keys, shapes, dtypes or values the server cannot average."""
         validate_update(update, global_state, sender=client.client_id)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedexperts.algorithms import ClientInfo
+from fedexperts.algorithms import ClientInfo, LocalData
 from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.evaluation import Scores, instruction_scores, multiple_choice_accuracy
@@ -67,6 +67,13 @@ def shuffled_batches(
             yield collate([rows[index] for index in order[start : start + batch_size]])
 
 
+def calibration_batches(client: ClientData, tokenizer: Any, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
+    """The client's training rows in their stored order, batched (for calibration and measurements)."""
+    collate = InstructionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    for start in range(0, len(client.train), batch_size):
+        yield collate(list(client.train[start : start + batch_size]))
+
+
 def _scores(prefix: str, scores: Scores) -> dict[str, float | int]:
     return {f"{prefix}_{key}": value for key, value in scores.as_dict().items()}
 
@@ -80,13 +87,14 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     config = setting.config
     client = _client(setting, task.client_id)
     info = ClientInfo(client.client_id, client.num_examples)
-    algorithm, model, tokenizer = setting.algorithm, setting.model, setting.tokenizer
-    device = next(model.parameters()).device
+    algorithm, tokenizer = setting.algorithm, setting.tokenizer
+    device = next(setting.model.parameters()).device
     torch.manual_seed(derived_seed(config.federation.seed, task.round, client.index))
     watch = Stopwatch()
     metrics: dict[str, Any] = {"examples": client.num_examples}
     with peak_memory(device) as peak:
-        algorithm.setup_client(model, received, store.load(client.client_id))
+        local = LocalData(info, lambda: calibration_batches(client, tokenizer), client.categories)
+        model = algorithm.setup_client(setting.model, received, store.load(client.client_id), local)
         evaluate_options: dict[str, Any] = {
             "max_new_tokens": config.eval.max_new_tokens,
             "batch_size": config.eval.batch_size,

@@ -170,15 +170,15 @@ class InProcessRuntime:
             if int(path.stem.split("-")[1]) > done:
                 path.unlink()
         global_state = {k[len(_GLOBAL) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_GLOBAL)}
-        self.algorithm.server.load_state(
-            {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
-        )
+        server = {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
+        self.algorithm.load_server_state(Payload(server, checkpoint.metadata.get("server", {})))
         return done, global_state
 
     def _checkpoint(self, round_number: int, global_state: State) -> None:
+        server = self.algorithm.server_state()
         tensors = {_GLOBAL + k: v for k, v in global_state.items()}
-        tensors.update({_SERVER + k: v for k, v in self.algorithm.server.state().items()})
-        self.checkpoints.save(round_number, Payload(tensors))
+        tensors.update({_SERVER + k: v for k, v in server.tensors.items()})
+        self.checkpoints.save(round_number, Payload(tensors, {"server": server.metadata}))
 
     # -- one client ------------------------------------------------------------------------------------
     def _exchange(self, task: ClientTask, global_state: State) -> tuple[dict[str, Any], ClientUpdate | None]:
@@ -222,7 +222,7 @@ class InProcessRuntime:
                 entry.update(status="rejected", error=str(error))
                 self.store.unstage(task.round, task.client_id)
                 return entry, None
-            update = ClientUpdate(info, Payload(reply.tensors, {"examples": info.num_examples}))
+            update = ClientUpdate(info, reply)
         return entry, update
 
     # -- the run ---------------------------------------------------------------------------------------
