@@ -79,6 +79,17 @@ class ServerConfig(_Section):
     tau: float = Field(1e-3, gt=0)
 
 
+class FlexConfig(_Section):
+    top_n: int = Field(1, ge=1)
+    """Experts grafted into each layer's personal slots (the paper: 1)."""
+    refresh_every: int = Field(0, ge=0)
+    """Re-select the grafted experts every this many rounds (0: choose once, as the paper)."""
+    share_gate: bool = False
+    """Also aggregate the personal gates (the paper keeps them personal)."""
+    calibration_batches: int = Field(4, ge=1)
+    """Training batches (of 8 rows) a client scores the experts on."""
+
+
 class AlgorithmConfig(_Section):
     name: AlgorithmName = AlgorithmName.FEDAVG
     scope: SharedScope = SharedScope.ATTENTION_LORA
@@ -86,6 +97,7 @@ class AlgorithmConfig(_Section):
     """FedProx's proximal weight."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    flex: FlexConfig = Field(default_factory=FlexConfig)
 
 
 class FederationConfig(_Section):

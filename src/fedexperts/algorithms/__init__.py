@@ -12,6 +12,7 @@ from fedexperts.algorithms.base import (
     scope_rules,
 )
 from fedexperts.algorithms.fedavg import FedAvg, FedProx, MoEAsDense
+from fedexperts.algorithms.flex import FLEx, grafted_experts
 from fedexperts.algorithms.local import LocalOnly
 from fedexperts.algorithms.registry import build_algorithm
 
@@ -19,6 +20,7 @@ __all__ = [
     "Algorithm",
     "ClientInfo",
     "ClientUpdate",
+    "FLEx",
     "FedAvg",
     "FedProx",
     "LocalData",
@@ -30,6 +32,7 @@ __all__ = [
     "SharedScope",
     "attention_linear_names",
     "build_algorithm",
+    "grafted_experts",
     "scope_rules",
     "weighted_average",
 ]

@@ -82,6 +82,8 @@ class LocalData:
 
     client: ClientInfo
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    round: int = 1
+    """The round being run (1-based), for algorithms that act every K rounds."""
     categories: Mapping[str, int] = field(default_factory=dict)
     """Training rows per category (FedMoE's same-category estimation)."""
 

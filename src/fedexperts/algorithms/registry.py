@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from fedexperts.algorithms.aggregation import ServerOptimizer
 from fedexperts.algorithms.base import Algorithm, LoraSettings, SharedScope
 from fedexperts.algorithms.fedavg import FedAvg, FedProx, MoEAsDense
+from fedexperts.algorithms.flex import FLEx
 from fedexperts.algorithms.local import LocalOnly
 
 if TYPE_CHECKING:
@@ -34,4 +35,14 @@ def build_algorithm(config: AlgorithmConfig) -> Algorithm:
         return FedProx(config.mu, config.scope, lora=lora_or_none, server=server)
     if name == "dense":
         return MoEAsDense(server=server)
+    if name == "flex":
+        return FLEx(
+            config.scope,
+            lora=lora_or_none,
+            server=server,
+            top_n=config.flex.top_n,
+            refresh_every=config.flex.refresh_every,
+            share_gate=config.flex.share_gate,
+            calibration_batches=config.flex.calibration_batches,
+        )
     raise ValueError(f"no algorithm is registered under {name!r}")

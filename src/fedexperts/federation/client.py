@@ -93,7 +93,7 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     watch = Stopwatch()
     metrics: dict[str, Any] = {"examples": client.num_examples}
     with peak_memory(device) as peak:
-        local = LocalData(info, lambda: calibration_batches(client, tokenizer), client.categories)
+        local = LocalData(info, lambda: calibration_batches(client, tokenizer), task.round, client.categories)
         model = algorithm.setup_client(setting.model, received, store.load(client.client_id), local)
         evaluate_options: dict[str, Any] = {
             "max_new_tokens": config.eval.max_new_tokens,

@@ -29,8 +29,11 @@ from fedexperts.moe.personal import (
     grafts,
     load_personal,
     personal_state_dict,
+    regraft,
     remove_personal_experts,
     save_personal,
+    set_grafted_experts,
+    suspended_grafts,
 )
 from fedexperts.moe.routing import LayerRouting, RoutingRecorder
 from fedexperts.moe.selection import GraftChoice, SelectionMethod, reconstruction_losses
@@ -78,12 +81,15 @@ __all__ = [
     "parameter_roles",
     "personal_state_dict",
     "reconstruction_losses",
+    "regraft",
     "remove_personal_experts",
     "run_experts",
     "save_personal",
     "save_pruned",
     "scatter_expert_rows",
     "select_experts",
+    "set_grafted_experts",
     "state_by_role",
     "supported_model_types",
+    "suspended_grafts",
 ]

@@ -11,8 +11,9 @@ original parameter keeps its name.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ class Graft:
     """Indices (in the block's current numbering) of the routed experts that were copied."""
     gate_bias: bool
     handle: RemovableHandle
+    hook: Callable[..., Any]
+    """The forward hook that adds the personal output (kept to re-register it after a suspension)."""
 
 
 def grafts(model: PreTrainedModel) -> dict[str, Graft]:
@@ -74,19 +77,25 @@ def graft_personal_experts(
     return {name: tuple(chosen) for name, chosen in checked.items()}
 
 
-def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
+@torch.no_grad()
+def _init_gate(layer: MoELayer, gate: nn.Linear, chosen: list[int]) -> None:
+    """Gate rows from the router rows of the copied experts (and the router's bias where it has one)."""
     family = layer.family
     router_weight = family.router_weight(layer.router)
     index = torch.tensor(chosen, dtype=torch.long, device=router_weight.device)
+    gate.weight.copy_(router_weight.detach().index_select(0, index))
+    if gate.bias is not None:
+        gate.bias.zero_()
+        router_bias = family.router_bias_of(layer.router)
+        if router_bias is not None:
+            gate.bias.copy_(router_bias.detach().index_select(0, index))
+
+
+def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
+    router_weight = layer.family.router_weight(layer.router)
     gate = nn.Linear(router_weight.shape[1], len(chosen), bias=gate_bias)
     gate.to(device=router_weight.device, dtype=router_weight.dtype)
-    with torch.no_grad():
-        gate.weight.copy_(router_weight.detach().index_select(0, index))
-        if gate.bias is not None:
-            gate.bias.zero_()
-            router_bias = family.router_bias_of(layer.router)
-            if router_bias is not None:
-                gate.bias.copy_(router_bias.detach().index_select(0, index))
+    _init_gate(layer, gate, chosen)
     block = layer.block
     block.add_module(PERSONAL_EXPERTS, copy_experts(layer, chosen))
     block.add_module(PERSONAL_GATE, gate)
@@ -101,7 +110,60 @@ def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
         return output + personal
 
     handle = block.register_forward_hook(add_personal_output, with_kwargs=True)
-    setattr(block, _GRAFT_ATTRIBUTE, Graft(layer.name, tuple(chosen), gate_bias, handle))
+    setattr(block, _GRAFT_ATTRIBUTE, Graft(layer.name, tuple(chosen), gate_bias, handle, add_personal_output))
+
+
+@torch.no_grad()
+def regraft(model: PreTrainedModel, choices: Mapping[str, int | Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """Refill existing grafts in place with fresh copies of other routed experts (and their router rows).
+
+    The personal modules keep their identity (and so their parameter names, roles and optimizer
+    slots); only their values change. Used when one process serves many clients, each with its own
+    choice, and when a grafting choice is refreshed.
+    """
+    layers = moe_layer_by_name(model, choices)
+    attached = grafts(model)
+    done: dict[str, tuple[int, ...]] = {}
+    for name, choice in choices.items():
+        if name not in attached:
+            raise SurgeryError(f"{name} has no personal experts to refill; graft them first")
+        chosen = check_expert_indices(layers[name], [choice] if isinstance(choice, int) else choice)
+        graft = attached[name]
+        if len(chosen) != len(graft.experts):
+            raise SurgeryError(f"{name}: grafted {len(graft.experts)} experts, cannot refill with {len(chosen)}")
+        block = layers[name].block
+        fresh = copy_experts(layers[name], chosen).state_dict()
+        for key, tensor in block.get_submodule(PERSONAL_EXPERTS).state_dict().items():
+            tensor.copy_(fresh[key])
+        _init_gate(layers[name], block.get_submodule(PERSONAL_GATE), chosen)
+        setattr(block, _GRAFT_ATTRIBUTE, replace(graft, experts=tuple(chosen)))
+        done[name] = tuple(chosen)
+    return done
+
+
+def set_grafted_experts(model: PreTrainedModel, experts: Mapping[str, Sequence[int]]) -> None:
+    """Record which routed experts the personal slots came from (after loading a client's saved values)."""
+    attached = grafts(model)
+    for name, chosen in experts.items():
+        if name not in attached or len(chosen) != len(attached[name].experts):
+            raise SurgeryError(f"{name}: saved grafting choice {list(chosen)} does not fit the grafted layer")
+        block = model.get_submodule(name)
+        setattr(block, _GRAFT_ATTRIBUTE, replace(attached[name], experts=tuple(int(i) for i in chosen)))
+
+
+@contextmanager
+def suspended_grafts(model: PreTrainedModel) -> Iterator[None]:
+    """Run the model as if no personal experts were attached (e.g. to measure the pretrained layer output)."""
+    attached = grafts(model)
+    for graft in attached.values():
+        graft.handle.remove()
+    try:
+        yield
+    finally:
+        for name, graft in attached.items():
+            block = model.get_submodule(name)
+            handle = block.register_forward_hook(graft.hook, with_kwargs=True)
+            setattr(block, _GRAFT_ATTRIBUTE, replace(getattr(block, _GRAFT_ATTRIBUTE), handle=handle))
 
 
 def remove_personal_experts(model: PreTrainedModel, layer_names: Iterable[str] | None = None) -> None:

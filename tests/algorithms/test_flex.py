@@ -1,0 +1,137 @@
+import copy
+
+import pytest
+import torch
+
+from fedexperts.algorithms import FLEx, LocalData, grafted_experts
+from fedexperts.algorithms.base import ClientInfo, ClientUpdate
+from fedexperts.errors import FedExpertsError
+from fedexperts.federation.inprocess import run_experiment
+from fedexperts.models import tiny_model
+from fedexperts.moe import ParamKind, Role, moe_layers, parameter_kinds, reconstruction_losses
+from fedexperts.training import IGNORE_INDEX, TrainSettings, train_local
+
+
+def batches_for(model, seed, count=2):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=generator)
+        labels = ids.clone()
+        labels[:, :4] = IGNORE_INDEX
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def local_data(model, name, seed, round_number=1):
+    batches = batches_for(model, seed)
+    return LocalData(ClientInfo(name, 8), lambda: iter(batches), round_number)
+
+
+def client_round(algorithm, model, global_state, name, seed, personal=None, round_number=1):
+    info = ClientInfo(name, 8)
+    received = algorithm.downlink(global_state, info)
+    data = local_data(model, name, seed, round_number)
+    client_model = algorithm.setup_client(model, received, personal, data)
+    torch.manual_seed(seed)
+    train_local(client_model, list(data.batches()), TrainSettings(steps_per_round=3, learning_rate=5e-2))
+    return ClientUpdate(info, algorithm.uplink(client_model, info)), algorithm.personal_state(client_model)
+
+
+def prepared(model_type="olmoe", **options):
+    model = tiny_model(model_type)
+    pristine = copy.deepcopy(model)
+    algorithm = FLEx(**options)
+    algorithm.prepare(model)
+    return algorithm, model, pristine
+
+
+def test_only_attention_lora_is_sent_personal_parts_stay_home():
+    algorithm, model, _ = prepared()
+    start = algorithm.initial_global_state(model)
+    update, personal = client_round(algorithm, model, start, "a", seed=1)
+    kinds = parameter_kinds(model)
+    assert update.payload.tensors and set(update.payload.tensors) == set(start)
+    for name in update.payload.tensors:
+        assert kinds[name].kind is ParamKind.ATTENTION and kinds[name].adapter
+        assert "personal" not in name and "experts" not in name and "gate" not in name
+    assert personal is not None and personal.tensors
+    assert {kinds[name].kind for name in personal.tensors} == {ParamKind.PERSONAL_EXPERT, ParamKind.PERSONAL_GATE}
+    assert personal.metadata["grafted"].keys() == {layer.name for layer in moe_layers(model)}
+
+
+def test_the_graft_is_the_expert_that_best_reconstructs_the_pretrained_layer():
+    algorithm, model, pristine = prepared()
+    start = algorithm.initial_global_state(model)
+    data = local_data(model, "a", seed=3)
+    algorithm.setup_client(model, algorithm.downlink(start, data.client), None, data)
+    inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in data.batches()]
+    expected = {name: (choice.best,) for name, choice in reconstruction_losses(pristine, inputs).items()}
+    assert grafted_experts(model) == expected
+    for layer, original in zip(moe_layers(model), moe_layers(pristine), strict=True):
+        chosen = expected[layer.name][0]
+        gate = layer.block.personal_gate
+        torch.testing.assert_close(gate.weight[0], original.family.router_weight(original.router)[chosen])
+        for tensor_name in layer.family.expert_tensors:
+            copied = layer.block.personal_experts.get_parameter(tensor_name)[0]
+            torch.testing.assert_close(copied, original.experts.get_parameter(tensor_name)[chosen])
+
+
+def test_a_clients_personal_expert_is_exactly_what_it_trained_and_pretrained_weights_stay_frozen():
+    algorithm, model, pristine = prepared()
+    global_state = algorithm.initial_global_state(model)
+    a1, a_state = client_round(algorithm, model, global_state, "a", seed=1)
+    b1, b_state = client_round(algorithm, model, global_state, "b", seed=2)
+    global_state = algorithm.aggregate(global_state, [a1, b1])
+    # a's next round starts from exactly what a trained, not from b's values nor an average
+    info = ClientInfo("a", 8)
+    algorithm.setup_client(model, algorithm.downlink(global_state, info), a_state, local_data(model, "a", 1, 2))
+    current = dict(model.named_parameters())
+    for name, tensor in a_state.tensors.items():
+        assert torch.equal(current[name], tensor)
+        assert not torch.equal(tensor, b_state.tensors[name]) or "gate" in name
+    frozen = {n for n, role in algorithm.roles.items() if role is Role.FROZEN}
+    original = dict(pristine.named_parameters())
+    for name in frozen:
+        assert torch.equal(current[name], original[name.replace(".base_layer", "")]), name
+
+
+def test_top_n_refresh_and_shared_gate_options():
+    algorithm, model, _ = prepared(top_n=2, share_gate=True, refresh_every=2)
+    start = algorithm.initial_global_state(model)
+    assert any("personal_gate" in name for name in start)
+    update, personal = client_round(algorithm, model, start, "a", seed=1)
+    assert any("personal_gate" in name for name in update.payload.tensors)
+    assert not any("personal_experts" in name for name in update.payload.tensors)
+    assert all(len(chosen) == 2 for chosen in personal.metadata["grafted"].values())
+    assert personal.metadata["selected_round"] == 1
+    _, kept = client_round(algorithm, model, start, "a", seed=1, personal=personal, round_number=2)
+    assert kept.metadata["selected_round"] == 1
+    _, refreshed = client_round(algorithm, model, start, "a", seed=1, personal=kept, round_number=3)
+    assert refreshed.metadata["selected_round"] == 3
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(FedExpertsError, match="top_n"):
+        FLEx(top_n=0)
+    algorithm = FLEx(top_n=9)
+    with pytest.raises(FedExpertsError, match="top_n=9 exceeds"):
+        algorithm.prepare(tiny_model("olmoe"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3", "gpt_oss", "mixtral"])
+def test_other_families_graft_train_and_send_lora_only(model_type):
+    algorithm, model, _ = prepared(model_type)
+    start = algorithm.initial_global_state(model)
+    update, personal = client_round(algorithm, model, start, "a", seed=1)
+    assert set(update.payload.tensors) == set(start)
+    assert all(torch.isfinite(t).all() for t in personal.tensors.values())
+
+
+def test_flex_end_to_end_with_personal_state_on_disk(micro_config):
+    result = run_experiment(micro_config("algorithm.name=flex"))
+    assert [line["kind"] for line in result.records] == ["run", "round", "round", "final"]
+    states = sorted((result.run_dir / "clients").glob("*.safetensors"))
+    assert [path.stem for path in states] == ["client-0", "client-1", "client-2"]
+    run = result.records[0]
+    assert run["parameters"]["personal"] > 0 and run["parameters"]["shared"] > 0
