@@ -17,3 +17,44 @@ def test_user_error_is_one_line_and_exit_code_two():
     assert result.exit_code == 2
     assert "no tiny config for 'llama'" in result.output
     assert "Traceback" not in result.output
+
+
+def micro_args(micro_model_path, tmp_path, *extra):
+    from tests.conftest import MICRO_RUN
+
+    return [f'model.name="{micro_model_path}"', f'output_dir="{tmp_path}"', *MICRO_RUN, "federation.rounds=1", *extra]
+
+
+def test_run_prints_rounds_and_the_client_table_and_report_rebuilds(micro_model_path, tmp_path):
+    result = runner.invoke(app, ["run", *micro_args(micro_model_path, tmp_path, "algorithm.name=fedavg")])
+    assert result.exit_code == 0, result.output
+    assert "round 1: 3/3 clients ok" in result.output
+    assert "client-2" in result.output and "mean" in result.output
+    run_dir = tmp_path / "default"
+    for name in ("config.toml", "metrics.jsonl", "summary.md", "plot_clients.png", "plot_rounds.png", "plot_bytes.png"):
+        assert (run_dir / name).is_file(), name
+    (run_dir / "summary.md").unlink()
+    rebuilt = runner.invoke(app, ["report", str(run_dir)])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (run_dir / "summary.md").is_file()
+    again = runner.invoke(app, ["run", *micro_args(micro_model_path, tmp_path, "algorithm.name=fedavg")])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_compare_reports_mean_and_interval_per_method(micro_model_path, tmp_path):
+    args = micro_args(micro_model_path, tmp_path, "eval.union_examples=0", "eval.probes=0")
+    result = runner.invoke(app, ["compare", *args, "--algorithms", "local,fedavg", "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "default" / "comparison.md").is_file()
+    text = (tmp_path / "default" / "comparison.md").read_text()
+    assert "local" in text and "fedavg" in text and "±" in text
+    assert sorted(p.name for p in (tmp_path / "default" / "fedavg").iterdir()) == ["seed-0", "seed-1"]
+
+
+def test_bad_config_keys_and_values_are_named(tmp_path):
+    result = runner.invoke(app, ["run", "federation.clinets=3"])
+    assert result.exit_code == 2 and "federation.clinets" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["run", "algorithm.name=fedsgd"])
+    assert result.exit_code == 2 and "algorithm.name" in result.output and "flex" in result.output
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "no such config file" in result.output

@@ -26,7 +26,7 @@ def user_errors(command: _F) -> _F:
         try:
             return command(*args, **kwargs)
         except FedExpertsError as error:
-            Console(stderr=True).print(f"[bold red]error:[/] {error}")
+            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}")
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
