@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 run: setup
-	$(BIN)/fedexperts demo
+	$(BIN)/fedexperts run --overwrite
 
 lint: dev
 	$(BIN)/ruff check src tests benchmarks

@@ -40,13 +40,14 @@ def micro_model_path(tmp_path_factory):
 
 
 MICRO_RUN = (
+    "algorithm.name=fedavg",
+    "train.learning_rate=0.01",
     "data.items=120",
     "data.max_length=64",
     "federation.clients=3",
     "federation.rounds=2",
     "train.steps_per_round=2",
     "train.batch_size=4",
-    "train.learning_rate=0.01",
     "eval.max_examples=3",
     "eval.union_examples=4",
     "eval.probes=4",

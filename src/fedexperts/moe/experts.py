@@ -50,7 +50,10 @@ def copy_experts(layer: MoELayer, indices: Sequence[int]) -> nn.Module:
         original = source.get_parameter(tensor_name)
         sliced = original.detach().index_select(0, index).clone()
         setattr(clone, tensor_name, nn.Parameter(sliced, requires_grad=original.requires_grad))
-    unset = [name for name, tensor in [*clone.named_parameters(), *clone.named_buffers()] if tensor.is_meta]
+    listed = set(family.expert_tensors)
+    unset = [name for name, _ in clone.named_parameters() if name not in listed]
+    if not index.is_meta:  # on the meta device (sizing) every buffer is meta anyway
+        unset += [name for name, tensor in clone.named_buffers() if tensor.is_meta]
     if unset:
         raise SurgeryError(
             f"{layer.experts_name}: {type(source).__name__} has tensors {unset} this family does not list"
