@@ -1,0 +1,1 @@
+"""Toy Flower 1.41 Message-API app."""
