@@ -24,7 +24,7 @@ def test_toml_file_and_dotted_overrides(tmp_path):
     ("overrides", "message"),
     [
         (["federation.rounds=0"], r"federation\.rounds: Input should be greater than or equal to 1"),
-        (["algorithm.name=fedsgd"], r"algorithm\.name: .*'local', 'fedavg', 'fedprox' or 'dense'"),
+        (["algorithm.name=fedsgd"], r"algorithm\.name: .*'local', 'fedavg', .*'flex', .*'fedmoe' or 'random-moe'"),
         (["algorithm.server.rule=sgd"], r"allowed: 'fedavg', 'fedavgm'"),
         (["train.lr=1"], r"override 'train\.lr': unknown key; keys are: .*train\.learning_rate"),
         (["rounds"], "expected dotted.key=value"),

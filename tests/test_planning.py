@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from fedexperts import planning
 from fedexperts.algorithms import ClientInfo, build_algorithm
 from fedexperts.cli import app
-from fedexperts.config import AlgorithmConfig, build_config
+from fedexperts.config import AlgorithmConfig, AlgorithmName, build_config
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation import Payload, encode
 from fedexperts.models import tiny_model
@@ -173,8 +173,8 @@ def test_every_preset_has_a_published_figure():
 
 @pytest.fixture(scope="module")
 def preset_plans():
-    """Every preset planned once under the default algorithm (FedAvg of attention LoRA)."""
-    return {preset: plan(preset, AlgorithmConfig()) for preset in PRESETS}
+    """Every preset planned once under FedAvg of attention LoRA."""
+    return {preset: plan(preset, AlgorithmConfig(name=AlgorithmName.FEDAVG)) for preset in PRESETS}
 
 
 @pytest.mark.parametrize("preset", list(PUBLISHED))
@@ -193,7 +193,7 @@ def test_preset_totals_match_published_counts(preset_plans, preset):
 
 def test_presets_are_plain_json_and_plan_the_same_as_config_files(tmp_path, preset_plans):
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["gpt-oss-20b"]))
-    from_file = plan(tmp_path, AlgorithmConfig())
+    from_file = plan(tmp_path, AlgorithmConfig(name=AlgorithmName.FEDAVG))
     assert from_file.model == str(tmp_path)
     assert replace(from_file, model="gpt-oss-20b") == preset_plans["gpt-oss-20b"]
 

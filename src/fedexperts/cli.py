@@ -107,15 +107,20 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
     console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+_DEFAULT_METHODS = ("local", "fedavg", "flex")
+
+
 @app.command()
 @user_errors
 def compare(
     args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] shared by every run")] = None,
-    algorithms: str = typer.Option("local,fedavg,fedprox,dense", help="Comma-separated algorithm names."),
-    seeds: str = typer.Option("0,1,2", help="Comma-separated federation seeds (data and partition stay fixed)."),
+    study: Annotated[str | None, typer.Option(help="A preset study (see --list-studies); args still apply.")] = None,
+    algorithms: Annotated[str | None, typer.Option(help="Comma-separated algorithm names.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated federation seeds (data stays fixed).")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Folder of the runs and comparison (default: output_dir/name).")
     ] = None,
+    list_studies: bool = typer.Option(False, "--list-studies", help="List the preset studies and exit."),
 ) -> None:
     """Run several algorithms and seeds on the same data and partition; report mean and 95% CI per method.
 
@@ -125,13 +130,26 @@ def compare(
     from fedexperts.federation.inprocess import METRICS_FILE, run_experiment
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
+    from fedexperts.studies import STUDIES
+    from fedexperts.studies import study as find_study
 
+    if list_studies:
+        for known in STUDIES.values():
+            console.print(f"[bold]{known.name}[/]: {known.description} ({', '.join(known.algorithms)})")
+        return
     path, overrides = _config_and_overrides(args)
-    names = [name.strip() for name in algorithms.split(",") if name.strip()]
+    preset = find_study(study) if study else None
+    if preset is not None:
+        overrides = [*preset.overrides, f"name={preset.name}", *overrides]
+    names = [
+        name.strip() for name in (algorithms or ",".join(preset.algorithms if preset else _DEFAULT_METHODS)).split(",")
+    ]
+    names = [name for name in names if name]
+    seed_text = seeds or ",".join(str(seed) for seed in (preset.seeds if preset else (0, 1, 2)))
     try:
-        seed_values = [int(seed) for seed in seeds.split(",") if seed.strip()]
+        seed_values = [int(seed) for seed in seed_text.split(",") if seed.strip()]
     except ValueError:
-        raise FedExpertsError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        raise FedExpertsError(f"--seeds must be comma-separated integers, got {seed_text!r}") from None
     if not names or not seed_values:
         raise FedExpertsError("--algorithms and --seeds must each name at least one value")
     base = load_config(path, overrides)

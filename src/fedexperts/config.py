@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
@@ -90,20 +90,45 @@ class FlexConfig(_Section):
     """Training batches (of 8 rows) a client scores the experts on."""
 
 
+class FedMoEConfig(_Section):
+    """FedMoE and randomMoE (arXiv 2408.11304): memory budgets, profiling and expert recommendation."""
+
+    budget_fraction: float = Field(0.6, gt=0, le=1)
+    """Every client's memory budget as a fraction of the full model's bytes (below 1, no client can profile)."""
+    budgets: list[Annotated[int, Field(gt=0)]] | None = None
+    """Per-client memory budgets in bytes, in client order (one per client); replaces the two keys around it."""
+    full_budget_every: int = Field(2, ge=0)
+    """Without ``budgets``: clients 0, n, 2n, ... can hold the full model (they measure expert activation for
+    everyone; the others get ``budget_fraction``). 0: every client gets ``budget_fraction``."""
+    warmup_rounds: int = Field(0, ge=0)
+    """Rounds of LoRA training on the full MoE a profiling client does before it measures expert activation."""
+    patience: int = Field(2, ge=1)
+    """Evaluations without improvement before a client is recommended a new structure."""
+    top_k_neighbours: int = Field(2, ge=1)
+    """Most similar clients a recommendation draws on."""
+    measure_examples: int = Field(64, ge=1)
+    """Training rows a profiling client measures expert activation on."""
+    seed: int = 0
+    """random-moe: seed of the random sub-MoEs."""
+
+
 class AlgorithmConfig(_Section):
-    name: AlgorithmName = AlgorithmName.FEDAVG
+    name: AlgorithmName = AlgorithmName.FLEX
     scope: SharedScope = SharedScope.ATTENTION_LORA
     mu: float = Field(0.01, ge=0)
     """FedProx's proximal weight."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     flex: FlexConfig = Field(default_factory=FlexConfig)
+    fedmoe: FedMoEConfig = Field(default_factory=FedMoEConfig)
 
 
 class FederationConfig(_Section):
     clients: int = Field(5, ge=1)
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
+    sampling: Literal["random", "distinct"] = "random"
+    """``distinct``: each round's clients hold different majority categories where possible (FedMoE's study)."""
     min_clients: int = Field(1, ge=1)
     """Clients sampled per round at least (when ``fraction`` would pick fewer)."""
     min_successful: int = Field(1, ge=1)
@@ -112,7 +137,7 @@ class FederationConfig(_Section):
 
 
 class TrainConfig(_Section):
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(5e-3, gt=0)
     min_learning_rate: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     steps_per_round: int = Field(10, ge=1)
@@ -160,6 +185,12 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"federation.min_successful ({self.federation.min_successful}) exceeds federation.min_clients "
                 f"({self.federation.min_clients}): a round could never succeed"
+            )
+        budgets = self.algorithm.fedmoe.budgets
+        if budgets is not None and len(budgets) != self.federation.clients:
+            raise ValueError(
+                f"algorithm.fedmoe.budgets has {len(budgets)} entries but federation.clients is "
+                f"{self.federation.clients}: give one memory budget (bytes) per client"
             )
         return self
 

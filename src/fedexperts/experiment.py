@@ -153,7 +153,7 @@ def build_setting(
     """
     loaded = loaded or load_base(config)
     torch.manual_seed(config.federation.seed)  # LoRA and other initialisations inside prepare
-    algorithm = build_algorithm(config.algorithm)
+    algorithm = build_algorithm(config.algorithm, client_ids=client_ids(config.federation.clients))
     algorithm.prepare(loaded.model)
     template = prompt_template(loaded.tokenizer)
     parts, bench = federated_rows(config)

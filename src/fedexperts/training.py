@@ -143,7 +143,12 @@ def train_local(
     reproducibility; the loop itself draws no randomness besides the model's dropout.
     """
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    rows_only = [p for p in params if getattr(p, "_fedexperts_rows_only", False)]  # see algorithms.random_expert
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if not getattr(p, "_fedexperts_rows_only", False)]}]
+    groups.append({"params": rows_only, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(
+        [group for group in groups if group["params"]], lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
     device = params[0].device
     checkpointing = _checkpointing_switches(model) if settings.gradient_checkpointing else None
     if checkpointing is not None:

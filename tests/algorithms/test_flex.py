@@ -135,3 +135,27 @@ def test_flex_end_to_end_with_personal_state_on_disk(micro_config):
     assert [path.stem for path in states] == ["client-0", "client-1", "client-2"]
     run = result.records[0]
     assert run["parameters"]["personal"] > 0 and run["parameters"]["shared"] > 0
+
+
+def test_random_expert_baseline_trains_and_sends_only_the_chosen_rows():
+    from fedexperts.algorithms.random_expert import RandomExpert
+
+    model = tiny_model("olmoe")
+    pristine = dict(copy.deepcopy(model).named_parameters())
+    algorithm = RandomExpert(seed=0)
+    algorithm.prepare(model)
+    start = algorithm.initial_global_state(model)
+    assert {key.split("@")[1] for key in start if "@" in key} <= {f"expert={e}" for e in range(8)}
+    info = ClientInfo("a", 8)
+    batches = batches_for(model, 1)
+    algorithm.setup_client(model, algorithm.downlink(start, info), None)
+    train_local(model, batches, TrainSettings(steps_per_round=3, learning_rate=5e-2, weight_decay=0.1))
+    sent = algorithm.uplink(model, info).tensors
+    assert set(sent) == set(start)
+    params = dict(model.named_parameters())
+    for name, expert in algorithm.chosen.items():
+        current, original = params[name], pristine[name]
+        others = [row for row in range(current.shape[0]) if row != expert]
+        assert torch.equal(current[others], original[others]), name  # untouched rows stay bit-identical
+        assert not torch.equal(current[expert], original[expert])
+        torch.testing.assert_close(sent[f"{name}@expert={expert}"], current[expert])

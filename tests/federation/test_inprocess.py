@@ -41,6 +41,16 @@ def test_sampling_is_seeded_per_round_and_respects_the_minimum():
     assert len(rounds) > 1
 
 
+def test_enforced_different_sampling_takes_one_client_per_category_first():
+    ids = [f"c{i}" for i in range(6)]
+    groups = ["a", "a", "a", "b", "b", "c"]
+    for round_number in range(1, 8):
+        chosen = sample_clients(ids, fraction=0.5, minimum=1, seed=0, round_number=round_number, groups=groups)
+        assert sorted(groups[ids.index(c)] for c in chosen) == ["a", "b", "c"]
+    five = sample_clients(ids, fraction=0.8, minimum=1, seed=0, round_number=1, groups=groups)
+    assert len(five) == 5 and {groups[ids.index(c)] for c in five} == {"a", "b", "c"}
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -12,8 +12,10 @@ from fedexperts.algorithms.base import (
     scope_rules,
 )
 from fedexperts.algorithms.fedavg import FedAvg, FedProx, MoEAsDense
+from fedexperts.algorithms.fedmoe import FedMoE, RandomMoE
 from fedexperts.algorithms.flex import FLEx, grafted_experts
 from fedexperts.algorithms.local import LocalOnly
+from fedexperts.algorithms.random_expert import RandomExpert
 from fedexperts.algorithms.registry import build_algorithm
 
 __all__ = [
@@ -22,11 +24,14 @@ __all__ = [
     "ClientUpdate",
     "FLEx",
     "FedAvg",
+    "FedMoE",
     "FedProx",
     "LocalData",
     "LocalOnly",
     "LoraSettings",
     "MoEAsDense",
+    "RandomExpert",
+    "RandomMoE",
     "ServerOptimizer",
     "ServerRule",
     "SharedScope",

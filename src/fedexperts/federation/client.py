@@ -7,6 +7,7 @@ runtime, a resumed run and a Flower ClientApp all compute the same thing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                     round_index=task.round - 1,
                     proximal=algorithm.proximal_term(model, received),
                     description=client.client_id,
+                    progress=sys.stderr.isatty(),
                 )
             metrics.update({"train_loss": result.loss, "train_tokens": result.tokens})
             uplink = algorithm.uplink(model, info)

@@ -49,11 +49,34 @@ class RunResult:
     """The lines of ``metrics.jsonl``."""
 
 
-def sample_clients(ids: Sequence[str], *, fraction: float, minimum: int, seed: int, round_number: int) -> list[str]:
-    """The round's clients: ``max(minimum, ceil(fraction * N))`` drawn without replacement, seeded per round."""
+def sample_clients(
+    ids: Sequence[str],
+    *,
+    fraction: float,
+    minimum: int,
+    seed: int,
+    round_number: int,
+    groups: Sequence[str] | None = None,
+) -> list[str]:
+    """The round's clients: ``max(minimum, ceil(fraction * N))`` drawn without replacement, seeded per round.
+
+    With ``groups`` (each client's majority category), sampling is *enforced-different* as in
+    FedMoE's study: clients are drawn in a seeded random order, each taken only if its group is not
+    yet in the round, until the count is reached or every group is in; the rest are then drawn
+    from the remaining clients in the same order.
+    """
     count = min(len(ids), max(minimum, math.ceil(fraction * len(ids))))
-    chosen = np.random.default_rng([seed, round_number]).choice(len(ids), size=count, replace=False)
-    return [ids[int(index)] for index in sorted(chosen)]
+    order = [int(i) for i in np.random.default_rng([seed, round_number]).permutation(len(ids))]
+    if groups is None:
+        chosen = order[:count]
+    else:
+        chosen, seen = [], set()
+        for index in order:
+            if len(chosen) < count and groups[index] not in seen:
+                chosen.append(index)
+                seen.add(groups[index])
+        chosen += [index for index in order if index not in chosen][: count - len(chosen)]
+    return [ids[index] for index in sorted(chosen)]
 
 
 def _config_toml(config: ExperimentConfig) -> str:
@@ -237,6 +260,10 @@ class InProcessRuntime:
             self._final(global_state)
         return self._write_metrics()
 
+    def _majority_categories(self) -> list[str]:
+        by_id = {client.client_id: client.categories for client in self.setting.clients}
+        return [max(sorted(by_id[cid]), key=by_id[cid].__getitem__) if by_id[cid] else cid for cid in self.ids]
+
     def _round(self, round_number: int, global_state: State) -> State:
         federation = self.config.federation
         started = time.perf_counter()
@@ -246,6 +273,7 @@ class InProcessRuntime:
             minimum=federation.min_clients,
             seed=federation.seed,
             round_number=round_number,
+            groups=self._majority_categories() if federation.sampling == "distinct" else None,
         )
         every = self.config.eval.every
         evaluate = every > 0 and (round_number - 1) % every == 0

@@ -1,0 +1,92 @@
+"""FLEx's own baseline: FedAvg of attention LoRA plus one randomly chosen routed expert per MoE layer.
+
+The FLEx code compares against FedAvg that also fine-tunes one random expert per layer (chosen
+once, the same for every client). Routed experts are fused ``[E, ...]`` tensors, so the chosen
+expert is a row slice: the whole tensor is made trainable, a gradient hook zeroes every other
+row, and those tensors get no weight decay, which leaves the other rows bit-identical under AdamW
+(their moments stay zero). Only the chosen rows are sent, under the names ``TENSOR@expert=J``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedexperts.algorithms.aggregation import ServerOptimizer, State
+from fedexperts.algorithms.base import Algorithm, ClientInfo, LocalData, LoraSettings, scope_rules
+from fedexperts.algorithms.base import SharedScope as Scope
+from fedexperts.errors import FedExpertsError
+from fedexperts.federation.payload import Payload
+from fedexperts.moe.families import ExpertLayout, moe_layers, unwrap_model
+from fedexperts.moe.params import ParamKind, Role, RoleRules
+
+ROWS_ONLY = "_fedexperts_rows_only"
+"""Attribute set on a parameter whose untrained rows must not move (training gives it no weight decay)."""
+
+
+def row_key(name: str, expert: int) -> str:
+    return f"{name}@expert={expert}"
+
+
+class RandomExpert(Algorithm):
+    name = "random-expert"
+
+    def __init__(
+        self, *, lora: LoraSettings | None = None, server: ServerOptimizer | None = None, seed: int = 0
+    ) -> None:
+        rules = scope_rules(Scope.ATTENTION_LORA)
+        shared = RoleRules(base={ParamKind.ROUTED_EXPERT: Role.SHARED}, adapters=dict(rules.adapters))
+        super().__init__(shared, lora=lora or LoraSettings(), server=server)
+        self.seed = seed
+        self.chosen: dict[str, int] = {}
+        """Parameter name of each fused expert tensor -> the expert row trained."""
+
+    def prepare(self, model: nn.Module) -> None:
+        base = unwrap_model(model)
+        generator = torch.Generator().manual_seed(self.seed)
+        for layer in moe_layers(base):
+            if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
+                raise FedExpertsError(f"random-expert supports fused experts; {layer.family.model_type} has modules")
+            expert = int(torch.randint(layer.num_experts, (1,), generator=generator))
+            for tensor in layer.family.expert_tensors:
+                self.chosen[f"{layer.experts_name}.{tensor}"] = expert
+        super().prepare(model)
+        params = dict(base.named_parameters())
+        for name, expert in self.chosen.items():
+            parameter = params[name]
+            mask = torch.zeros(parameter.shape[0], *([1] * (parameter.dim() - 1)), dtype=parameter.dtype)
+            mask[expert] = 1
+            parameter.register_hook(_masker(mask))
+            setattr(parameter, ROWS_ONLY, True)
+
+    def _rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        shared = self._params(model, Role.SHARED)
+        rows: dict[str, torch.Tensor] = {name: p for name, p in shared.items() if name not in self.chosen}
+        rows.update({row_key(name, e): shared[name][e] for name, e in self.chosen.items()})
+        return rows
+
+    def initial_global_state(self, model: nn.Module) -> State:
+        return {name: tensor.detach().clone() for name, tensor in self._rows(model).items()}
+
+    @torch.no_grad()
+    def setup_client(
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData | None = None
+    ) -> nn.Module:
+        for name, target in self._rows(model).items():
+            if name not in received.tensors:
+                raise FedExpertsError(f"{self.name}: the client did not receive shared tensor {name}")
+            target.copy_(received.tensors[name])
+        return model
+
+    def uplink(self, model: nn.Module, client: ClientInfo) -> Payload:
+        tensors = {name: tensor.detach().clone() for name, tensor in self._rows(model).items()}
+        return Payload(tensors, {"examples": client.num_examples})
+
+
+def _masker(mask: torch.Tensor) -> Any:
+    def keep_chosen_row(grad: torch.Tensor) -> torch.Tensor:
+        return grad * mask.to(grad.device)
+
+    return keep_chosen_row
