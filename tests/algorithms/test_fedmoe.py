@@ -24,20 +24,10 @@ from fedexperts.federation.inprocess import run_experiment
 from fedexperts.federation.payload import Payload, decode, encode
 from fedexperts.models import tiny_model
 from fedexperts.moe import moe_layers
-from fedexperts.training import IGNORE_INDEX, TrainSettings, train_local
+from fedexperts.training import TrainSettings, train_local
+from tests.algorithms.helpers import batches_for
 
 LAYERS = 3  # the tiny OLMoE: 3 MoE layers of 8 experts, top-2
-
-
-def batches_for(model, seed, count=2):
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=generator)
-        labels = ids.clone()
-        labels[:, :4] = IGNORE_INDEX
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,8 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.federation.inprocess import run_experiment
 from fedexperts.models import tiny_model
 from fedexperts.moe import ParamKind, Role, moe_layers, parameter_kinds, reconstruction_losses
-from fedexperts.training import IGNORE_INDEX, TrainSettings, train_local
-
-
-def batches_for(model, seed, count=2):
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=generator)
-        labels = ids.clone()
-        labels[:, :4] = IGNORE_INDEX
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
+from fedexperts.training import TrainSettings, train_local
+from tests.algorithms.helpers import batches_for
 
 
 def local_data(model, name, seed, round_number=1):
