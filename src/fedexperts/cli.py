@@ -98,6 +98,16 @@ def run(
 
 @app.command()
 @user_errors
+def routing(run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fedexperts run`.")]) -> None:
+    """Expert usage heatmaps of every client's final model and, for FLEx, gate openings per category."""
+    from fedexperts.analysis import analyse_run, plot_analysis
+
+    written = plot_analysis(analyse_run(run_dir), run_dir)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command()
+@user_errors
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fedexperts run`.")]) -> None:
     """Rebuild a run's summary.md and plots from its metrics.jsonl."""
     from fedexperts.reporting import final_table, load_run, write_report

@@ -1,0 +1,181 @@
+"""Routing analysis of a finished run: which experts each client's final model uses, per category.
+
+Each client's model is rebuilt exactly as the runtime builds it (final global state from the last
+checkpoint, the algorithm's server state, the client's personal state) and run on every
+category's pooled test rows. Two figures come out: per-client expert usage heatmaps (layer x
+global expert, over the client's own test rows) and, for FLEx, how far each client's personal
+gate opens (mean sigmoid over real tokens) per category and layer.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedexperts.algorithms import ClientInfo
+from fedexperts.config import build_config
+from fedexperts.data.tokenize import InstructionCollator
+from fedexperts.errors import FedExpertsError
+from fedexperts.experiment import Setting, build_setting, federated_rows
+from fedexperts.federation.inprocess import CONFIG_FILE
+from fedexperts.federation.payload import Payload
+from fedexperts.federation.state import CheckpointStore, ClientStateStore
+from fedexperts.moe.families import moe_layers, unwrap_model
+from fedexperts.moe.personal import PERSONAL_GATE, grafts
+from fedexperts.moe.routing import RoutingRecorder
+from fedexperts.moe.surgery import expert_map
+
+_GLOBAL, _SERVER = "global/", "server/"
+
+
+def _final_state(run_dir: Path, setting: Setting) -> dict[str, torch.Tensor]:
+    latest = CheckpointStore(run_dir / "checkpoints").latest()
+    if latest is None:
+        raise FedExpertsError(f"{run_dir} has no checkpoint: nothing to analyse")
+    _, checkpoint = latest
+    server = {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
+    setting.algorithm.load_server_state(Payload(server, checkpoint.metadata.get("server", {})))
+    return {k[len(_GLOBAL) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_GLOBAL)}
+
+
+def _batches(rows: list[dict[str, Any]], pad: int, size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
+    collate = InstructionCollator(pad)
+    for start in range(0, len(rows), size):
+        yield collate(rows[start : start + size])
+
+
+@torch.no_grad()
+def analyse_run(run_dir: str | Path) -> dict[str, Any]:
+    """Per client: expert usage per layer over its own test rows (``usage``: layer x global expert), the
+    experts its model holds (``held``), and for FLEx the gate opening per category and layer (``gates``)."""
+    folder = Path(run_dir)
+    try:
+        config = build_config(tomllib.loads((folder / CONFIG_FILE).read_text()))
+    except FileNotFoundError:
+        raise FedExpertsError(f"{folder} holds no run ({CONFIG_FILE} missing)") from None
+    setting = build_setting(config)
+    global_state = _final_state(folder, setting)
+    store = ClientStateStore(folder / "clients")
+    tokenizer = setting.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    parts, _ = federated_rows(config)
+    usage: dict[str, torch.Tensor] = {}
+    held: dict[str, dict[str, list[int]]] = {}
+    gates: dict[str, dict[str, list[float]]] = {}
+    for client in setting.clients:
+        info = ClientInfo(client.client_id, client.num_examples)
+        received = setting.algorithm.downlink(global_state, info)
+        model = setting.algorithm.setup_client(setting.model, received, store.load(client.client_id))
+        base = unwrap_model(model)
+        device = next(base.parameters()).device
+        experts = expert_map(base)
+        layers = moe_layers(base)
+        with RoutingRecorder(base) as recorder:
+            for batch in _batches([dict(row) for row in client.test.rows], pad):
+                with recorder.mask(batch["attention_mask"]):
+                    base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        counts = recorder.counts()
+        table = torch.zeros(len(layers), max(experts.num_global.values()))
+        for row, layer in enumerate(layers):
+            share = counts[layer.name].double() / counts[layer.name].sum().clamp_min(1)
+            for local, value in enumerate(share.tolist()):
+                table[row, experts.global_index(layer.name, local)] = value
+        usage[client.client_id] = table
+        held[client.client_id] = {name: list(indices) for name, indices in experts.local_to_global.items()}
+        if grafts(base):
+            gates[client.client_id] = _gate_openings(base, parts.clients, tokenizer, setting, pad, device)
+    return {
+        "usage": usage,
+        "held": held,
+        "gates": gates,
+        "layers": [layer.name for layer in moe_layers(setting.loaded.model)],
+    }
+
+
+def _gate_openings(
+    base: Any, splits: Any, tokenizer: Any, setting: Setting, pad: int, device: Any
+) -> dict[str, list[float]]:
+    """Mean sigmoid of the personal gate over real tokens of each category's pooled test rows, per layer."""
+    from fedexperts.data.tokenize import tokenize_instructions
+
+    sums: dict[str, list[float]] = defaultdict(list)
+    captured: list[torch.Tensor] = []
+    handles = [
+        base.get_submodule(f"{name}.{PERSONAL_GATE}").register_forward_hook(
+            lambda module, args, output: captured.append(torch.sigmoid(output.float()).mean(dim=-1))
+        )
+        for name in grafts(base)
+    ]
+    try:
+        by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for split in splits:
+            tokens = tokenize_instructions(
+                split.test, tokenizer, max_length=setting.config.data.max_length, template=setting.template.kind
+            )
+            for ids, labels, category in zip(
+                tokens.dataset["input_ids"], tokens.dataset["labels"], tokens.dataset["category"], strict=True
+            ):
+                by_category[str(category)].append({"input_ids": ids, "labels": labels})
+        for category, rows in sorted(by_category.items()):
+            totals = torch.zeros(len(handles))
+            real = 0
+            for batch in _batches(rows[:32], pad):
+                captured.clear()
+                mask = batch["attention_mask"].reshape(-1).bool()
+                base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                for layer, opening in enumerate(captured):
+                    totals[layer] += float(opening.reshape(-1)[mask.to(opening.device)].sum())
+                real += int(mask.sum())
+            sums[category] = (totals / max(real, 1)).tolist()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(sums)
+
+
+def plot_analysis(analysis: dict[str, Any], folder: str | Path) -> list[Path]:
+    """``routing_usage.png`` (a heatmap per client) and, for FLEx, ``gate_openings.png``."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fedexperts.atomic import atomic_file
+
+    target = Path(folder)
+    written = []
+    usage = analysis["usage"]
+    figure = Figure(figsize=(2.6 * len(usage) + 1, 2.8))
+    FigureCanvasAgg(figure)
+    for position, (client, table) in enumerate(sorted(usage.items()), start=1):
+        axes = figure.add_subplot(1, len(usage), position)
+        image = axes.imshow(table.numpy(), vmin=0, vmax=max(float(table.max()), 1e-9), cmap="viridis", aspect="auto")
+        axes.set_title(client, fontsize="small")
+        axes.set_xlabel("expert")
+        axes.set_ylabel("MoE layer" if position == 1 else "")
+    figure.colorbar(image, ax=figure.axes, shrink=0.8, label="share of tokens")
+    with atomic_file(target / "routing_usage.png") as path:
+        figure.savefig(path, dpi=110, format="png")
+    written.append(target / "routing_usage.png")
+    gates = analysis["gates"]
+    if gates:
+        categories = sorted({category for per_client in gates.values() for category in per_client})
+        figure = Figure(figsize=(1.2 * len(categories) + 3, 0.45 * len(gates) + 1.8))
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        clients = sorted(gates)
+        values = np.array([[np.mean(gates[c].get(k, [np.nan])) for k in categories] for c in clients])
+        image = axes.imshow(values, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        axes.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize="small")
+        axes.set_yticks(range(len(clients)), clients, fontsize="small")
+        axes.set_title("FLEx personal gate opening (mean sigmoid over tokens and layers)")
+        figure.colorbar(image, ax=axes)
+        figure.tight_layout()
+        with atomic_file(target / "gate_openings.png") as path:
+            figure.savefig(path, dpi=110, format="png")
+        written.append(target / "gate_openings.png")
+    return written
