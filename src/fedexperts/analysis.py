@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tomllib
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +18,38 @@ import torch
 
 from fedexperts.algorithms import ClientInfo
 from fedexperts.config import build_config
-from fedexperts.data.tokenize import InstructionCollator
+from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import FedExpertsError
-from fedexperts.experiment import Setting, build_setting, federated_rows
-from fedexperts.federation.inprocess import CONFIG_FILE
-from fedexperts.federation.payload import Payload
+from fedexperts.evaluation import pad_token_id
+from fedexperts.experiment import Setting, build_setting, federated_rows, token_rows
+from fedexperts.federation.client import row_batches
+from fedexperts.federation.inprocess import CONFIG_FILE, restore_checkpoint
 from fedexperts.federation.state import CheckpointStore, ClientStateStore
 from fedexperts.moe.families import moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_GATE, grafts
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.moe.surgery import expert_map
 
-_GLOBAL, _SERVER = "global/", "server/"
+GATE_ROWS_PER_CATEGORY = 32
 
 
 def _final_state(run_dir: Path, setting: Setting) -> dict[str, torch.Tensor]:
     latest = CheckpointStore(run_dir / "checkpoints").latest()
     if latest is None:
         raise FedExpertsError(f"{run_dir} has no checkpoint: nothing to analyse")
-    _, checkpoint = latest
-    server = {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
-    setting.algorithm.load_server_state(Payload(server, checkpoint.metadata.get("server", {})))
-    return {k[len(_GLOBAL) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_GLOBAL)}
+    return restore_checkpoint(latest[1], setting.algorithm)
 
 
-def _batches(rows: list[dict[str, Any]], pad: int, size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
-    collate = InstructionCollator(pad)
-    for start in range(0, len(rows), size):
-        yield collate(rows[start : start + size])
+def _category_rows(splits: Any, setting: Setting) -> dict[str, list[dict[str, list[int]]]]:
+    """Every client's test rows pooled by category (at most ``GATE_ROWS_PER_CATEGORY`` each), tokenized once."""
+    by_category: dict[str, list[dict[str, list[int]]]] = defaultdict(list)
+    for split in splits:
+        tokens = tokenize_instructions(
+            split.test, setting.tokenizer, max_length=setting.config.data.max_length, template=setting.template.kind
+        )
+        for row, category in zip(token_rows(tokens.dataset), tokens.dataset["category"], strict=True):
+            by_category[str(category)].append(row)
+    return {category: rows[:GATE_ROWS_PER_CATEGORY] for category, rows in sorted(by_category.items())}
 
 
 @torch.no_grad()
@@ -62,8 +65,8 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
     global_state = _final_state(folder, setting)
     store = ClientStateStore(folder / "clients")
     tokenizer = setting.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    parts, _ = federated_rows(config)
+    pad = pad_token_id(tokenizer)
+    category_rows: dict[str, list[dict[str, list[int]]]] | None = None
     usage: dict[str, torch.Tensor] = {}
     held: dict[str, dict[str, list[int]]] = {}
     gates: dict[str, dict[str, list[float]]] = {}
@@ -76,7 +79,7 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
         experts = expert_map(base)
         layers = moe_layers(base)
         with RoutingRecorder(base) as recorder:
-            for batch in _batches([dict(row) for row in client.test.rows], pad):
+            for batch in row_batches(client.test.rows, pad, batch_size=16):
                 with recorder.mask(batch["attention_mask"]):
                     base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         counts = recorder.counts()
@@ -88,7 +91,9 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
         usage[client.client_id] = table
         held[client.client_id] = {name: list(indices) for name, indices in experts.local_to_global.items()}
         if grafts(base):
-            gates[client.client_id] = _gate_openings(base, parts.clients, tokenizer, setting, pad, device)
+            if category_rows is None:
+                category_rows = _category_rows(federated_rows(config)[0].clients, setting)
+            gates[client.client_id] = _gate_openings(base, category_rows, pad, device)
     return {
         "usage": usage,
         "held": held,
@@ -98,11 +103,9 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _gate_openings(
-    base: Any, splits: Any, tokenizer: Any, setting: Setting, pad: int, device: Any
+    base: Any, category_rows: dict[str, list[dict[str, list[int]]]], pad: int, device: Any
 ) -> dict[str, list[float]]:
     """Mean sigmoid of the personal gate over real tokens of each category's pooled test rows, per layer."""
-    from fedexperts.data.tokenize import tokenize_instructions
-
     sums: dict[str, list[float]] = defaultdict(list)
     captured: list[torch.Tensor] = []
     handles = [
@@ -112,19 +115,10 @@ def _gate_openings(
         for name in grafts(base)
     ]
     try:
-        by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for split in splits:
-            tokens = tokenize_instructions(
-                split.test, tokenizer, max_length=setting.config.data.max_length, template=setting.template.kind
-            )
-            for ids, labels, category in zip(
-                tokens.dataset["input_ids"], tokens.dataset["labels"], tokens.dataset["category"], strict=True
-            ):
-                by_category[str(category)].append({"input_ids": ids, "labels": labels})
-        for category, rows in sorted(by_category.items()):
+        for category, rows in category_rows.items():
             totals = torch.zeros(len(handles))
             real = 0
-            for batch in _batches(rows[:32], pad):
+            for batch in row_batches(rows, pad, batch_size=16):
                 captured.clear()
                 mask = batch["attention_mask"].reshape(-1).bool()
                 base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))

@@ -137,7 +137,7 @@ def compare(
     Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
     """
     from fedexperts.config import load_config
-    from fedexperts.federation.inprocess import METRICS_FILE, run_experiment
+    from fedexperts.federation.inprocess import CONFIG_FILE, METRICS_FILE, run_experiment
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
     from fedexperts.studies import STUDIES
@@ -172,7 +172,7 @@ def compare(
             finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
             if not finished:
                 console.print(f"[bold]{name}[/], seed {seed} -> {run_dir}")
-                run_experiment(config, run_dir, resume=(run_dir / "config.toml").exists(), on_round=_print_round)
+                run_experiment(config, run_dir, resume=(run_dir / CONFIG_FILE).exists(), on_round=_print_round)
                 write_report(run_dir)
             groups.setdefault(name, []).append(load_run(run_dir))
     comparison = compare_runs(groups)

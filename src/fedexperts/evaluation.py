@@ -42,7 +42,8 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token, else EOS, else 0 (padding is masked out either way)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
@@ -60,7 +61,7 @@ def generate(
     add_special_tokens: bool = False,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (left-padded batches), without the prompt or special tokens."""
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = _device(model)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -105,7 +106,7 @@ def continuation_log_likelihoods(
     add_special_tokens: bool = False,
 ) -> list[float]:
     """Sum of log-probabilities of each continuation's tokens given its prompt."""
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = _device(model)
     prompt_ids = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=add_special_tokens)["input_ids"]
     continuation_ids = tokenizer([text for _, text in pairs], add_special_tokens=False)["input_ids"]
@@ -285,7 +286,7 @@ def instruction_scores(
     was_training = model.training
     model.eval()
     try:
-        loss = token_loss(model, data.rows, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+        loss = token_loss(model, data.rows, pad_token_id=pad_token_id(tokenizer), batch_size=batch_size)
         predictions = generate(
             model,
             tokenizer,

@@ -72,6 +72,12 @@ class Setting:
     def model(self) -> nn.Module:
         return self.loaded.model
 
+    def client(self, client_id: str) -> ClientData:
+        for client in self.clients:
+            if client.client_id == client_id:
+                return client
+        raise KeyError(f"{client_id} is not one of this process's clients")
+
     @property
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
@@ -135,12 +141,16 @@ def eval_set(
             for instruction, context in zip(rows["instruction"], rows["context"], strict=True)
         ),
         references=tuple(rows["response"]),
-        rows=tuple({"input_ids": ids, "labels": labels} for ids, labels in zip(*_columns(tokens.dataset), strict=True)),
+        rows=token_rows(tokens.dataset),
     )
 
 
-def _columns(dataset: datasets.Dataset) -> tuple[list[list[int]], list[list[int]]]:
-    return dataset["input_ids"], dataset["labels"]
+def token_rows(dataset: datasets.Dataset) -> tuple[dict[str, list[int]], ...]:
+    """The ``input_ids`` and ``labels`` of a tokenized dataset as one dict per row (what the collator takes)."""
+    return tuple(
+        {"input_ids": ids, "labels": labels}
+        for ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=True)
+    )
 
 
 def build_setting(
@@ -179,9 +189,7 @@ def build_setting(
             config.eval.max_examples,
             derived_seed(config.data.seed, split.client),
         )
-        rows = tuple(
-            {"input_ids": ids_, "labels": labels} for ids_, labels in zip(*_columns(train.dataset), strict=True)
-        )
+        rows = token_rows(train.dataset)
         categories = (
             Counter(str(name) for name in split.train["category"]) if "category" in split.train.column_names else {}
         )

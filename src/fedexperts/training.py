@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from fedexperts.data.tokenize import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
+from fedexperts.moe.params import NO_WEIGHT_DECAY
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,11 @@ def train_local(
     reproducibility; the loop itself draws no randomness besides the model's dropout.
     """
     params = trainable_parameters(model)
-    rows_only = [p for p in params if getattr(p, "_fedexperts_rows_only", False)]  # see algorithms.random_expert
-    groups: list[dict[str, Any]] = [{"params": [p for p in params if not getattr(p, "_fedexperts_rows_only", False)]}]
-    groups.append({"params": rows_only, "weight_decay": 0.0})
+    decayed: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in params:
+        (no_decay if getattr(param, NO_WEIGHT_DECAY, False) else decayed).append(param)
+    groups: list[dict[str, Any]] = [{"params": decayed}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
         [group for group in groups if group["params"]], lr=settings.learning_rate, weight_decay=settings.weight_decay
     )

@@ -71,6 +71,13 @@ class ClientInfo:
     num_examples: int
 
 
+def majority_category(categories: Mapping[str, int]) -> str | None:
+    """The category with the most rows (ties: the first by name); ``None`` without categories."""
+    if not categories:
+        return None
+    return max(sorted(categories), key=lambda name: categories[name])
+
+
 @dataclass(frozen=True)
 class LocalData:
     """What an algorithm may read of a client's data while building its model (never sent anywhere).

@@ -86,6 +86,7 @@ from fedexperts.algorithms.base import (
     LocalData,
     LoraSettings,
     SharedScope,
+    majority_category,
     scope_rules,
 )
 from fedexperts.algorithms.fedmoe_core import (
@@ -197,13 +198,6 @@ def measure_activation(
         raise FedExpertsError("cannot measure expert activation: the client has no training rows")
     activation = recorder.activation()
     return [activation[layer.name].to(torch.float64) for layer in moe_layers(base)]
-
-
-def majority_category(categories: Mapping[str, int]) -> str | None:
-    """The category with the most training rows (ties: the first by name); ``None`` without categories."""
-    if not categories:
-        return None
-    return max(sorted(categories), key=lambda name: categories[name])
 
 
 def _normalised(vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

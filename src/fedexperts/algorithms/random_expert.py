@@ -20,10 +20,7 @@ from fedexperts.algorithms.base import SharedScope as Scope
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation.payload import Payload
 from fedexperts.moe.families import ExpertLayout, moe_layers, unwrap_model
-from fedexperts.moe.params import ParamKind, Role, RoleRules
-
-ROWS_ONLY = "_fedexperts_rows_only"
-"""Attribute set on a parameter whose untrained rows must not move (training gives it no weight decay)."""
+from fedexperts.moe.params import NO_WEIGHT_DECAY, ParamKind, Role, RoleRules
 
 
 def row_key(name: str, expert: int) -> str:
@@ -59,7 +56,7 @@ class RandomExpert(Algorithm):
             mask = torch.zeros(parameter.shape[0], *([1] * (parameter.dim() - 1)), dtype=parameter.dtype)
             mask[expert] = 1
             parameter.register_hook(_masker(mask))
-            setattr(parameter, ROWS_ONLY, True)
+            setattr(parameter, NO_WEIGHT_DECAY, True)
 
     def _rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
         shared = self._params(model, Role.SHARED)

@@ -8,7 +8,7 @@ runtime, a resumed run and a Flower ClientApp all compute the same thing.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,8 @@ import torch
 from fedexperts.algorithms import ClientInfo, LocalData
 from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import InstructionCollator
-from fedexperts.evaluation import Scores, instruction_scores, multiple_choice_accuracy
-from fedexperts.experiment import ClientData, Setting, derived_seed
+from fedexperts.evaluation import Scores, instruction_scores, multiple_choice_accuracy, pad_token_id
+from fedexperts.experiment import Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
 from fedexperts.federation.payload import Payload
 from fedexperts.federation.state import ClientStateStore
@@ -68,11 +68,13 @@ def shuffled_batches(
             yield collate([rows[index] for index in order[start : start + batch_size]])
 
 
-def calibration_batches(client: ClientData, tokenizer: Any, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
-    """The client's training rows in their stored order, batched (for calibration and measurements)."""
-    collate = InstructionCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    for start in range(0, len(client.train), batch_size):
-        yield collate(list(client.train[start : start + batch_size]))
+def row_batches(
+    rows: Sequence[Mapping[str, Any]], pad_token_id: int, batch_size: int = 8
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Token rows in their stored order, batched (calibration, measurements, analysis)."""
+    collate = InstructionCollator(pad_token_id)
+    for start in range(0, len(rows), batch_size):
+        yield collate([dict(row) for row in rows[start : start + batch_size]])
 
 
 def _scores(prefix: str, scores: Scores) -> dict[str, float | int]:
@@ -86,15 +88,16 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     is checkpointed.
     """
     config = setting.config
-    client = _client(setting, task.client_id)
+    client = setting.client(task.client_id)
     info = ClientInfo(client.client_id, client.num_examples)
     algorithm, tokenizer = setting.algorithm, setting.tokenizer
+    pad = pad_token_id(tokenizer)
     device = next(setting.model.parameters()).device
     torch.manual_seed(derived_seed(config.federation.seed, task.round, client.index))
     watch = Stopwatch()
     metrics: dict[str, Any] = {"examples": client.num_examples}
     with peak_memory(device) as peak:
-        local = LocalData(info, lambda: calibration_batches(client, tokenizer), task.round, client.categories)
+        local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
         model = algorithm.setup_client(setting.model, received, store.load(client.client_id), local)
         evaluate_options: dict[str, Any] = {
             "max_new_tokens": config.eval.max_new_tokens,
@@ -116,7 +119,7 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                 batches = shuffled_batches(
                     client.train,
                     config.train.batch_size,
-                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                    pad,
                     derived_seed(config.federation.seed, task.round, client.index, 1),
                 )
                 result = train_local(
@@ -136,10 +139,3 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     metrics.update({f"seconds_{name}": value for name, value in watch.seconds.items()})
     metrics["peak_memory_bytes"] = peak.bytes
     return Payload(uplink.tensors, {**uplink.metadata, **metrics})
-
-
-def _client(setting: Setting, client_id: str) -> ClientData:
-    for client in setting.clients:
-        if client.client_id == client_id:
-            return client
-    raise KeyError(f"{client_id} is not one of this process's clients")

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from fedexperts.algorithms import ClientInfo, ClientUpdate
+from fedexperts.algorithms import Algorithm, ClientInfo, ClientUpdate
 from fedexperts.algorithms.aggregation import State
+from fedexperts.algorithms.base import majority_category
 from fedexperts.atomic import atomic_file
 from fedexperts.config import ExperimentConfig, build_config
 from fedexperts.errors import FedExpertsError
@@ -35,7 +36,14 @@ from fedexperts.moe.params import Role
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
-_GLOBAL, _SERVER = "global/", "server/"
+_GLOBAL, _SERVER, _SERVER_METADATA = "global/", "server/", "server"
+
+
+def restore_checkpoint(checkpoint: Payload, algorithm: Algorithm) -> State:
+    """Load a checkpoint's server state into ``algorithm`` and return its global state."""
+    server = {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
+    algorithm.load_server_state(Payload(server, checkpoint.metadata.get(_SERVER_METADATA, {})))
+    return {k[len(_GLOBAL) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_GLOBAL)}
 
 
 class RunError(FedExpertsError):
@@ -192,21 +200,18 @@ class InProcessRuntime:
         for path in (self.run_dir / "records").glob("round-*.json"):
             if int(path.stem.split("-")[1]) > done:
                 path.unlink()
-        global_state = {k[len(_GLOBAL) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_GLOBAL)}
-        server = {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
-        self.algorithm.load_server_state(Payload(server, checkpoint.metadata.get("server", {})))
-        return done, global_state
+        return done, restore_checkpoint(checkpoint, self.algorithm)
 
     def _checkpoint(self, round_number: int, global_state: State) -> None:
         server = self.algorithm.server_state()
         tensors = {_GLOBAL + k: v for k, v in global_state.items()}
         tensors.update({_SERVER + k: v for k, v in server.tensors.items()})
-        self.checkpoints.save(round_number, Payload(tensors, {"server": server.metadata}))
+        self.checkpoints.save(round_number, Payload(tensors, {_SERVER_METADATA: server.metadata}))
 
     # -- one client ------------------------------------------------------------------------------------
     def _exchange(self, task: ClientTask, global_state: State) -> tuple[dict[str, Any], ClientUpdate | None]:
         """Send, run, receive and validate one client; a failure is recorded, never raised."""
-        client = next(c for c in self.setting.clients if c.client_id == task.client_id)
+        client = self.setting.client(task.client_id)
         entry: dict[str, Any] = {"status": "ok", "error": None, "examples": client.num_examples}
         started = time.perf_counter()
         down = encode(self.algorithm.downlink(global_state, ClientInfo(client.client_id, client.num_examples)))
@@ -261,8 +266,7 @@ class InProcessRuntime:
         return self._write_metrics()
 
     def _majority_categories(self) -> list[str]:
-        by_id = {client.client_id: client.categories for client in self.setting.clients}
-        return [max(sorted(by_id[cid]), key=by_id[cid].__getitem__) if by_id[cid] else cid for cid in self.ids]
+        return [majority_category(self.setting.client(cid).categories) or cid for cid in self.ids]
 
     def _round(self, round_number: int, global_state: State) -> State:
         federation = self.config.federation

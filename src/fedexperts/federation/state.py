@@ -96,13 +96,6 @@ class ClientStateStore:
             if match and int(match.group(1)) > after:
                 shutil.rmtree(folder)
 
-    def staged_rounds(self) -> list[int]:
-        parent = self.root / ".staging"
-        if not parent.is_dir():
-            return []
-        found = (_STAGED_ROUND.match(folder.name) for folder in parent.iterdir())
-        return sorted(int(match.group(1)) for match in found if match)
-
 
 class CheckpointStore:
     """Server checkpoints ``round-NNNNNN.safetensors``; the newest complete one is the resume point."""

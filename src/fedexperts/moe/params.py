@@ -20,6 +20,9 @@ from torch import nn
 from fedexperts.moe.families import family_for, moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_EXPERTS, PERSONAL_GATE
 
+NO_WEIGHT_DECAY = "_fedexperts_no_weight_decay"
+"""Set to ``True`` on a parameter whose gradient-masked rows must not move (``algorithms.random_expert``)."""
+
 
 class ParamKind(StrEnum):
     EMBEDDING = "embedding"
