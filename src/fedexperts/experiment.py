@@ -7,8 +7,8 @@ algorithm's starting point are the same functions of the config whichever runtim
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
@@ -154,21 +154,36 @@ def token_rows(dataset: datasets.Dataset) -> tuple[dict[str, list[int]], ...]:
 
 
 def build_setting(
-    config: ExperimentConfig, *, only_clients: Sequence[int] | None = None, loaded: LoadedModel | None = None
+    config: ExperimentConfig,
+    *,
+    only_clients: Sequence[int] | None = None,
+    loaded: LoadedModel | None = None,
+    evaluation: bool = True,
 ) -> Setting:
     """Load the base model (unless given), prepare the algorithm on it, and tokenize the clients' data.
 
-    ``only_clients`` restricts the tokenized clients (a Flower node builds its own partition only);
-    the union test set and probes are built from every client's test rows regardless.
+    ``only_clients`` restricts the tokenized clients (a Flower node builds its own partition only;
+    a Flower server none). ``evaluation`` builds the union test set and probes, from every
+    client's test rows; a server that never evaluates skips them, and with them the data.
     """
     loaded = loaded or load_base(config)
     torch.manual_seed(config.federation.seed)  # LoRA and other initialisations inside prepare
     algorithm = build_algorithm(config.algorithm, client_ids=client_ids(config.federation.clients))
     algorithm.prepare(loaded.model)
     template = prompt_template(loaded.tokenizer)
+    base = Setting(config, loaded, algorithm, template, (), None, ())
+    wanted = range(config.federation.clients) if only_clients is None else only_clients
+    if not wanted and not evaluation:
+        return base
+    return with_clients(base, wanted, evaluation=evaluation)
+
+
+def with_clients(setting: Setting, wanted: Iterable[int], *, evaluation: bool = True) -> Setting:
+    """``setting`` (same model and algorithm) holding the tokenized data of clients ``wanted`` only."""
+    config, tokenizer, template = setting.config, setting.tokenizer, setting.template
     parts, bench = federated_rows(config)
     ids = client_ids(config.federation.clients)
-    wanted = set(range(len(ids))) if only_clients is None else set(only_clients)
+    wanted = set(wanted)
     clients = []
     for split in parts.clients:
         if split.client not in wanted:
@@ -178,12 +193,10 @@ def build_setting(
                 f"{ids[split.client]} has {len(split.train)} training and {len(split.test)} test rows; "
                 "every client needs both (use fewer clients, more data.items or a larger data.test_fraction)"
             )
-        train = tokenize_instructions(
-            split.train, loaded.tokenizer, max_length=config.data.max_length, template=template.kind
-        )
+        train = tokenize_instructions(split.train, tokenizer, max_length=config.data.max_length, template=template.kind)
         test = eval_set(
             split.test,
-            loaded.tokenizer,
+            tokenizer,
             template,
             config,
             config.eval.max_examples,
@@ -195,14 +208,14 @@ def build_setting(
         )
         clients.append(ClientData(ids[split.client], split.client, rows, test, dict(categories)))
     union = None
-    if config.eval.union_examples:
+    if evaluation and config.eval.union_examples:
         pooled = datasets.concatenate_datasets([split.test for split in parts.clients])
-        union = eval_set(pooled, loaded.tokenizer, template, config, config.eval.union_examples, config.data.seed)
+        union = eval_set(pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed)
     probes: tuple[KnowledgeProbe, ...] = ()
-    if bench is not None and config.eval.probes:
+    if evaluation and bench is not None and config.eval.probes:
         every = bench.probes(seed=config.data.seed)
         chosen = np.random.default_rng(config.data.seed).choice(
             len(every), size=min(config.eval.probes, len(every)), replace=False
         )
         probes = tuple(every[int(index)] for index in sorted(chosen))
-    return Setting(config, loaded, algorithm, template, tuple(clients), union, probes)
+    return replace(setting, clients=tuple(clients), union=union, probes=probes)

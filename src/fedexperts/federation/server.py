@@ -1,0 +1,362 @@
+"""The server's side of a run, whatever carries the messages: sampling, validation, aggregation, records.
+
+A :class:`Federation` plans each round, hands every sampled client's downlink to a
+:class:`Transport` (the in-process runtime calls the client step directly; Flower sends
+messages to SuperNodes), validates what comes back, aggregates, and writes the round to disk in
+this order: the round's record, the server checkpoint (global state and server optimizer state),
+then the transport's commit of the clients' personal states. ``resume`` restarts from the newest
+checkpoint and redoes the unfinished round with the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from torch import nn
+
+from fedexperts.algorithms import Algorithm, ClientInfo, ClientUpdate
+from fedexperts.algorithms.aggregation import State
+from fedexperts.atomic import atomic_file
+from fedexperts.config import ExperimentConfig
+from fedexperts.errors import FedExpertsError
+from fedexperts.experiment import client_ids
+from fedexperts.federation.client import ClientTask
+from fedexperts.federation.payload import Payload, PayloadError, check_metadata_numbers
+from fedexperts.federation.state import CheckpointStore
+from fedexperts.moe.params import Role
+
+METRICS_FILE = "metrics.jsonl"
+_GLOBAL, _SERVER, _SERVER_METADATA = "global/", "server/", "server"
+
+
+class RunError(FedExpertsError):
+    """A run that cannot start, continue or complete (e.g. too few successful clients in a round)."""
+
+
+def restore_checkpoint(checkpoint: Payload, algorithm: Algorithm) -> State:
+    """Load a checkpoint's server state into ``algorithm`` and return its global state."""
+    server = {k[len(_SERVER) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_SERVER)}
+    algorithm.load_server_state(Payload(server, checkpoint.metadata.get(_SERVER_METADATA, {})))
+    return {k[len(_GLOBAL) :]: v for k, v in checkpoint.tensors.items() if k.startswith(_GLOBAL)}
+
+
+def sample_clients(
+    ids: Sequence[str],
+    *,
+    fraction: float,
+    minimum: int,
+    seed: int,
+    round_number: int,
+    groups: Sequence[str] | None = None,
+) -> list[str]:
+    """The round's clients: ``max(minimum, ceil(fraction * N))`` drawn without replacement, seeded per round.
+
+    With ``groups`` (each client's majority category), sampling is *enforced-different* as in
+    FedMoE's study: clients are drawn in a seeded random order, each taken only if its group is not
+    yet in the round, until the count is reached or every group is in; the rest are then drawn
+    from the remaining clients in the same order.
+    """
+    count = min(len(ids), max(minimum, math.ceil(fraction * len(ids))))
+    order = [int(i) for i in np.random.default_rng([seed, round_number]).permutation(len(ids))]
+    if groups is None:
+        chosen = order[:count]
+    else:
+        chosen, seen = [], set()
+        for index in order:
+            if len(chosen) < count and groups[index] not in seen:
+                chosen.append(index)
+                seen.add(groups[index])
+        chosen += [index for index in order if index not in chosen][: count - len(chosen)]
+    return [ids[index] for index in sorted(chosen)]
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the server knows of a client: its example count and the group distinct sampling uses."""
+
+    client_id: str
+    num_examples: int
+    group: str
+    """The client's majority category (its id when its data has none)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One client's exchange as the server saw it: exact bytes each way and the decoded reply, or why none."""
+
+    bytes_down: int
+    bytes_up: int = 0
+    reply: Payload | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Transport(Protocol):
+    """How downlinks reach clients and replies come back; also where clients' personal state is committed."""
+
+    def exchange(self, tasks: Sequence[tuple[ClientTask, Payload]]) -> dict[str, Delivery]:
+        """Run every task (a client never raises through here: failures come back as ``Delivery.error``)."""
+        ...
+
+    def reject(self, task: ClientTask) -> None:
+        """The client's update was refused: its staged personal state must not become current."""
+        ...
+
+    def commit(self, round_number: int, accepted: Sequence[str]) -> None:
+        """The round is checkpointed: the accepted clients' staged personal states become current."""
+        ...
+
+    def resume(self, done: int) -> None:
+        """Restarting after round ``done``: finish its commit and drop anything staged later."""
+        ...
+
+
+def _eval_record(metadata: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
+    keys = ("loss", "exact_match", "rouge_l", "examples")
+    if f"{prefix}_loss" not in metadata:
+        return None
+    return {key: metadata[f"{prefix}_{key}"] for key in keys}
+
+
+class Federation:
+    """The server loop of one run; see the module docstring for the on-disk protocol."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: Path,
+        *,
+        algorithm: Algorithm,
+        model: nn.Module,
+        members: Mapping[str, Member],
+        transport: Transport,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.algorithm = algorithm
+        self.model = model
+        self.ids = client_ids(config.federation.clients)
+        missing = sorted(set(self.ids) - set(members))
+        if missing:
+            raise RunError(f"the federation has no member for {', '.join(missing)}")
+        self.members = dict(members)
+        self.transport = transport
+        self.checkpoints = CheckpointStore(run_dir / "checkpoints")
+        self.on_round = on_round or (lambda record: None)
+
+    # -- records ---------------------------------------------------------------------------------------
+    def _record_path(self, name: str) -> Path:
+        return self.run_dir / "records" / f"{name}.json"
+
+    def _write_record(self, name: str, record: dict[str, Any]) -> None:
+        with atomic_file(self._record_path(name)) as path:
+            path.write_text(json.dumps(record, allow_nan=False))
+
+    def records(self) -> list[dict[str, Any]]:
+        folder = self.run_dir / "records"
+        names = sorted(path.stem for path in folder.glob("round-*.json")) if folder.is_dir() else []
+        lines = [json.loads(self._record_path("run").read_text())]
+        lines.extend(json.loads(self._record_path(name).read_text()) for name in names)
+        if self._record_path("final").exists():
+            lines.append(json.loads(self._record_path("final").read_text()))
+        return lines
+
+    def _write_metrics(self) -> list[dict[str, Any]]:
+        lines = self.records()
+        with atomic_file(self.run_dir / METRICS_FILE) as path:
+            path.write_text("".join(json.dumps(line, allow_nan=False) + "\n" for line in lines))
+        return lines
+
+    def _run_record(self) -> dict[str, Any]:
+        roles = self.algorithm.roles
+        params = dict(self.model.named_parameters())
+        by_role = {role: sum(params[name].numel() for name, r in roles.items() if r is role) for role in Role}
+        return {
+            "kind": "run",
+            "name": self.config.name,
+            "algorithm": str(self.config.algorithm.name),
+            "seed": self.config.federation.seed,
+            "clients": self.ids,
+            "rounds": self.config.federation.rounds,
+            "model": self.config.model.name,
+            "parameters": {
+                "total": sum(p.numel() for p in params.values()),
+                "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+                "shared": by_role[Role.SHARED],
+                "personal": by_role[Role.PERSONAL],
+                "frozen": by_role[Role.FROZEN],
+            },
+        }
+
+    # -- state -----------------------------------------------------------------------------------------
+    def _restore(self) -> tuple[int, State]:
+        """The last completed round and the global state after it (server optimizer restored too)."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            self.transport.resume(0)
+            return 0, self.algorithm.initial_global_state(self.model)
+        done, checkpoint = latest
+        self.transport.resume(done)
+        for path in (self.run_dir / "records").glob("round-*.json"):
+            if int(path.stem.split("-")[1]) > done:
+                path.unlink()
+        return done, restore_checkpoint(checkpoint, self.algorithm)
+
+    def _checkpoint(self, round_number: int, global_state: State) -> None:
+        server = self.algorithm.server_state()
+        tensors = {_GLOBAL + k: v for k, v in global_state.items()}
+        tensors.update({_SERVER + k: v for k, v in server.tensors.items()})
+        self.checkpoints.save(round_number, Payload(tensors, {_SERVER_METADATA: server.metadata}))
+
+    # -- clients ---------------------------------------------------------------------------------------
+    def _exchange(
+        self, tasks: Sequence[ClientTask], global_state: State
+    ) -> tuple[dict[str, dict[str, Any]], list[ClientUpdate]]:
+        """Send, run, receive and validate; every failure or refusal is recorded, never raised."""
+        downlinks = []
+        for task in tasks:
+            member = self.members[task.client_id]
+            downlinks.append(
+                (task, self.algorithm.downlink(global_state, ClientInfo(task.client_id, member.num_examples)))
+            )
+        deliveries = self.transport.exchange(downlinks)
+        entries, updates = {}, []
+        for task in tasks:
+            entry, update = self._check(task, deliveries[task.client_id], global_state)
+            entries[task.client_id] = entry
+            if update is not None:
+                updates.append(update)
+        return entries, updates
+
+    def _info(self, client_id: str) -> ClientInfo:
+        return ClientInfo(client_id, self.members[client_id].num_examples)
+
+    def _check(
+        self, task: ClientTask, delivery: Delivery, global_state: State
+    ) -> tuple[dict[str, Any], ClientUpdate | None]:
+        member = self.members[task.client_id]
+        entry: dict[str, Any] = {
+            "status": "ok",
+            "error": None,
+            "examples": member.num_examples,
+            "bytes_down": delivery.bytes_down,
+            "bytes_up": delivery.bytes_up,
+        }
+        reply = delivery.reply
+        if reply is None:
+            entry.update(status="failed", error=delivery.error or "no reply")
+            entry["seconds"] = {"train": 0.0, "eval": 0.0, "total": delivery.seconds}
+            self.transport.reject(task)
+            return entry, None
+        metadata = reply.metadata
+        entry.update(
+            train_loss=metadata.get("train_loss"),
+            eval=_eval_record(metadata, "eval"),
+            peak_memory_bytes=metadata.get("peak_memory_bytes", 0),
+            seconds={
+                "train": metadata.get("seconds_train", 0.0),
+                "eval": metadata.get("seconds_eval", 0.0),
+                "total": delivery.seconds,
+            },
+        )
+        if task.union or task.probes:
+            entry.update(union=_eval_record(metadata, "union"), probes=metadata.get("probes"))
+        if not task.train:
+            return entry, None
+        info = ClientInfo(task.client_id, int(metadata.get("examples", 0)))
+        try:
+            check_metadata_numbers(metadata, sender=task.client_id)
+            if info.num_examples < 1:
+                raise PayloadError(f"{task.client_id}: reports {info.num_examples} training examples")
+            self.algorithm.check_update(reply, global_state, info)
+        except PayloadError as error:
+            entry.update(status="rejected", error=str(error))
+            self.transport.reject(task)
+            return entry, None
+        return entry, ClientUpdate(info, reply)
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        federation = self.config.federation
+        done, global_state = self._restore()
+        if not self._record_path("run").exists():
+            self._write_record("run", self._run_record())
+        for round_number in range(done + 1, federation.rounds + 1):
+            global_state = self._round(round_number, global_state)
+        if not self._record_path("final").exists():
+            self._final(global_state)
+        return self._write_metrics()
+
+    def _round(self, round_number: int, global_state: State) -> State:
+        federation = self.config.federation
+        started = time.perf_counter()
+        sampled = sample_clients(
+            self.ids,
+            fraction=federation.fraction,
+            minimum=federation.min_clients,
+            seed=federation.seed,
+            round_number=round_number,
+            groups=[self.members[cid].group for cid in self.ids] if federation.sampling == "distinct" else None,
+        )
+        every = self.config.eval.every
+        evaluate = every > 0 and (round_number - 1) % every == 0
+        tasks = [ClientTask(client_id, round_number, evaluate=evaluate) for client_id in sampled]
+        entries, updates = self._exchange(tasks, global_state)
+        if len(updates) < federation.min_successful:
+            problems = "; ".join(f"{cid}: {e['error']}" for cid, e in entries.items() if e["error"])
+            raise RunError(
+                f"round {round_number}: {len(updates)} of {len(sampled)} clients succeeded, fewer than "
+                f"federation.min_successful={federation.min_successful} ({problems})"
+            )
+        aggregate_start = time.perf_counter()
+        global_state = self.algorithm.aggregate(global_state, updates)
+        aggregate_seconds = time.perf_counter() - aggregate_start
+        round_seconds = time.perf_counter() - started
+        train = sum(e["seconds"]["train"] for e in entries.values())
+        evaluation = sum(e["seconds"]["eval"] for e in entries.values())
+        record = {
+            "kind": "round",
+            "round": round_number,
+            "sampled": sampled,
+            "clients": entries,
+            "bytes_down": sum(e["bytes_down"] for e in entries.values()),
+            "bytes_up": sum(e["bytes_up"] for e in entries.values()),
+            "seconds": {
+                "round": round_seconds,
+                "train": train,
+                "eval": evaluation,
+                "aggregate": aggregate_seconds,
+                "overhead": max(round_seconds - train - evaluation - aggregate_seconds, 0.0),
+            },
+        }
+        self._write_record(f"round-{round_number:06d}", record)
+        self._checkpoint(round_number, global_state)
+        self.transport.commit(round_number, [update.client.client_id for update in updates])
+        self._write_metrics()
+        self.on_round(record)
+        return global_state
+
+    def _final(self, global_state: State) -> None:
+        started = time.perf_counter()
+        final_round = self.config.federation.rounds + 1
+        tasks = [ClientTask(cid, final_round, train=False, evaluate=True, union=True, probes=True) for cid in self.ids]
+        entries, _ = self._exchange(tasks, global_state)
+        clients = {
+            cid: {
+                "status": entry["status"],
+                "error": entry["error"],
+                "own": entry.get("eval"),
+                "union": entry.get("union"),
+                "probes": entry.get("probes"),
+            }
+            for cid, entry in entries.items()
+        }
+        self._write_record("final", {"kind": "final", "clients": clients, "seconds": time.perf_counter() - started})
