@@ -134,6 +134,10 @@ class FederationConfig(_Section):
     min_successful: int = Field(1, ge=1)
     """A round with fewer successful clients than this fails the run."""
     seed: int = 0
+    reply_timeout: float = Field(600.0, gt=0)
+    """Flower: seconds the server waits for a round's replies; a client that has not replied by then failed."""
+    node_wait: float = Field(300.0, gt=0)
+    """Flower: seconds the server waits, before round 1, for every client's SuperNode to connect."""
 
 
 class TrainConfig(_Section):

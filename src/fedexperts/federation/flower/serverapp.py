@@ -1,0 +1,222 @@
+"""The Flower ServerApp: the fedexperts server loop with Flower's Grid as its transport.
+
+The loop itself (sampling, per-client downlinks such as FedMoE's sub-MoE slices, validation of
+every reply, partial and per-expert aggregation merged into the full global state, records and
+checkpoints) is :class:`~fedexperts.federation.server.Federation`, the same as in-process; this
+module only moves messages. Before the first round the server *queries* every connected SuperNode
+for the client it serves (its ``partition-id``), its example count and majority category; the
+server never sees client data. Before each round it queries nodes it has not seen, so a
+SuperNode that restarts (with a new node id) rejoins. A client whose node is offline, replies
+with an error or does not reply within ``federation.reply_timeout`` is recorded as failed and
+the round goes on, down to ``federation.min_successful``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedexperts.config import ExperimentConfig
+from fedexperts.experiment import build_setting, client_ids
+from fedexperts.federation.client import ClientTask
+from fedexperts.federation.flower.clientapp import MEMBER
+from fedexperts.federation.flower.runconfig import config_from_run_config
+from fedexperts.federation.flower.wire import payload_to_record, record_bytes, record_to_payload
+from fedexperts.federation.inprocess import RunResult, prepare_run_dir
+from fedexperts.federation.payload import Payload, PayloadError
+from fedexperts.federation.server import Delivery, Federation, Member, RunError
+
+_POLL_SECONDS = 0.2
+
+
+def _reason(message: Message) -> str:
+    error = message.error
+    reason = " ".join(str(error.reason).split())
+    return f"Flower error {error.code}: {reason[-300:]}"
+
+
+class FlowerTransport:
+    """Sends each task to the SuperNode serving its client and collects the replies."""
+
+    def __init__(self, grid: Grid, config: ExperimentConfig) -> None:
+        self.grid = grid
+        self.config = config
+        self.ids = client_ids(config.federation.clients)
+        self.node_of: dict[str, int] = {}
+        self.members: dict[str, Member] = {}
+        self._seen: set[int] = set()
+        self._query_errors: dict[int, str] = {}
+        self._accepted: dict[str, int] = {}
+
+    # -- messages --------------------------------------------------------------------------------------
+    def _send(self, messages: Sequence[Message], timeout: float) -> dict[str, tuple[Message, float]]:
+        """Replies by the id of the message they answer, with seconds from sending to arrival."""
+        started = time.perf_counter()
+        pending = {message_id for message_id in self.grid.push_messages(messages) if message_id}
+        replies: dict[str, tuple[Message, float]] = {}
+        while pending:
+            for reply in self.grid.pull_messages(sorted(pending)):
+                answered = reply.metadata.reply_to_message_id
+                if answered in pending:
+                    replies[answered] = (reply, time.perf_counter() - started)
+                    pending.discard(answered)
+            if not pending or time.perf_counter() - started > timeout:
+                break
+            time.sleep(_POLL_SECONDS)
+        return replies
+
+    # -- who serves whom -------------------------------------------------------------------------------
+    def _query_new_nodes(self) -> None:
+        online = set(self.grid.get_node_ids())
+        new = sorted(online - self._seen)
+        if not new:
+            return
+        queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in new]
+        replies = self._send(queries, self.config.federation.reply_timeout)
+        for query in queries:
+            answered = replies.get(query.metadata.message_id)
+            if answered is None or answered[0].has_error():  # asked again before the next round
+                node = query.metadata.dst_node_id
+                self._query_errors[node] = _reason(answered[0]) if answered is not None else "no reply"
+                continue
+            self._seen.add(query.metadata.dst_node_id)
+            self._register(query.metadata.dst_node_id, answered[0], online)
+
+    def _register(self, node: int, reply: Message, online: set[int]) -> None:
+        record = reply.content.get(MEMBER)
+        if not isinstance(record, ConfigRecord):
+            raise RunError(f"SuperNode {node} did not answer the membership query with a {MEMBER!r} record")
+        client_id = str(record["client-id"])
+        if client_id not in self.ids:
+            raise RunError(f"SuperNode {node} serves {client_id!r}, which is not one of this run's clients")
+        previous = self.node_of.get(client_id)
+        if previous is not None and previous != node and previous in online:
+            raise RunError(
+                f"SuperNodes {previous} and {node} both serve {client_id} (partition-id {record['partition-id']!s}); "
+                "give each SuperNode its own partition-id"
+            )
+        self.node_of[client_id] = node
+        self.members[client_id] = Member(client_id, int(str(record["examples"])), str(record["group"]))
+
+    def discover(self) -> dict[str, Member]:
+        """Wait (``federation.node_wait``) until every client's SuperNode has answered the membership query."""
+        deadline = time.monotonic() + self.config.federation.node_wait
+        while True:
+            self._query_new_nodes()
+            missing = [cid for cid in self.ids if cid not in self.members]
+            if not missing:
+                return dict(self.members)
+            if time.monotonic() > deadline:
+                raise RunError(
+                    f"{len(self.members)} of {len(self.ids)} clients' SuperNodes answered within "
+                    f"federation.node_wait={self.config.federation.node_wait:g} s; missing: {', '.join(missing)} "
+                    "(start one SuperNode per partition-id 0..N-1)"
+                    + "".join(f"; SuperNode {node}: {why}" for node, why in sorted(self._query_errors.items()))
+                )
+            time.sleep(1.0)
+
+    # -- the Transport protocol ------------------------------------------------------------------------
+    def exchange(self, tasks: Sequence[tuple[ClientTask, Payload]]) -> dict[str, Delivery]:
+        self._query_new_nodes()
+        online = set(self.grid.get_node_ids())
+        deliveries: dict[str, Delivery] = {}
+        sent: list[tuple[ClientTask, Message, int]] = []
+        for task, downlink in tasks:
+            node = self.node_of.get(task.client_id)
+            if node is None or node not in online:
+                deliveries[task.client_id] = Delivery(0, error=f"no SuperNode serving {task.client_id} is online")
+                continue
+            content = payload_to_record(downlink, task=task, commit_round=self._accepted.get(task.client_id, 0))
+            kind = MessageType.TRAIN if task.train else MessageType.EVALUATE
+            sent.append((task, Message(content, dst_node_id=node, message_type=kind), record_bytes(content)))
+        timeout = self.config.federation.reply_timeout
+        replies = self._send([message for _task, message, _size in sent], timeout)
+        for task, message, size in sent:
+            answered = replies.get(message.metadata.message_id)
+            if answered is None:
+                deliveries[task.client_id] = Delivery(
+                    size, error=f"no reply within federation.reply_timeout={timeout:g} s", seconds=timeout
+                )
+                continue
+            reply, seconds = answered
+            if reply.has_error():
+                deliveries[task.client_id] = Delivery(size, error=_reason(reply), seconds=seconds)
+                continue
+            try:
+                payload = record_to_payload(reply.content, sender=task.client_id)
+            except PayloadError as error:
+                deliveries[task.client_id] = Delivery(size, error=str(error), seconds=seconds)
+                continue
+            deliveries[task.client_id] = Delivery(size, record_bytes(reply.content), payload, seconds=seconds)
+        return deliveries
+
+    def reject(self, task: ClientTask) -> None:
+        """Nothing to send: the node drops what it staged when its next message names another round."""
+
+    def commit(self, round_number: int, accepted: Sequence[str]) -> None:
+        for client_id in accepted:
+            self._accepted[client_id] = round_number
+
+    def resume(self, done: int) -> None:
+        if done:
+            raise RunError("a Flower run starts afresh in its own run directory; it cannot resume a checkpoint")
+
+
+def run_on_grid(
+    grid: Grid,
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    overwrite: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run ``config`` over the SuperNodes behind ``grid``; the run directory is written on this (server) machine."""
+    from fedexperts.reporting import write_report
+
+    prepare_run_dir(config, run_dir, resume=False, overwrite=overwrite)
+    setting = build_setting(config, only_clients=[], evaluation=False)
+    transport = FlowerTransport(grid, config)
+    members = transport.discover()
+    federation = Federation(
+        config,
+        run_dir,
+        algorithm=setting.algorithm,
+        model=setting.model,
+        members=members,
+        transport=transport,
+        on_round=on_round,
+    )
+    records = federation.run()
+    write_report(run_dir)
+    return RunResult(run_dir, records)
+
+
+def server_app(
+    config: ExperimentConfig | None = None,
+    run_dir: Path | None = None,
+    *,
+    overwrite: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """A ServerApp for ``config`` (default: the run config), writing to ``run_dir``.
+
+    ``run_dir`` defaults to ``output_dir/name/flower-run-<run id>`` on the server machine.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        resolved = config or config_from_run_config(context.run_config)
+        target = run_dir or resolved.output_dir / resolved.name / f"flower-run-{context.run_id}"
+        run_on_grid(grid, resolved, target, overwrite=overwrite, on_round=on_round)
+
+    return app
+
+
+app = server_app()
+"""The ServerApp ``flwr run`` loads (config from the run config)."""

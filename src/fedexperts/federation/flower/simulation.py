@@ -1,0 +1,59 @@
+"""Flower's simulation runtime (Ray) from Python: one SuperNode per client, on this machine.
+
+``flwr.simulation.run_simulation`` runs the ServerApp in a thread of this process and each
+ClientApp in a Ray actor; it gives the apps no run config, so the config travels in the app
+factories instead. The node states go under ``run_dir/nodes`` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedexperts.config import ExperimentConfig
+from fedexperts.federation.flower.clientapp import client_app
+from fedexperts.federation.flower.serverapp import server_app
+from fedexperts.federation.inprocess import RunResult
+from fedexperts.federation.server import METRICS_FILE, RunError
+
+
+def run_simulation(
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    overwrite: bool = False,
+    state_dir: Path | None = None,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run ``config`` on Flower's simulation engine and return the run directory's records.
+
+    ``gpus_per_client`` defaults to 1 / (clients that fit) when CUDA is present, else 0.
+    """
+    from flwr.simulation import run_simulation as flower_simulation
+
+    cpus = os.cpu_count() or 1
+    if gpus_per_client is None:
+        gpus_per_client = 1.0 / max(1, int(cpus // cpus_per_client)) if torch.cuda.is_available() else 0.0
+    server = server_app(config, run_dir, overwrite=overwrite, on_round=on_round)
+    client = client_app(config, state_dir or run_dir / "nodes")
+    flower_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=config.federation.clients,
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+            "init_args": {"num_cpus": cpus, "num_gpus": torch.cuda.device_count(), "logging_level": logging.ERROR},
+        },
+    )
+    metrics = run_dir / METRICS_FILE
+    if not metrics.exists():
+        raise RunError(f"the Flower simulation wrote no {METRICS_FILE} to {run_dir}; see the log above")
+    return RunResult(run_dir, [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])

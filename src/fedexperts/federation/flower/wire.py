@@ -1,0 +1,87 @@
+"""fedexperts payloads and client tasks as Flower records, and the bytes a message carries.
+
+Tensors travel in an ``ArrayRecord`` (numpy ``.npy`` bytes, no pickle) under the model's own
+parameter names. numpy has no bfloat16, so bfloat16 tensors are sent as float32 (exact) and
+the receiver restores each tensor's original dtype from the ``dtypes`` map; nothing is ever
+averaged as raw bit patterns. The metadata and the task ride in a ``ConfigRecord`` as JSON
+strings. Bytes are counted as Flower's own ``message_size_mod`` counts them: the sum of
+``count_bytes()`` over the message's records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedexperts.federation.client import ClientTask
+from fedexperts.federation.payload import Payload, PayloadError
+
+ARRAYS, CONFIG = "arrays", "config"
+_METADATA, _DTYPES, _TASK, _COMMIT = "metadata", "dtypes", "task", "commit-round"
+_UNSUPPORTED = {torch.bfloat16: torch.float32}
+"""Dtypes numpy cannot hold, and the exact wider dtype they travel as."""
+
+
+def payload_to_record(
+    payload: Payload, *, task: ClientTask | None = None, commit_round: int | None = None
+) -> RecordDict:
+    """A message body: the tensors, their original dtypes where changed, metadata and (downlink) the task."""
+    tensors: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, str] = {}
+    for name, tensor in payload.tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        wider = _UNSUPPORTED.get(tensor.dtype)
+        if wider is not None:
+            dtypes[name] = str(tensor.dtype).removeprefix("torch.")
+            tensor = tensor.to(wider)
+        tensors[name] = tensor
+    config: dict[str, Any] = {
+        _METADATA: json.dumps(payload.metadata, sort_keys=True, allow_nan=False),
+        _DTYPES: json.dumps(dtypes, sort_keys=True),
+    }
+    if task is not None:
+        config[_TASK] = json.dumps(asdict(task), sort_keys=True)
+    if commit_round is not None:
+        config[_COMMIT] = commit_round
+    return RecordDict({ARRAYS: ArrayRecord(tensors), CONFIG: ConfigRecord(config)})
+
+
+def record_to_payload(content: RecordDict, *, sender: str) -> Payload:
+    """The payload a record carries, each tensor back in its original dtype; malformed input is a PayloadError."""
+    try:
+        arrays = content[ARRAYS]
+        config = content[CONFIG]
+        if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
+            raise TypeError(f"expected {ARRAYS!r} as ArrayRecord and {CONFIG!r} as ConfigRecord")
+        tensors = dict(arrays.to_torch_state_dict())
+        metadata = json.loads(str(config[_METADATA]))
+        dtypes = json.loads(str(config[_DTYPES]))
+        if not isinstance(metadata, dict) or not isinstance(dtypes, dict):
+            raise TypeError("metadata and dtypes must be JSON objects")
+        for name, dtype in dtypes.items():
+            original = getattr(torch, str(dtype), None)
+            if name not in tensors or not isinstance(original, torch.dtype):
+                raise TypeError(f"dtype entry {name!r}: {dtype!r} does not name one of the tensors' dtypes")
+            tensors[name] = tensors[name].to(original)
+    except (KeyError, TypeError, ValueError) as error:
+        raise PayloadError(f"{sender}: not a fedexperts message ({error})") from error
+    return Payload(tensors, metadata)
+
+
+def task_of(content: RecordDict) -> tuple[ClientTask, int]:
+    """The task a downlink carries and the round whose staged personal state the client may commit."""
+    try:
+        config = content[CONFIG]
+        fields = json.loads(str(config[_TASK]))
+        return ClientTask(**fields), int(config.get(_COMMIT, 0))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as error:
+        raise PayloadError(f"not a fedexperts task ({error})") from error
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of a message body as Flower's ``message_size_mod`` counts them."""
+    return sum(record.count_bytes() for record in content.values())
