@@ -280,5 +280,52 @@ def plan(
     console.print(plan_table(make_plan(model, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype)))
 
 
+flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (simulation or deployment).")
+app.add_typer(flower_app, name="flower")
+
+
+@flower_app.command("simulate")
+@user_errors
+def flower_simulate(
+    args: Annotated[
+        list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Where the run writes (default: output_dir/name).")] = None,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in the run directory first."),
+    cpus_per_client: float = typer.Option(1.0, help="CPU cores each simulated client (Ray actor) takes."),
+) -> None:
+    """Run one experiment on Flower's simulation engine (Ray): one SuperNode per client, on this machine."""
+    from fedexperts.config import load_config
+    from fedexperts.federation.flower import run_simulation
+    from fedexperts.reporting import final_table, load_run
+
+    path, overrides = _config_and_overrides(args)
+    config = load_config(path, overrides)
+    target = run_dir or config.output_dir / config.name
+    console.print(
+        f"[bold]{config.name}[/] on Flower simulation: {config.algorithm.name}, "
+        f"{config.federation.clients} SuperNodes x {config.federation.rounds} rounds -> {target}"
+    )
+    result = run_simulation(config, target, overwrite=overwrite, cpus_per_client=cpus_per_client, on_round=_print_round)
+    console.print(final_table(load_run(result.run_dir)))
+
+
+@flower_app.command("app")
+@user_errors
+def flower_write_app(
+    args: Annotated[
+        list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder of the Flower app (created).")] = Path("flower-app"),
+) -> None:
+    """Write a Flower app folder for `flwr run` (deployment or Flower's local simulation) holding this config."""
+    from fedexperts.config import load_config
+    from fedexperts.federation.flower.app_dir import write_app
+
+    path, overrides = _config_and_overrides(args)
+    written = write_app(load_config(path, overrides), out)
+    console.print(f"wrote {written}; run it with: flwr run {out} <connection> [--run-config 'key=value ...']")
+
+
 if __name__ == "__main__":
     app()

@@ -262,6 +262,7 @@ class Federation:
             eval=_eval_record(metadata, "eval"),
             peak_memory_bytes=metadata.get("peak_memory_bytes", 0),
             seconds={
+                "setup": metadata.get("seconds_setup", 0.0),
                 "train": metadata.get("seconds_train", 0.0),
                 "eval": metadata.get("seconds_eval", 0.0),
                 "total": delivery.seconds,
