@@ -1,0 +1,56 @@
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedexperts.federation.client import ClientTask
+from fedexperts.federation.flower.wire import (
+    payload_to_record,
+    record_bytes,
+    record_to_payload,
+    task_of,
+)
+from fedexperts.federation.payload import Payload, PayloadError
+
+
+def test_tensors_metadata_and_task_survive_the_record_with_their_dtypes():
+    tensors = {
+        "layer.weight": torch.randn(3, 4, dtype=torch.bfloat16),
+        "layer.bias": torch.randn(4),
+        "activation": torch.rand(8, dtype=torch.float64),
+        "half": torch.randn(2, dtype=torch.float16),
+    }
+    task = ClientTask("client-3", 2, train=False, union=True)
+    record = payload_to_record(Payload(tensors, {"examples": 7, "phase": "train"}), task=task, commit_round=1)
+    arrays = record["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    assert arrays["layer.weight"].dtype == "float32"  # numpy has no bfloat16: sent widened, exactly
+
+    back = record_to_payload(record, sender="client-3")
+    assert back.metadata == {"examples": 7, "phase": "train"}
+    assert back.tensors.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back.tensors[name].dtype == tensor.dtype
+        assert torch.equal(back.tensors[name], tensor)
+    assert task_of(record) == (task, 1)
+
+
+def test_bytes_are_flowers_own_count_of_the_records():
+    record = payload_to_record(Payload({"w": torch.zeros(100)}, {"examples": 1}))
+    arrays = record["arrays"]
+    assert record_bytes(record) == arrays.count_bytes() + record["config"].count_bytes()
+    assert record_bytes(record) > 100 * 4  # the tensor's raw bytes plus the .npy header and metadata
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        RecordDict({}),
+        RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord({"metadata": "not json", "dtypes": "{}"})}),
+        RecordDict(
+            {"arrays": ArrayRecord({}), "config": ConfigRecord({"metadata": "{}", "dtypes": '{"ghost": "bfloat16"}'})}
+        ),
+    ],
+)
+def test_a_malformed_reply_is_a_payload_error_naming_the_sender(content):
+    with pytest.raises(PayloadError, match="client-1"):
+        record_to_payload(content, sender="client-1")
