@@ -58,3 +58,35 @@ def test_bad_config_keys_and_values_are_named(tmp_path):
     assert result.exit_code == 2 and "algorithm.name" in result.output and "flex" in result.output
     result = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
     assert result.exit_code == 2 and "no such config file" in result.output
+
+
+def test_flower_app_writes_a_pyproject_naming_our_apps_and_holding_the_config(tmp_path):
+    import tomllib
+
+    from fedexperts.federation.flower.runconfig import config_from_run_config
+
+    out = tmp_path / "app"
+    result = runner.invoke(app, ["flower", "app", "federation.rounds=4", "algorithm.name=fedmoe", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    flwr = tomllib.loads((out / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert flwr["components"] == {
+        "serverapp": "fedexperts.federation.flower.serverapp:app",
+        "clientapp": "fedexperts.federation.flower.clientapp:app",
+    }
+
+    def flat(table, prefix=""):
+        for key, value in table.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    config = config_from_run_config(dict(flat(flwr["config"])))
+    assert config.federation.rounds == 4 and config.algorithm.name == "fedmoe"
+
+
+def test_flower_app_with_a_bad_override_names_it(tmp_path):
+    result = runner.invoke(app, ["flower", "app", "federation.rounds=zero", "--out", str(tmp_path / "app")])
+    assert result.exit_code == 2
+    assert "federation.rounds" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "app").exists()
