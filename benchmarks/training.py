@@ -150,7 +150,10 @@ def workloads() -> list[Workload]:
     config = load_config(None, ["algorithm.name=local", "eval.union_examples=0", "eval.probes=0"])
     setting = build_setting(config)  # for a client's tokenized rows; the model below is a fresh, untouched load
     builtin = Workload(
-        "built-in (OLMoE, 8 experts)", load_base(config).model, setting.clients[0].train, pad_token_id(setting.tokenizer)
+        "built-in (OLMoE, 8 experts)",
+        load_base(config).model,
+        setting.clients[0].train,
+        pad_token_id(setting.tokenizer),
     )
     generator = torch.Generator().manual_seed(0)
     large = tiny_model(
