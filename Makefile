@@ -39,8 +39,8 @@ unit: dev
 
 test: lint typecheck unit
 
-bench: setup
-	$(BIN)/python benchmarks/grafting_selection.py
+bench: dev
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
