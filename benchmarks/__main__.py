@@ -11,7 +11,7 @@ import datetime
 import time
 from pathlib import Path
 
-from benchmarks import grafting_selection, payloads, training
+from benchmarks import grafting_selection, payloads, rounds, training
 from benchmarks.common import machine
 
 HEADER = """# Performance
@@ -34,6 +34,8 @@ def main() -> None:
     sections = []
     for name, bench in (
         ("training", training.run),
+        ("experts implementations", training.run_implementations),
+        ("round overhead", rounds.run),
         ("payloads", payloads.run),
         ("grafting selection", grafting_selection.run),
     ):

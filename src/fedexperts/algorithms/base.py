@@ -9,6 +9,7 @@ special-case an algorithm.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -141,6 +142,9 @@ class Algorithm:
         self.server = server or ServerOptimizer()
         self.roles: dict[str, Role] = {}
         self._initial_personal: State = {}
+        self._by_role: weakref.WeakKeyDictionary[nn.Module, dict[Role, dict[str, nn.Parameter]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- once per process --------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -154,6 +158,7 @@ class Algorithm:
             )
             peft.inject_adapter_in_model(config, model)
         self.roles = parameter_roles(model, self.rules)
+        self._by_role.clear()
         apply_roles(model, self.roles)
         if not any(role is not Role.FROZEN for role in self.roles.values()):
             raise FedExpertsError(f"{self.name}: no parameter is trainable under these roles")
@@ -226,4 +231,13 @@ class Algorithm:
     def _params(self, model: nn.Module, role: Role) -> dict[str, nn.Parameter]:
         if not self.roles:
             raise FedExpertsError(f"{self.name}: prepare(model) must run before clients are built")
-        return {name: p for name, p in unwrap_model(model).named_parameters() if self.roles.get(name) is role}
+        base = unwrap_model(model)
+        cached = self._by_role.get(base)
+        if cached is None:  # one walk over the model's parameters per model object, not one per client call
+            cached = {each: {} for each in Role}
+            for name, param in base.named_parameters():
+                assigned = self.roles.get(name)
+                if assigned is not None:
+                    cached[assigned][name] = param
+            self._by_role[base] = cached
+        return dict(cached[role])

@@ -1,0 +1,101 @@
+"""Round overhead: a round's wall time minus the clients' own work, in-process and on Flower simulation.
+
+The same FedAvg config (built-in model, 2 rounds of 2 local steps, every client sampled, no
+per-round evaluation) runs with 8 and 64 clients on each runtime. A client's own work is what
+it reports: building its model from the received tensors is not included, training and
+evaluation are, and on Flower also ``seconds_setup`` (building its setting in the worker). In
+process, clients run one after another, so overhead = wall − Σ work. Flower's simulation runs
+``workers`` clients at a time (one Ray actor per core), so its overhead is wall − Σ work / workers:
+what the round costs beyond perfectly parallel client work.
+
+    python -m benchmarks.rounds
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Table
+from fedexperts.config import load_config
+from fedexperts.federation.inprocess import run_experiment
+
+RUN = (
+    "algorithm.name=fedavg",
+    "data.scheme=iid",
+    "federation.rounds=2",
+    "train.steps_per_round=2",
+    "eval.every=0",
+    "eval.max_examples=1",
+    "eval.union_examples=0",
+    "eval.probes=0",
+    "eval.max_new_tokens=1",
+)
+
+
+def _work(entry: dict[str, Any]) -> float:
+    seconds = entry["seconds"]
+    return float(seconds.get("setup", 0.0) + seconds["train"] + seconds["eval"])
+
+
+def overhead(records: list[dict[str, Any]], workers: int) -> tuple[float, float, float]:
+    """Median over rounds of (wall seconds, Σ client work seconds, overhead fraction of the wall)."""
+    walls, works, fractions = [], [], []
+    for record in records:
+        if record["kind"] != "round":
+            continue
+        wall = record["seconds"]["round"]
+        work = sum(_work(entry) for entry in record["clients"].values())
+        walls.append(wall)
+        works.append(work)
+        fractions.append(max(wall - work / workers, 0.0) / wall)
+    return statistics.median(walls), statistics.median(works), statistics.median(fractions)
+
+
+def run(clients: tuple[int, ...] = (8, 64)) -> Table:
+    from fedexperts.federation.flower import run_simulation
+
+    workers = os.cpu_count() or 1
+    table = Table(
+        "Round overhead (FedAvg, built-in model, 2 local steps per client; median over 2 rounds)",
+        ["runtime", "clients", "round wall (s)", "Σ client work (s)", "overhead", "whole run (s)"],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        for count in clients:
+            config = load_config(
+                None,
+                [
+                    *RUN,
+                    f"federation.clients={count}",
+                    f"federation.min_clients={count}",
+                    f"data.items={max(1200, 20 * count)}",
+                    f'output_dir="{folder}"',
+                ],
+            )
+            for runtime in ("in-process", "Flower simulation"):
+                start = time.perf_counter()
+                target = Path(folder) / f"{runtime.split()[0]}-{count}"
+                if runtime == "in-process":
+                    records, parallel = run_experiment(config, target).records, 1
+                else:
+                    records, parallel = run_simulation(config, target).records, workers
+                total = time.perf_counter() - start
+                wall, work, fraction = overhead(records, parallel)
+                table.add(runtime, count, f"{wall:.1f}", f"{work:.1f}", f"{100 * fraction:.1f}%", f"{total:.0f}")
+    table.note(
+        f"Flower simulation runs {workers} clients at a time (one Ray actor per core); its overhead is "
+        "wall - work / workers. The whole-run time includes loading, Flower/Ray start-up and the final evaluation."
+    )
+    return table
+
+
+def main() -> None:
+    print(run().markdown())
+
+
+if __name__ == "__main__":
+    main()
