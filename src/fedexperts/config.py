@@ -134,6 +134,9 @@ class FederationConfig(_Section):
     min_successful: int = Field(1, ge=1)
     """A round with fewer successful clients than this fails the run."""
     seed: int = 0
+    transfer_dtype: Literal["float16", "bfloat16"] | None = None
+    """Cast floating tensors to this dtype on the wire, both ways (half the bytes of float32); each receiver
+    restores the tensors' own dtype. Flower carries float16 only (numpy has no bfloat16)."""
     reply_timeout: float = Field(600.0, gt=0)
     """Flower: seconds the server waits for a round's replies; a client that has not replied by then failed."""
     node_wait: float = Field(300.0, gt=0)

@@ -178,10 +178,19 @@ def build_setting(
     return with_clients(base, wanted, evaluation=evaluation)
 
 
-def with_clients(setting: Setting, wanted: Iterable[int], *, evaluation: bool = True) -> Setting:
-    """``setting`` (same model and algorithm) holding the tokenized data of clients ``wanted`` only."""
+def with_clients(
+    setting: Setting,
+    wanted: Iterable[int],
+    *,
+    evaluation: bool = True,
+    rows: tuple[Partition, ExpertBench | None] | None = None,
+) -> Setting:
+    """``setting`` (same model and algorithm) holding the tokenized data of clients ``wanted`` only.
+
+    ``rows`` is :func:`federated_rows` of the setting's config, when the caller already has it.
+    """
     config, tokenizer, template = setting.config, setting.tokenizer, setting.template
-    parts, bench = federated_rows(config)
+    parts, bench = rows or federated_rows(config)
     ids = client_ids(config.federation.clients)
     wanted = set(wanted)
     clients = []
@@ -202,11 +211,11 @@ def with_clients(setting: Setting, wanted: Iterable[int], *, evaluation: bool = 
             config.eval.max_examples,
             derived_seed(config.data.seed, split.client),
         )
-        rows = token_rows(train.dataset)
+        train_rows = token_rows(train.dataset)
         categories = (
             Counter(str(name) for name in split.train["category"]) if "category" in split.train.column_names else {}
         )
-        clients.append(ClientData(ids[split.client], split.client, rows, test, dict(categories)))
+        clients.append(ClientData(ids[split.client], split.client, train_rows, test, dict(categories)))
     union = None
     if evaluation and config.eval.union_examples:
         pooled = datasets.concatenate_datasets([split.test for split in parts.clients])

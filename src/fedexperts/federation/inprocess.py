@@ -23,7 +23,7 @@ from fedexperts.atomic import atomic_file
 from fedexperts.config import ExperimentConfig, build_config
 from fedexperts.experiment import Setting, build_setting
 from fedexperts.federation.client import ClientTask, run_client
-from fedexperts.federation.payload import Payload, decode, encode
+from fedexperts.federation.payload import Payload, decode, encode, transfer_dtype
 from fedexperts.federation.server import (
     METRICS_FILE,
     Delivery,
@@ -80,9 +80,10 @@ class InProcessTransport:
 
     def _one(self, task: ClientTask, downlink: Payload) -> Delivery:
         started = time.perf_counter()
-        down = encode(downlink)
+        dtype = transfer_dtype(self.setting.config.federation.transfer_dtype)
+        down = encode(downlink, dtype=dtype)
         try:
-            up = encode(run_client(self.setting, self.store, task, decode(down)))
+            up = encode(run_client(self.setting, self.store, task, decode(down)), dtype=dtype)
         except Exception as error:  # a client that raises is recorded; the round goes on without it
             return Delivery(len(down), error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started)
         return Delivery(len(down), len(up), decode(up), seconds=time.perf_counter() - started)

@@ -20,6 +20,7 @@ from safetensors.torch import load, save
 from fedexperts.errors import FedExpertsError
 
 _METADATA_KEY = "fedexperts"
+_DTYPES_KEY = "fedexperts.dtypes"
 
 
 class PayloadError(FedExpertsError):
@@ -40,31 +41,47 @@ class Payload:
 
 
 def encode(payload: Payload, *, dtype: torch.dtype | None = None) -> bytes:
-    """Serialize to safetensors bytes; ``dtype`` casts floating tensors for transfer (e.g. bf16)."""
-    tensors = {
-        name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
-        .detach()
-        .contiguous()
-        .cpu()
-        for name, tensor in payload.tensors.items()
-    }
+    """Serialize to safetensors bytes; ``dtype`` casts floating tensors for transfer (e.g. float16).
+
+    Cast tensors get their original dtype back in :func:`decode`, so a receiver never averages
+    half-precision copies into full-precision state by accident.
+    """
+    tensors, cast = {}, {}
+    for name, tensor in payload.tensors.items():
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            cast[name] = str(tensor.dtype).removeprefix("torch.")
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.detach().contiguous().cpu()
     try:
         metadata = json.dumps(payload.metadata, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise PayloadError(f"payload metadata is not JSON-able: {error}") from error
-    return save(tensors, metadata={_METADATA_KEY: metadata})
+    header = {_METADATA_KEY: metadata}
+    if cast:
+        header[_DTYPES_KEY] = json.dumps(cast, sort_keys=True)
+    return save(tensors, metadata=header)
 
 
 def decode(data: bytes) -> Payload:
-    """Parse bytes made by :func:`encode`; anything else is a :class:`PayloadError`."""
+    """Parse bytes made by :func:`encode` (cast tensors restored); anything else is a :class:`PayloadError`."""
     try:
         tensors = load(data)
         header_length = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_length])
-        metadata = json.loads(header.get("__metadata__", {}).get(_METADATA_KEY, "{}"))
-    except (SafetensorError, ValueError, UnicodeDecodeError) as error:
+        header = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+        metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+        for name, original in json.loads(header.get(_DTYPES_KEY, "{}")).items():
+            dtype = getattr(torch, str(original), None)
+            if name not in tensors or not isinstance(dtype, torch.dtype):
+                raise ValueError(f"dtype entry {name!r}: {original!r} names no tensor's dtype")
+            tensors[name] = tensors[name].to(dtype)
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as error:
         raise PayloadError(f"not a fedexperts message: {error}") from error
     return Payload(tensors=dict(tensors), metadata=metadata)
+
+
+def transfer_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of ``federation.transfer_dtype`` (``None``: tensors travel as they are)."""
+    return None if name is None else getattr(torch, name)
 
 
 def validate_update(

@@ -54,3 +54,15 @@ def test_bytes_are_flowers_own_count_of_the_records():
 def test_a_malformed_reply_is_a_payload_error_naming_the_sender(content):
     with pytest.raises(PayloadError, match="client-1"):
         record_to_payload(content, sender="client-1")
+
+
+def test_float16_transfer_on_flower_and_bfloat16_refused():
+    tensors = {"w": torch.randn(32, 32)}
+    full = record_bytes(payload_to_record(Payload(tensors)))
+    half = payload_to_record(Payload(tensors), dtype=torch.float16)
+    assert record_bytes(half) < 0.6 * full
+    back = record_to_payload(half, sender="server")
+    assert back.tensors["w"].dtype == torch.float32
+    assert torch.allclose(back.tensors["w"], tensors["w"], atol=2e-3, rtol=1e-3)
+    with pytest.raises(PayloadError, match="float16"):
+        payload_to_record(Payload(tensors), dtype=torch.bfloat16)

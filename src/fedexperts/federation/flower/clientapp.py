@@ -24,12 +24,14 @@ from flwr.clientapp import ClientApp
 
 from fedexperts.algorithms.base import majority_category
 from fedexperts.config import ExperimentConfig
+from fedexperts.data.expertbench import ExpertBench
+from fedexperts.data.partition import Partition
 from fedexperts.errors import FedExpertsError
-from fedexperts.experiment import Setting, build_setting, client_ids, with_clients
+from fedexperts.experiment import Setting, build_setting, client_ids, federated_rows, with_clients
 from fedexperts.federation.client import run_client
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_to_payload, task_of
-from fedexperts.federation.payload import Payload
+from fedexperts.federation.payload import Payload, transfer_dtype
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.models.builtin import cache_root
 
@@ -55,6 +57,7 @@ class _SettingCache:
 
     key: str = ""
     base: Setting | None = None
+    rows: tuple[Partition, ExpertBench | None] | None = None
     clients: dict[int, Setting] = field(default_factory=dict)
 
     def get(self, config: ExperimentConfig, partition: int) -> Setting:
@@ -62,8 +65,9 @@ class _SettingCache:
         if self.base is None or key != self.key:
             self.key, self.clients = key, {}
             self.base = build_setting(config, only_clients=[], evaluation=False)
+            self.rows = federated_rows(config)
         if partition not in self.clients:
-            self.clients[partition] = with_clients(self.base, [partition])
+            self.clients[partition] = with_clients(self.base, [partition], rows=self.rows)
         return self.clients[partition]
 
 
@@ -124,7 +128,8 @@ def client_app(config: ExperimentConfig | None = None, state_dir: Path | None = 
         reply = run_client(setting, store, task, record_to_payload(msg.content, sender="the server"))
         context.state[_NODE_RECORD] = ConfigRecord({"client-id": own, "round": task.round})
         metadata = {**reply.metadata, "seconds_setup": setup_seconds}
-        return Message(payload_to_record(Payload(reply.tensors, metadata)), reply_to=msg)
+        dtype = transfer_dtype(resolved.federation.transfer_dtype)
+        return Message(payload_to_record(Payload(reply.tensors, metadata), dtype=dtype), reply_to=msg)
 
     app.train()(step)
     app.evaluate()(step)

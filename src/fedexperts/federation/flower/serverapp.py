@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -28,7 +29,7 @@ from fedexperts.federation.flower.clientapp import MEMBER
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_bytes, record_to_payload
 from fedexperts.federation.inprocess import RunResult, prepare_run_dir
-from fedexperts.federation.payload import Payload, PayloadError
+from fedexperts.federation.payload import Payload, PayloadError, transfer_dtype
 from fedexperts.federation.server import Delivery, Federation, Member, RunError
 
 _POLL_SECONDS = 0.2
@@ -46,6 +47,11 @@ class FlowerTransport:
     def __init__(self, grid: Grid, config: ExperimentConfig) -> None:
         self.grid = grid
         self.config = config
+        self.dtype = transfer_dtype(config.federation.transfer_dtype)
+        if self.dtype is torch.bfloat16:
+            raise RunError(
+                "federation.transfer_dtype=bfloat16 cannot travel on Flower (numpy has no bfloat16); use float16"
+            )
         self.ids = client_ids(config.federation.clients)
         self.node_of: dict[str, int] = {}
         self.members: dict[str, Member] = {}
@@ -131,7 +137,9 @@ class FlowerTransport:
             if node is None or node not in online:
                 deliveries[task.client_id] = Delivery(0, error=f"no SuperNode serving {task.client_id} is online")
                 continue
-            content = payload_to_record(downlink, task=task, commit_round=self._accepted.get(task.client_id, 0))
+            content = payload_to_record(
+                downlink, task=task, commit_round=self._accepted.get(task.client_id, 0), dtype=self.dtype
+            )
             kind = MessageType.TRAIN if task.train else MessageType.EVALUATE
             sent.append((task, Message(content, dst_node_id=node, message_type=kind), record_bytes(content)))
         timeout = self.config.federation.reply_timeout

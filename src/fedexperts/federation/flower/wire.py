@@ -27,17 +27,26 @@ _UNSUPPORTED = {torch.bfloat16: torch.float32}
 
 
 def payload_to_record(
-    payload: Payload, *, task: ClientTask | None = None, commit_round: int | None = None
+    payload: Payload,
+    *,
+    task: ClientTask | None = None,
+    commit_round: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> RecordDict:
-    """A message body: the tensors, their original dtypes where changed, metadata and (downlink) the task."""
+    """A message body: the tensors, their original dtypes where changed, metadata and (downlink) the task.
+
+    ``dtype`` (float16 only: numpy has no bfloat16) casts floating tensors for transfer.
+    """
+    if dtype is not None and dtype in _UNSUPPORTED:
+        raise PayloadError(f"Flower records cannot carry {dtype}; use float16 for a half-precision transfer")
     tensors: dict[str, torch.Tensor] = {}
     dtypes: dict[str, str] = {}
     for name, tensor in payload.tensors.items():
         tensor = tensor.detach().cpu().contiguous()
-        wider = _UNSUPPORTED.get(tensor.dtype)
-        if wider is not None:
+        wire = dtype if dtype is not None and tensor.is_floating_point() else _UNSUPPORTED.get(tensor.dtype)
+        if wire is not None and wire != tensor.dtype:
             dtypes[name] = str(tensor.dtype).removeprefix("torch.")
-            tensor = tensor.to(wider)
+            tensor = tensor.to(wire)
         tensors[name] = tensor
     config: dict[str, Any] = {
         _METADATA: json.dumps(payload.metadata, sort_keys=True, allow_nan=False),
