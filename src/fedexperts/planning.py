@@ -38,7 +38,7 @@ from fedexperts.algorithms.base import ClientInfo
 from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import AlgorithmConfig
 from fedexperts.errors import FedExpertsError, UnsupportedModelError
-from fedexperts.federation.payload import _METADATA_KEY, Payload, PayloadError
+from fedexperts.federation.payload import _METADATA_KEY, Payload, PayloadError, metadata_json
 from fedexperts.moe.families import family_for, moe_layers, supported_model_types, unwrap_model
 from fedexperts.moe.params import Role, parameter_kinds
 
@@ -300,18 +300,17 @@ def encoded_header(
     consecutive data offsets, ``__metadata__`` first, compact JSON with raw UTF-8, padded with
     spaces to a multiple of 8 bytes.
     """
-    try:
-        inner = json.dumps(metadata, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise PayloadError(f"payload metadata is not JSON-able: {error}") from error
     entries = []
+    cast = {}
     for name, (shape, stored) in shapes_and_dtypes.items():
         wire = _wire_dtype(stored, dtype)
         if wire not in _SAFETENSORS_DTYPES:
             raise PayloadError(f"{name}: safetensors cannot store dtype {wire}")
+        if wire != stored:
+            cast[name] = str(stored).removeprefix("torch.")
         entries.append((name, tuple(int(size) for size in shape), wire))
     entries.sort(key=lambda entry: (-_SAFETENSORS_RANK[entry[2]], entry[0]))
-    header: dict[str, Any] = {"__metadata__": {_METADATA_KEY: inner}}
+    header: dict[str, Any] = {"__metadata__": {_METADATA_KEY: metadata_json(metadata, cast)}}
     offset = 0
     for name, shape, wire in entries:
         end = offset + _numel(shape) * wire.itemsize

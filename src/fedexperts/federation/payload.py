@@ -20,7 +20,8 @@ from safetensors.torch import load, save
 from fedexperts.errors import FedExpertsError
 
 _METADATA_KEY = "fedexperts"
-_DTYPES_KEY = "fedexperts.dtypes"
+DTYPES_FIELD = "__dtypes__"
+"""Reserved metadata key: the original dtypes of tensors cast for transfer."""
 
 
 class PayloadError(FedExpertsError):
@@ -52,14 +53,22 @@ def encode(payload: Payload, *, dtype: torch.dtype | None = None) -> bytes:
             cast[name] = str(tensor.dtype).removeprefix("torch.")
             tensor = tensor.to(dtype)
         tensors[name] = tensor.detach().contiguous().cpu()
+    return save(tensors, metadata={_METADATA_KEY: metadata_json(payload.metadata, cast)})
+
+
+def metadata_json(metadata: Mapping[str, Any], cast: Mapping[str, str]) -> str:
+    """The one header string of a message: its metadata, plus the original dtypes of cast tensors.
+
+    One string, because safetensors writes several metadata keys in a random order.
+    """
+    if DTYPES_FIELD in metadata:
+        raise PayloadError(f"payload metadata may not use the reserved key {DTYPES_FIELD!r}")
     try:
-        metadata = json.dumps(payload.metadata, sort_keys=True, allow_nan=False)
+        return json.dumps(
+            {**metadata, DTYPES_FIELD: dict(cast)} if cast else dict(metadata), sort_keys=True, allow_nan=False
+        )
     except (TypeError, ValueError) as error:
         raise PayloadError(f"payload metadata is not JSON-able: {error}") from error
-    header = {_METADATA_KEY: metadata}
-    if cast:
-        header[_DTYPES_KEY] = json.dumps(cast, sort_keys=True)
-    return save(tensors, metadata=header)
 
 
 def decode(data: bytes) -> Payload:
@@ -69,7 +78,7 @@ def decode(data: bytes) -> Payload:
         header_length = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
         metadata = json.loads(header.get(_METADATA_KEY, "{}"))
-        for name, original in json.loads(header.get(_DTYPES_KEY, "{}")).items():
+        for name, original in metadata.pop(DTYPES_FIELD, {}).items():
             dtype = getattr(torch, str(original), None)
             if name not in tensors or not isinstance(dtype, torch.dtype):
                 raise ValueError(f"dtype entry {name!r}: {original!r} names no tensor's dtype")
