@@ -11,7 +11,7 @@ import datetime
 import time
 from pathlib import Path
 
-from benchmarks import grafting_selection, payloads, rounds, training
+from benchmarks import grafting_selection, payloads, rounds, training, transfer
 from benchmarks.common import machine
 
 HEADER = """# Performance
@@ -35,8 +35,10 @@ def main() -> None:
     for name, bench in (
         ("training", training.run),
         ("experts implementations", training.run_implementations),
+        ("profile", training.run_profile),
         ("round overhead", rounds.run),
         ("payloads", payloads.run),
+        ("half-precision transfer", transfer.run),
         ("grafting selection", grafting_selection.run),
     ):
         print(f"running {name} ...", flush=True)

@@ -206,6 +206,29 @@ def run_implementations(rounds: int = 3) -> Table:
     return table
 
 
+def run_profile(top: int = 12) -> Table:
+    """Where a training round's time goes: torch operators by self CPU time (built-in model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    workload = workloads()[0]
+    model = with_lora(workload.model)
+    batches = round_batches(workload, 0)
+    fedexperts_round(model, batches)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        fedexperts_round(model, batches)
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events)
+    table = Table(
+        f"Profile of one fedexperts training round ({STEPS} steps, built-in model): top operators by self CPU time",
+        ["operator", "calls", "self CPU (ms)", "share"],
+    )
+    for event in events[:top]:
+        share = 100 * event.self_cpu_time_total / total
+        table.add(f"`{event.key}`", event.count, f"{event.self_cpu_time_total / 1000:.1f}", f"{share:.1f}%")
+    table.note(f"total self CPU time {total / 1000:.0f} ms over {STEPS} optimizer steps (profiler overhead included)")
+    return table
+
+
 def run(rounds: int = 3) -> Table:
     import tempfile
 
