@@ -90,6 +90,12 @@ def run(clients: tuple[int, ...] = (8, 64)) -> Table:
         f"Flower simulation runs {workers} clients at a time (one Ray actor per core); its overhead is "
         "wall - work / workers. The whole-run time includes loading, Flower/Ray start-up and the final evaluation."
     )
+    table.note(
+        "in-process overhead is the server loop plus each client's model build from the received tensors, "
+        "the encoding and decoding of every message, validation, the per-round checkpoint and records. "
+        "Flower's client work is larger than in-process: each Ray actor runs one torch thread, and an actor "
+        "builds a client's data the first time it serves that client (seconds_setup)"
+    )
     return table
 
 
