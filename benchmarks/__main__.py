@@ -11,7 +11,7 @@ import datetime
 import time
 from pathlib import Path
 
-from benchmarks import grafting_selection, payloads, rounds, scale, training, transfer
+from benchmarks import grafting_selection, memory, payloads, rounds, scale, training, transfer
 from benchmarks.common import machine
 
 HEADER = """# Performance
@@ -39,6 +39,7 @@ def main() -> None:
         ("round overhead", rounds.run),
         ("payloads", payloads.run),
         ("half-precision transfer", transfer.run),
+        ("memory", memory.run),
         ("scale", scale.run),
         ("grafting selection", grafting_selection.run),
     ):
