@@ -1,29 +1,42 @@
 """Run every benchmark and write docs/PERFORMANCE.md (``make bench`` / ``python -m benchmarks``).
 
-Each benchmark measures its comparisons side by side in one run and reports medians and ratios;
-the document records the machine they ran on and the command that regenerates it.
+Each benchmark runs in its own Python process (so that one's memory does not show in another's
+figures), measures its comparisons side by side in that run and prints markdown tables of
+medians and ratios; this collects them under the machine they ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from benchmarks import grafting_selection, memory, payloads, rounds, scale, training, transfer
 from benchmarks.common import machine
+
+MODULES = ("training", "rounds", "payloads", "transfer", "memory", "scale", "grafting_selection")
 
 HEADER = """# Performance
 
 Written by `python -m benchmarks` (or `make bench`); every number below comes from that one run,
 on the machine named here. Comparisons inside a table were measured side by side, interleaved, in
 the same run; ratios are of medians. These machines are shared and noisy: read ratios, not
-absolute times.
+absolute times. Each table says what its numbers mean underneath.
 
 Machine: {machine}. Run: {date}, {minutes:.1f} minutes.
 
 """
+
+
+def tables(module: str) -> str:
+    """The markdown tables ``python -m benchmarks.MODULE`` prints (its progress output left out)."""
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks.{module} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    text = done.stdout
+    return text[text.index("### ") :].rstrip() + "\n"
 
 
 def main() -> None:
@@ -32,21 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     sections = []
-    for name, bench in (
-        ("training", training.run),
-        ("experts implementations", training.run_implementations),
-        ("profile", training.run_profile),
-        ("round overhead", rounds.run),
-        ("payloads", payloads.run),
-        ("half-precision transfer", transfer.run),
-        ("memory", memory.run),
-        ("scale", scale.run),
-        ("grafting selection", grafting_selection.run),
-    ):
-        print(f"running {name} ...", flush=True)
-        table = bench()
-        print(table.markdown(), flush=True)
-        sections.append(table.markdown())
+    for module in MODULES:
+        print(f"running benchmarks.{module} ...", flush=True)
+        sections.append(tables(module))
+        print(sections[-1], flush=True)
     minutes = (time.perf_counter() - start) / 60
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     args.out.write_text(HEADER.format(machine=machine(), date=date, minutes=minutes) + "\n".join(sections))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from typing import Any
@@ -33,12 +32,22 @@ CASES: dict[str, tuple[str, float | None]] = {
 MIB = 2**20
 
 
-def _peak_rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 def _one_case(algorithm_name: str, budget: float | None) -> dict[str, Any]:
     """Run one client in this process; return measured and analytic bytes."""
+    import psutil
+    import torch  # noqa: F401  (imported before the baseline, like everything the client needs)
+
+    import fedexperts.algorithms
+    import fedexperts.training  # noqa: F401
+    from fedexperts.federation.accounting import peak_memory
+
+    baseline = psutil.Process().memory_info().rss  # not ru_maxrss: Linux carries it over from the parent's exec
+    with peak_memory("cpu") as peak:
+        measured = _build_and_train(algorithm_name, budget)
+    return {**measured, "measured": peak.bytes - baseline}
+
+
+def _build_and_train(algorithm_name: str, budget: float | None) -> dict[str, Any]:
     import torch
 
     from fedexperts.algorithms import ClientInfo, build_algorithm
@@ -46,7 +55,6 @@ def _one_case(algorithm_name: str, budget: float | None) -> dict[str, Any]:
     from fedexperts.models import tiny_model
     from fedexperts.training import TrainSettings, train_local
 
-    baseline = _peak_rss()
     model = tiny_model(
         "olmoe",
         hidden_size=512,
@@ -84,7 +92,6 @@ def _one_case(algorithm_name: str, budget: float | None) -> dict[str, Any]:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     train_local(client_model, [batch], TrainSettings(steps_per_round=3))
     return {
-        "measured": _peak_rss() - baseline,
         "analytic": weights + 3 * trainable_bytes,
         "weights": weights,
         "trainable": trainable_bytes,

@@ -279,6 +279,7 @@ def main() -> None:
     rounds = parser.parse_args().rounds
     print(run(rounds).markdown())
     print(run_implementations(rounds).markdown())
+    print(run_profile().markdown())
 
 
 if __name__ == "__main__":
