@@ -47,13 +47,39 @@ def encode(payload: Payload, *, dtype: torch.dtype | None = None) -> bytes:
     Cast tensors get their original dtype back in :func:`decode`, so a receiver never averages
     half-precision copies into full-precision state by accident.
     """
-    tensors, cast = {}, {}
-    for name, tensor in payload.tensors.items():
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            cast[name] = str(tensor.dtype).removeprefix("torch.")
-            tensor = tensor.to(dtype)
-        tensors[name] = tensor.detach().contiguous().cpu()
+    tensors, cast = cast_for_transfer(payload.tensors, dtype)
     return save(tensors, metadata={_METADATA_KEY: metadata_json(payload.metadata, cast)})
+
+
+def cast_for_transfer(
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    *,
+    widen: Mapping[torch.dtype, torch.dtype] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors as they travel (detached, contiguous, on CPU) and the original dtype of each one changed.
+
+    Floating tensors are cast to ``dtype`` when one is given; otherwise a dtype the wire cannot
+    hold is replaced by the wider one ``widen`` names (Flower: bfloat16 travels as float32).
+    """
+    sent, originals = {}, {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        wire = dtype if dtype is not None and tensor.is_floating_point() else (widen or {}).get(tensor.dtype)
+        if wire is not None and wire != tensor.dtype:
+            originals[name] = str(tensor.dtype).removeprefix("torch.")
+            tensor = tensor.to(wire)
+        sent[name] = tensor
+    return sent, originals
+
+
+def restore_dtypes(tensors: dict[str, torch.Tensor], originals: Mapping[str, Any]) -> None:
+    """Give each received tensor named in ``originals`` its dtype back (``ValueError`` on a bad entry)."""
+    for name, original in originals.items():
+        dtype = getattr(torch, str(original), None)
+        if name not in tensors or not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype entry {name!r}: {original!r} names no tensor's dtype")
+        tensors[name] = tensors[name].to(dtype)
 
 
 def metadata_json(metadata: Mapping[str, Any], cast: Mapping[str, str]) -> str:
@@ -78,14 +104,11 @@ def decode(data: bytes) -> Payload:
         header_length = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
         metadata = json.loads(header.get(_METADATA_KEY, "{}"))
-        for name, original in metadata.pop(DTYPES_FIELD, {}).items():
-            dtype = getattr(torch, str(original), None)
-            if name not in tensors or not isinstance(dtype, torch.dtype):
-                raise ValueError(f"dtype entry {name!r}: {original!r} names no tensor's dtype")
-            tensors[name] = tensors[name].to(dtype)
+        tensors = dict(tensors)
+        restore_dtypes(tensors, metadata.pop(DTYPES_FIELD, {}))
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as error:
         raise PayloadError(f"not a fedexperts message: {error}") from error
-    return Payload(tensors=dict(tensors), metadata=metadata)
+    return Payload(tensors=tensors, metadata=metadata)
 
 
 def transfer_dtype(name: str | None) -> torch.dtype | None:

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedexperts.federation.client import ClientTask
-from fedexperts.federation.payload import Payload, PayloadError
+from fedexperts.federation.payload import Payload, PayloadError, cast_for_transfer, restore_dtypes
 
 ARRAYS, CONFIG = "arrays", "config"
 _METADATA, _DTYPES, _TASK, _COMMIT = "metadata", "dtypes", "task", "commit-round"
@@ -39,15 +39,7 @@ def payload_to_record(
     """
     if dtype is not None and dtype in _UNSUPPORTED:
         raise PayloadError(f"Flower records cannot carry {dtype}; use float16 for a half-precision transfer")
-    tensors: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, str] = {}
-    for name, tensor in payload.tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        wire = dtype if dtype is not None and tensor.is_floating_point() else _UNSUPPORTED.get(tensor.dtype)
-        if wire is not None and wire != tensor.dtype:
-            dtypes[name] = str(tensor.dtype).removeprefix("torch.")
-            tensor = tensor.to(wire)
-        tensors[name] = tensor
+    tensors, dtypes = cast_for_transfer(payload.tensors, dtype, widen=_UNSUPPORTED)
     config: dict[str, Any] = {
         _METADATA: json.dumps(payload.metadata, sort_keys=True, allow_nan=False),
         _DTYPES: json.dumps(dtypes, sort_keys=True),
@@ -71,11 +63,7 @@ def record_to_payload(content: RecordDict, *, sender: str) -> Payload:
         dtypes = json.loads(str(config[_DTYPES]))
         if not isinstance(metadata, dict) or not isinstance(dtypes, dict):
             raise TypeError("metadata and dtypes must be JSON objects")
-        for name, dtype in dtypes.items():
-            original = getattr(torch, str(dtype), None)
-            if name not in tensors or not isinstance(original, torch.dtype):
-                raise TypeError(f"dtype entry {name!r}: {dtype!r} does not name one of the tensors' dtypes")
-            tensors[name] = tensors[name].to(original)
+        restore_dtypes(tensors, dtypes)
     except (KeyError, TypeError, ValueError) as error:
         raise PayloadError(f"{sender}: not a fedexperts message ({error})") from error
     return Payload(tensors, metadata)
