@@ -175,22 +175,19 @@ def build_setting(
     wanted = range(config.federation.clients) if only_clients is None else only_clients
     if not wanted and not evaluation:
         return base
-    return with_clients(base, wanted, evaluation=evaluation)
+    rows = federated_rows(config)
+    if evaluation:
+        base = with_evaluation(base, rows)
+    return with_clients(base, wanted, rows)
 
 
-def with_clients(
-    setting: Setting,
-    wanted: Iterable[int],
-    *,
-    evaluation: bool = True,
-    rows: tuple[Partition, ExpertBench | None] | None = None,
-) -> Setting:
-    """``setting`` (same model and algorithm) holding the tokenized data of clients ``wanted`` only.
+def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition, ExpertBench | None]) -> Setting:
+    """``setting`` (same model, algorithm and evaluation sets) holding the tokenized data of clients ``wanted``.
 
-    ``rows`` is :func:`federated_rows` of the setting's config, when the caller already has it.
+    ``rows`` is :func:`federated_rows` of the setting's config.
     """
     config, tokenizer, template = setting.config, setting.tokenizer, setting.template
-    parts, bench = rows or federated_rows(config)
+    parts, _bench = rows
     ids = client_ids(config.federation.clients)
     wanted = set(wanted)
     clients = []
@@ -216,15 +213,22 @@ def with_clients(
             Counter(str(name) for name in split.train["category"]) if "category" in split.train.column_names else {}
         )
         clients.append(ClientData(ids[split.client], split.client, train_rows, test, dict(categories)))
+    return replace(setting, clients=tuple(clients))
+
+
+def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]) -> Setting:
+    """``setting`` with the union test set and the knowledge probes, built from every client's test rows."""
+    config, tokenizer, template = setting.config, setting.tokenizer, setting.template
+    parts, bench = rows
     union = None
-    if evaluation and config.eval.union_examples:
+    if config.eval.union_examples:
         pooled = datasets.concatenate_datasets([split.test for split in parts.clients])
         union = eval_set(pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed)
     probes: tuple[KnowledgeProbe, ...] = ()
-    if evaluation and bench is not None and config.eval.probes:
+    if bench is not None and config.eval.probes:
         every = bench.probes(seed=config.data.seed)
         chosen = np.random.default_rng(config.data.seed).choice(
             len(every), size=min(config.eval.probes, len(every)), replace=False
         )
         probes = tuple(every[int(index)] for index in sorted(chosen))
-    return replace(setting, clients=tuple(clients), union=union, probes=probes)
+    return replace(setting, union=union, probes=probes)

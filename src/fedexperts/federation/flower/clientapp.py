@@ -27,7 +27,14 @@ from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench
 from fedexperts.data.partition import Partition
 from fedexperts.errors import FedExpertsError
-from fedexperts.experiment import Setting, build_setting, client_ids, federated_rows, with_clients
+from fedexperts.experiment import (
+    Setting,
+    build_setting,
+    client_ids,
+    federated_rows,
+    with_clients,
+    with_evaluation,
+)
 from fedexperts.federation.client import run_client
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_to_payload, task_of
@@ -56,18 +63,19 @@ class _SettingCache:
     """The base model, algorithm and client data this process built, reused while the config is the same."""
 
     key: str = ""
-    base: Setting | None = None
-    rows: tuple[Partition, ExpertBench | None] | None = None
+    built: tuple[Setting, tuple[Partition, ExpertBench | None]] | None = None
+    """The setting without client data (model, algorithm, evaluation sets) and every client's raw rows."""
     clients: dict[int, Setting] = field(default_factory=dict)
 
     def get(self, config: ExperimentConfig, partition: int) -> Setting:
         key = config.model_dump_json()
-        if self.base is None or key != self.key:
-            self.key, self.clients = key, {}
-            self.base = build_setting(config, only_clients=[], evaluation=False)
-            self.rows = federated_rows(config)
+        if self.built is None or key != self.key:
+            rows = federated_rows(config)
+            base = with_evaluation(build_setting(config, only_clients=[], evaluation=False), rows)
+            self.key, self.built, self.clients = key, (base, rows), {}
         if partition not in self.clients:
-            self.clients[partition] = with_clients(self.base, [partition], rows=self.rows)
+            base, rows = self.built
+            self.clients[partition] = with_clients(base, [partition], rows)
         return self.clients[partition]
 
 
