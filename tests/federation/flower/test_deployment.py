@@ -67,7 +67,7 @@ def test_a_killed_supernode_fails_its_round_keeps_its_state_and_rejoins(micro_co
         "federation.min_clients=2",
         "federation.min_successful=1",
         "federation.rounds=6",
-        "federation.reply_timeout=20",
+        "federation.reply_timeout=40",  # a restarted node spawns a fresh ClientApp process: slow under load
     )
     app = tmp_path / "app"
     write_app(config, app)
