@@ -22,7 +22,8 @@ import psutil
 from benchmarks.common import Table
 from fedexperts.config import load_config
 from fedexperts.experiment import build_setting
-from fedexperts.federation.inprocess import InProcessTransport, members_of, prepare_run_dir
+from fedexperts.federation.inprocess import InProcessTransport, members_of
+from fedexperts.federation.rundir import prepare_run_dir
 from fedexperts.federation.server import Federation
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.models.builtin import RECIPES, is_built, model_path, pretrain

@@ -23,7 +23,8 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.evaluation import pad_token_id
 from fedexperts.experiment import Setting, build_setting, federated_rows, token_rows
 from fedexperts.federation.client import row_batches
-from fedexperts.federation.inprocess import CONFIG_FILE, restore_checkpoint
+from fedexperts.federation.rundir import CONFIG_FILE
+from fedexperts.federation.server import restore_checkpoint
 from fedexperts.federation.state import CheckpointStore, ClientStateStore
 from fedexperts.moe.families import moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_GATE, grafts

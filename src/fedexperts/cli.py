@@ -137,7 +137,9 @@ def compare(
     Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
     """
     from fedexperts.config import load_config
-    from fedexperts.federation.inprocess import CONFIG_FILE, METRICS_FILE, run_experiment
+    from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.federation.rundir import CONFIG_FILE
+    from fedexperts.federation.server import METRICS_FILE
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
     from fedexperts.studies import STUDIES

@@ -9,8 +9,9 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.experiment import build_setting
 from fedexperts.federation import client as client_module
 from fedexperts.federation import inprocess
-from fedexperts.federation.inprocess import RunError, run_experiment, sample_clients
+from fedexperts.federation.inprocess import run_experiment
 from fedexperts.federation.payload import Payload, encode
+from fedexperts.federation.server import RunError, sample_clients
 
 VOLATILE = {"seconds", "peak_memory_bytes", "bytes_up"}
 

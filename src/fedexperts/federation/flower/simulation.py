@@ -19,7 +19,7 @@ import torch
 from fedexperts.config import ExperimentConfig
 from fedexperts.federation.flower.clientapp import client_app
 from fedexperts.federation.flower.serverapp import server_app
-from fedexperts.federation.inprocess import RunResult
+from fedexperts.federation.rundir import RunResult
 from fedexperts.federation.server import METRICS_FILE, RunError
 
 
