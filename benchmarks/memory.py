@@ -50,10 +50,13 @@ def _one_case(algorithm_name: str, budget: float | None) -> dict[str, Any]:
 def _build_and_train(algorithm_name: str, budget: float | None) -> dict[str, Any]:
     import torch
 
-    from fedexperts.algorithms import ClientInfo, build_algorithm
-    from fedexperts.config import AlgorithmConfig, FedMoEConfig
+    from fedexperts.algorithms import build_algorithm
+    from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
+    from fedexperts.algorithms.registry import config_class
+    from fedexperts.config import TrainConfig
+    from fedexperts.interface import ClientInfo, LocalData
     from fedexperts.models import tiny_model
-    from fedexperts.training import TrainSettings, train_local
+    from fedexperts.training import train_local
 
     model = tiny_model(
         "olmoe",
@@ -66,14 +69,13 @@ def _build_and_train(algorithm_name: str, budget: float | None) -> dict[str, Any
         num_key_value_heads=8,
         vocab_size=2048,
     ).train()
-    config = AlgorithmConfig(
-        name=algorithm_name, fedmoe=FedMoEConfig(budget_fraction=budget or 1.0, full_budget_every=0)
-    )
+    fedmoe = FedMoEOptions(budget_fraction=budget or 1.0, full_budget_every=0)
+    config = FedMoEConfig(fedmoe=fedmoe) if algorithm_name == "fedmoe" else config_class(algorithm_name)()
     algorithm = build_algorithm(config, client_ids=["client-0"])
     algorithm.prepare(model)
     weights = None
     if budget is not None:
-        from fedexperts.algorithms.fedmoe import FedMoE
+        from fedexperts.algorithms.fedmoe.algorithm import FedMoE
 
         assert isinstance(algorithm, FedMoE)
         counts = _experts_within(algorithm, model, budget)
@@ -82,7 +84,7 @@ def _build_and_train(algorithm_name: str, budget: float | None) -> dict[str, Any
         weights = algorithm.memory(structure)
     client = ClientInfo("client-0", 8)
     received = algorithm.downlink(algorithm.initial_global_state(model), client)
-    client_model = algorithm.setup_client(model, received, None, None)
+    client_model = algorithm.setup_client(model, received, None, LocalData(client)).model
     trainable = [p for p in client_model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     if weights is None:
@@ -90,7 +92,7 @@ def _build_and_train(algorithm_name: str, budget: float | None) -> dict[str, Any
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 2048, (4, 128), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    train_local(client_model, [batch], TrainSettings(steps_per_round=3))
+    train_local(client_model, [batch], TrainConfig(steps_per_round=3))
     return {
         "analytic": weights + 3 * trainable_bytes,
         "weights": weights,

@@ -25,10 +25,11 @@ from fedexperts.experiment import build_setting
 from fedexperts.federation.client import ClientTask
 from fedexperts.federation.flower.wire import payload_to_record, record_bytes
 from fedexperts.federation.inprocess import InProcessTransport, members_of
-from fedexperts.federation.payload import Payload, encode
+from fedexperts.federation.payload import encode
 from fedexperts.federation.rundir import prepare_run_dir
 from fedexperts.federation.server import Delivery, Federation
 from fedexperts.federation.state import ClientStateStore
+from fedexperts.interface import Payload
 
 ALGORITHMS = ("local", "fedavg", "dense", "flex", "random-expert", "fedmoe", "random-moe")
 RUN = (

@@ -28,9 +28,10 @@ from torch import nn
 
 from benchmarks.common import Table, matmul_peak
 from fedexperts.algorithms.base import attention_linear_names
+from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.federation.client import shuffled_batches
-from fedexperts.training import TrainSettings, train_local
+from fedexperts.training import train_local
 
 BATCH, STEPS, LR = 8, 5, 5e-3
 
@@ -69,7 +70,7 @@ def tokens_in(batches: Sequence[dict[str, torch.Tensor]]) -> int:
 
 
 def fedexperts_round(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, bf16: bool = False) -> float:
-    settings = TrainSettings(learning_rate=LR, steps_per_round=STEPS, max_grad_norm=1.0, bf16=bf16)
+    settings = TrainConfig(learning_rate=LR, steps_per_round=STEPS, max_grad_norm=1.0, bf16=bf16)
     start = time.perf_counter()
     train_local(model, batches, settings)
     return time.perf_counter() - start

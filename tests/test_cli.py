@@ -1,6 +1,10 @@
+import pytest
 from typer.testing import CliRunner
 
+from fedexperts import planning
 from fedexperts.cli import app
+from fedexperts.config import build_config
+from fedexperts.planning import PRESETS, plan
 
 runner = CliRunner()
 
@@ -90,3 +94,60 @@ def test_flower_app_with_a_bad_override_names_it(tmp_path):
     assert result.exit_code == 2
     assert "federation.rounds" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "app").exists()
+
+
+# -- plan ----------------------------------------------------------------------------------------------
+def test_cli_plans_a_preset_with_algorithm_settings_from_the_config(tmp_path):
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text('[algorithm]\nname = "fedprox"\nscope = "attention"\n')
+    result = runner.invoke(
+        app,
+        ["plan", "olmoe-1b-7b", "--config", str(experiment), "--set", "algorithm.mu=0.1", "--transfer-dtype", "bf16"],
+    )
+    assert result.exit_code == 0, result.output
+    expected = plan(
+        "olmoe-1b-7b",
+        build_config({"algorithm": {"name": "fedprox", "scope": "attention"}}).algorithm,
+        transfer_dtype="bf16",
+    )
+    assert "with fedprox" in result.output
+    assert f"{expected.downlink_bytes:,} B" in result.output
+    assert "activations not included" in result.output
+
+
+def test_cli_plan_all_compares_every_preset_under_the_algorithm_shorthand():
+    result = runner.invoke(app, ["plan", "--all", "--algorithm", "dense"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for preset in PRESETS:
+        assert preset in result.output
+    assert "fedexperts plan: dense" in result.output
+    assert "activations are not included" in result.output
+
+
+def test_cli_plan_model_all_is_the_same_as_the_flag(monkeypatch):
+    monkeypatch.setattr(planning, "PRESETS", {name: PRESETS[name] for name in ("olmoe-1b-7b", "gpt-oss-20b")})
+    flag = runner.invoke(app, ["plan", "--all", "--algorithm", "local"], env={"COLUMNS": "200"})
+    word = runner.invoke(app, ["plan", "all", "--algorithm", "local"], env={"COLUMNS": "200"})
+    assert flag.exit_code == word.exit_code == 0, flag.output + word.output
+    assert flag.output == word.output
+    assert "gpt-oss-20b" in word.output and "mixtral" not in word.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["plan", "no-such-model"], "is not a preset"),
+        (["plan"], "give a MODEL"),
+        (["plan", "olmoe-1b-7b", "--algorithm", "nope"], "algorithm.name"),
+        (["plan", "olmoe-1b-7b", "--set", "algorithm.colour=1"], "unknown key"),
+        (["plan", "olmoe-1b-7b", "--dtype", "int4"], "unknown dtype"),
+        (["plan", "olmoe-1b-7b", "--config", "missing.toml"], "no such config file"),
+    ],
+)
+def test_cli_plan_bad_inputs_exit_2_with_one_error_and_no_traceback(arguments, message):
+    result = runner.invoke(app, arguments, env={"COLUMNS": "2000"})
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.count("error:") == 1
+    assert result.output.strip().count("\n") == 0
+    assert "Traceback" not in result.output

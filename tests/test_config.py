@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from fedexperts.algorithms import ServerRule, SharedScope
@@ -34,6 +37,58 @@ def test_toml_file_and_dotted_overrides(tmp_path):
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algorithm.name=fedavg", "algorithm.flex.top_n=2"],
+            r"algorithm\.flex: not a setting of algorithm 'fedavg' \(it belongs to flex\)",
+        ),
+        (
+            ["algorithm.name=fedavg", "algorithm.mu=0.1"],
+            r"algorithm\.mu: not a setting of algorithm 'fedavg' \(it belongs to fedprox\)",
+        ),
+        (
+            ["algorithm.name=fedmoe", "algorithm.fedmoe.seed=1"],
+            r"algorithm\.fedmoe\.seed: .* 'fedmoe' \(it belongs to random-moe\)",
+        ),
+        (
+            ["algorithm.name=dense", "algorithm.scope=attention"],
+            r"algorithm\.scope: not a setting of algorithm 'dense'",
+        ),
+        (
+            ["algorithm.name=fedavg", "algorithm.scope=attention", "algorithm.lora.rank=4"],
+            r"algorithm\.lora is set but",
+        ),
+        (["algorithm.scope=everything"], r"algorithm\.scope: .*FLEx keeps them frozen"),
+        (
+            ["algorithm.name=fedmoe", "algorithm.fedmoe.budgets=[1, 2]"],
+            r"budgets has 2 entries but federation\.clients is 5",
+        ),
+    ],
+)
+def test_a_key_of_another_algorithm_is_an_error_naming_its_owner(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_each_algorithm_gets_its_own_config_and_file_sections_default_to_flex(tmp_path):
+    assert type(load_config(None, ["algorithm.name=fedprox", "algorithm.mu=0.5"]).algorithm).__name__ == "FedProxConfig"
+    path = tmp_path / "exp.toml"
+    path.write_text("[algorithm.flex]\ntop_n = 2\n")
+    assert load_config(path).algorithm.flex.top_n == 2
+
+
+def test_validating_a_config_does_not_import_torch():
+    code = (
+        "import sys; from fedexperts.config import ConfigError, load_config\n"
+        "try: load_config(None, ['algorithm.name=fedavg', 'algorithm.flex.top_n=2'])\n"
+        "except ConfigError: pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_key_in_file_and_bad_files(tmp_path):

@@ -3,13 +3,14 @@ import math
 import pytest
 import torch
 
+from fedexperts.config import TrainConfig
 from fedexperts.errors import FedExpertsError
 from fedexperts.models import tiny_model
 from fedexperts.moe import moe_layers, select_experts
 from fedexperts.training import (
     IGNORE_INDEX,
-    TrainSettings,
     causal_lm_loss,
+    cosine_learning_rate,
     load_balancing_loss,
     train_local,
 )
@@ -37,8 +38,8 @@ def test_training_lowers_the_loss_and_touches_only_trainable_parameters():
     freeze_experts(model)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     data = batches(model, count=1)
-    first = train_local(model, data, TrainSettings(learning_rate=3e-3, steps_per_round=1))
-    later = train_local(model, data, TrainSettings(learning_rate=3e-3, steps_per_round=30))
+    first = train_local(model, data, TrainConfig(learning_rate=3e-3, steps_per_round=1))
+    later = train_local(model, data, TrainConfig(learning_rate=3e-3, steps_per_round=30))
     assert later.loss < first.loss * 0.8
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(p.grad is None for p in model.parameters())
@@ -51,7 +52,7 @@ def test_same_seed_same_weights():
     for _ in range(2):
         torch.manual_seed(3)
         model = tiny_model("mixtral", seed=1)
-        train_local(model, batches(model), TrainSettings(steps_per_round=3))
+        train_local(model, batches(model), TrainConfig(steps_per_round=3))
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
 
@@ -61,8 +62,8 @@ def test_gradient_accumulation_matches_one_big_batch():
     big = tiny_model("qwen3_moe")
     data = batches(small, count=1, batch=4)[0]
     halves = [{k: v[:2] for k, v in data.items()}, {k: v[2:] for k, v in data.items()}]
-    train_local(small, halves, TrainSettings(steps_per_round=1, grad_accumulation=2, max_grad_norm=None))
-    train_local(big, [data], TrainSettings(steps_per_round=1, max_grad_norm=None))
+    train_local(small, halves, TrainConfig(steps_per_round=1, grad_accumulation=2, max_grad_norm=None))
+    train_local(big, [data], TrainConfig(steps_per_round=1, max_grad_norm=None))
     for (name, a), b in zip(small.named_parameters(), big.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -70,20 +71,21 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_zero_proximal_term_changes_nothing():
     plain, prox = tiny_model("olmoe"), tiny_model("olmoe")
     data = batches(plain)
-    train_local(plain, data, TrainSettings(steps_per_round=2))
-    train_local(prox, data, TrainSettings(steps_per_round=2), proximal=lambda: torch.zeros(()))
+    train_local(plain, data, TrainConfig(steps_per_round=2))
+    train_local(prox, data, TrainConfig(steps_per_round=2), proximal=lambda: torch.zeros(()))
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), prox.parameters(), strict=True))
 
 
 def test_cosine_schedule_spans_rounds():
-    settings = TrainSettings(
-        learning_rate=1.0, min_learning_rate=0.0, steps_per_round=10, total_rounds=4, warmup_steps=2
-    )
-    assert settings.learning_rate_at(0) == pytest.approx(0.5)
-    assert settings.learning_rate_at(2) == pytest.approx(1.0)
-    assert settings.learning_rate_at(21) == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 38)))
-    assert settings.learning_rate_at(40) == pytest.approx(0.0)
-    assert settings.learning_rate_at(10) < settings.learning_rate_at(9)
+    def rate(step):
+        return cosine_learning_rate(step, peak=1.0, floor_fraction=0.0, warmup_steps=2, total_steps=10 * 4)
+
+    assert rate(0) == pytest.approx(0.5)
+    assert rate(2) == pytest.approx(1.0)
+    assert rate(21) == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 38)))
+    assert rate(40) == pytest.approx(0.0)
+    assert rate(10) < rate(9)
+    assert cosine_learning_rate(40, peak=2.0, floor_fraction=0.1, warmup_steps=0, total_steps=40) == pytest.approx(0.2)
 
 
 def test_label_smoothing_and_masked_labels():
@@ -103,15 +105,13 @@ def test_load_balancing_loss_is_one_when_balanced_and_handles_sub_moes():
     model = tiny_model("olmoe")
     first, second, _ = (layer.name for layer in moe_layers(model))
     select_experts(model, {first: [0, 1, 2], second: [1, 2, 3, 4, 5]})
-    result = train_local(model, batches(model), TrainSettings(steps_per_round=2, router_aux_loss_coef=0.01))
+    result = train_local(model, batches(model), TrainConfig(steps_per_round=2, router_aux_loss_coef=0.01))
     assert math.isfinite(result.loss)
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run():
     model = tiny_model("olmoe")
-    result = train_local(
-        model, batches(model), TrainSettings(steps_per_round=1, bf16=True, gradient_checkpointing=True)
-    )
+    result = train_local(model, batches(model), TrainConfig(steps_per_round=1, bf16=True, gradient_checkpointing=True))
     assert math.isfinite(result.loss)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
@@ -119,10 +119,10 @@ def test_bf16_autocast_and_gradient_checkpointing_run():
 def test_bad_training_inputs_are_clear_errors():
     model = tiny_model("olmoe")
     with pytest.raises(FedExpertsError, match="training split is empty"):
-        train_local(model, [], TrainSettings(steps_per_round=1))
+        train_local(model, [], TrainConfig(steps_per_round=1))
     model.requires_grad_(False)
     with pytest.raises(FedExpertsError, match="no trainable parameters"):
-        train_local(model, batches(model), TrainSettings())
+        train_local(model, batches(model), TrainConfig())
     model.requires_grad_(True)
     with pytest.raises(FedExpertsError, match="loss became nan"):
-        train_local(model, batches(model), TrainSettings(), proximal=lambda: torch.tensor(float("nan")))
+        train_local(model, batches(model), TrainConfig(), proximal=lambda: torch.tensor(float("nan")))

@@ -16,20 +16,20 @@ from typing import Any
 
 import torch
 
-from fedexperts.algorithms import ClientInfo
 from fedexperts.config import build_config
 from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import FedExpertsError
 from fedexperts.evaluation import pad_token_id
 from fedexperts.experiment import Setting, build_setting, federated_rows, token_rows
 from fedexperts.federation.client import row_batches
-from fedexperts.federation.rundir import CONFIG_FILE
 from fedexperts.federation.server import restore_checkpoint
 from fedexperts.federation.state import CheckpointStore, ClientStateStore
+from fedexperts.interface import ClientInfo, LocalData
 from fedexperts.moe.families import moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_GATE, grafts
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.moe.surgery import expert_map
+from fedexperts.reporting.schema import CONFIG_FILE
 
 GATE_ROWS_PER_CATEGORY = 32
 
@@ -74,7 +74,10 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
     for client in setting.clients:
         info = ClientInfo(client.client_id, client.num_examples)
         received = setting.algorithm.downlink(global_state, info)
-        model = setting.algorithm.setup_client(setting.model, received, store.load(client.client_id))
+        context = setting.algorithm.setup_client(
+            setting.model, received, store.load(client.client_id), LocalData(info, round=config.federation.rounds + 1)
+        )
+        model = context.model
         base = unwrap_model(model)
         device = next(base.parameters()).device
         experts = expert_map(base)

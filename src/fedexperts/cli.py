@@ -80,11 +80,13 @@ def run(
 ) -> None:
     """Run one federated experiment in this process; print per-client results; write the run directory."""
     from fedexperts.config import load_config
+
+    path, overrides = _config_and_overrides(args)
+    config = load_config(path, overrides)  # before torch loads: a bad config is reported in about a second
+
     from fedexperts.federation.inprocess import run_experiment
     from fedexperts.reporting import final_table, load_run, write_report
 
-    path, overrides = _config_and_overrides(args)
-    config = load_config(path, overrides)
     target = run_dir or config.output_dir / config.name
     console.print(
         f"[bold]{config.name}[/]: {config.algorithm.name} on {config.data.source} with {config.model.name}, "
@@ -138,10 +140,9 @@ def compare(
     """
     from fedexperts.config import load_config
     from fedexperts.federation.inprocess import run_experiment
-    from fedexperts.federation.rundir import CONFIG_FILE
-    from fedexperts.federation.server import METRICS_FILE
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
+    from fedexperts.reporting.schema import CONFIG_FILE, METRICS_FILE
     from fedexperts.studies import STUDIES
     from fedexperts.studies import study as find_study
 
@@ -166,17 +167,20 @@ def compare(
         raise FedExpertsError("--algorithms and --seeds must each name at least one value")
     base = load_config(path, overrides)
     folder = out or base.output_dir / base.name
+    runs = [  # every run's config is validated before the first one starts
+        (name, seed, load_config(path, [*overrides, f"algorithm.name={name}", f"federation.seed={seed}"]))
+        for name in names
+        for seed in seed_values
+    ]
     groups: dict[str, list[Any]] = {}
-    for name in names:
-        for seed in seed_values:
-            config = load_config(path, [*overrides, f"algorithm.name={name}", f"federation.seed={seed}"])
-            run_dir = folder / name / f"seed-{seed}"
-            finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
-            if not finished:
-                console.print(f"[bold]{name}[/], seed {seed} -> {run_dir}")
-                run_experiment(config, run_dir, resume=(run_dir / CONFIG_FILE).exists(), on_round=_print_round)
-                write_report(run_dir)
-            groups.setdefault(name, []).append(load_run(run_dir))
+    for name, seed, config in runs:
+        run_dir = folder / name / f"seed-{seed}"
+        finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
+        if not finished:
+            console.print(f"[bold]{name}[/], seed {seed} -> {run_dir}")
+            run_experiment(config, run_dir, resume=(run_dir / CONFIG_FILE).exists(), on_round=_print_round)
+            write_report(run_dir)
+        groups.setdefault(name, []).append(load_run(run_dir))
     comparison = compare_runs(groups)
     console.print(comparison_table(comparison))
     console.print(f"wrote {', '.join(str(p) for p in write_comparison(folder, comparison))}")
@@ -191,7 +195,7 @@ def pretrain(
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: every available core)."),
 ) -> None:
     """Pretrain the built-in tiny MoE on ExpertBench; save checkpoint and model card (cached by recipe hash)."""
-    from fedexperts.models.builtin import is_built, model_path, resolve_recipe, show_summary
+    from fedexperts.models.builtin import is_built, model_path, resolve_recipe
     from fedexperts.models.builtin import pretrain as run_pretraining
 
     chosen = resolve_recipe(recipe)
@@ -201,7 +205,43 @@ def pretrain(
     else:
         console.print(f"pretraining recipe {chosen.name} (hash {chosen.digest()}) into {target}")
         run_pretraining(chosen, target, threads=threads)
-    show_summary(target, console)
+    _show_model_summary(target)
+
+
+def _show_model_summary(path: Path) -> None:
+    """Print the card's main numbers from a built checkpoint's metrics file."""
+    import json
+
+    from rich.table import Table
+
+    from fedexperts.data.expertbench import CATEGORIES
+    from fedexperts.models.builtin import METRICS_FILE
+
+    metrics = json.loads((path / METRICS_FILE).read_text())
+    console.print(
+        f"{path}\n{metrics['parameters'] / 1e6:.2f}M parameters; pretraining took {metrics['train']['seconds']:.0f} s "
+        f"(whole command {metrics['total_seconds']:.0f} s, {metrics['threads']} threads); "
+        f"probe accuracy {metrics['probe_accuracy']:.1%} on {metrics['probe_count']} facts "
+        f"(chance {metrics['probe_chance']:.0%})"
+    )
+    table = Table(title="held-out tasks (greedy) and routing per category")
+    for column in ("category", "EM canonical", "ROUGE-L canonical", "EM clients", "ROUGE-L clients", "routing entropy"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for category in CATEGORIES:
+        canonical, clients = metrics["canonical"][category], metrics["client_styles"][category]
+        table.add_row(
+            category,
+            f"{canonical['exact_match']:.2f}",
+            f"{canonical['rouge_l']:.2f}",
+            f"{clients['exact_match']:.2f}",
+            f"{clients['rouge_l']:.2f}",
+            f"{metrics['routing_entropy_bits'][category]:.3f} bits",
+        )
+    console.print(table)
+    console.print(
+        f"routing: total variation {metrics['routing_between_categories_tv']:.3f} between categories vs "
+        f"{metrics['routing_within_category_tv']:.3f} within a category (split halves); card: {path / 'README.md'}"
+    )
 
 
 @app.command()
@@ -266,8 +306,9 @@ def plan(
 ) -> None:
     """Size a federation from the model config alone: parameters by role, bytes per round, client memory."""
     from fedexperts.config import load_config
-    from fedexperts.planning import PRESETS, comparison_table, plan_table
+    from fedexperts.planning import PRESETS
     from fedexperts.planning import plan as make_plan
+    from fedexperts.reporting.plan_tables import comparison_table, plan_table
 
     settings = [f"algorithm.name={algorithm}"] if algorithm is not None else []
     experiment = load_config(config, settings + list(overrides or []))

@@ -7,15 +7,21 @@ problem, naming the dotted key and what is allowed, so the CLI can print them wi
 from __future__ import annotations
 
 import tomllib
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
-from fedexperts.algorithms.aggregation import ServerRule
-from fedexperts.algorithms.base import SharedScope
+from fedexperts.algorithms.flex.config import FlexConfig
+from fedexperts.algorithms.registry import (
+    CONFIGS,
+    DEFAULT_ALGORITHM,
+    AlgorithmConfig,
+    algorithm_names,
+    owners,
+)
+from fedexperts.algorithms.settings import Section, dotted_fields, dotted_keys, is_list_field
 from fedexperts.errors import FedExpertsError
 
 
@@ -23,11 +29,7 @@ class ConfigError(FedExpertsError):
     """An experiment config that does not validate."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "builtin"
     """``builtin`` (the pretrained ExpertBench MoE), a local folder, or a hub name."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -35,7 +37,7 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str = "expertbench"
     """``expertbench``, a local JSON/JSONL/CSV/Parquet file or folder, or a hub dataset name."""
     columns: str | None = None
@@ -51,79 +53,7 @@ class DataConfig(_Section):
     """Seed of the data and its partition (kept apart from ``federation.seed`` so seeds share one split)."""
 
 
-class AlgorithmName(StrEnum):
-    LOCAL = "local"
-    FEDAVG = "fedavg"
-    FEDPROX = "fedprox"
-    DENSE = "dense"
-    FLEX = "flex"
-    RANDOM_EXPERT = "random-expert"
-    """FLEx's own baseline: FedAvg of attention LoRA plus one randomly chosen routed expert per layer."""
-    FEDMOE = "fedmoe"
-    RANDOM_MOE = "random-moe"
-    """FedMoE's baseline: random sub-MoEs of the sizes FedMoE's search would choose."""
-
-
-class LoraConfig(_Section):
-    rank: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-
-class ServerConfig(_Section):
-    rule: ServerRule = ServerRule.FEDAVG
-    lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
-
-
-class FlexConfig(_Section):
-    top_n: int = Field(1, ge=1)
-    """Experts grafted into each layer's personal slots (the paper: 1)."""
-    refresh_every: int = Field(0, ge=0)
-    """Re-select the grafted experts every this many rounds (0: choose once, as the paper)."""
-    share_gate: bool = False
-    """Also aggregate the personal gates (the paper keeps them personal)."""
-    calibration_batches: int = Field(4, ge=1)
-    """Training batches (of 8 rows) a client scores the experts on."""
-
-
-class FedMoEConfig(_Section):
-    """FedMoE and randomMoE (arXiv 2408.11304): memory budgets, profiling and expert recommendation."""
-
-    budget_fraction: float = Field(0.6, gt=0, le=1)
-    """Every client's memory budget as a fraction of the full model's bytes (below 1, no client can profile)."""
-    budgets: list[Annotated[int, Field(gt=0)]] | None = None
-    """Per-client memory budgets in bytes, in client order (one per client); replaces the two keys around it."""
-    full_budget_every: int = Field(2, ge=0)
-    """Without ``budgets``: clients 0, n, 2n, ... can hold the full model (they measure expert activation for
-    everyone; the others get ``budget_fraction``). 0: every client gets ``budget_fraction``."""
-    warmup_rounds: int = Field(0, ge=0)
-    """Rounds of LoRA training on the full MoE a profiling client does before it measures expert activation."""
-    patience: int = Field(2, ge=1)
-    """Evaluations without improvement before a client is recommended a new structure."""
-    top_k_neighbours: int = Field(2, ge=1)
-    """Most similar clients a recommendation draws on."""
-    measure_examples: int = Field(64, ge=1)
-    """Training rows a profiling client measures expert activation on."""
-    seed: int = 0
-    """random-moe: seed of the random sub-MoEs."""
-
-
-class AlgorithmConfig(_Section):
-    name: AlgorithmName = AlgorithmName.FLEX
-    scope: SharedScope = SharedScope.ATTENTION_LORA
-    mu: float = Field(0.01, ge=0)
-    """FedProx's proximal weight."""
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    flex: FlexConfig = Field(default_factory=FlexConfig)
-    fedmoe: FedMoEConfig = Field(default_factory=FedMoEConfig)
-
-
-class FederationConfig(_Section):
+class FederationConfig(Section):
     clients: int = Field(5, ge=1)
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
@@ -143,7 +73,7 @@ class FederationConfig(_Section):
     """Flower: seconds the server waits, before round 1, for every client's SuperNode to connect."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     learning_rate: float = Field(5e-3, gt=0)
     min_learning_rate: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -158,7 +88,7 @@ class TrainConfig(_Section):
     bf16: bool = False
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     every: int = Field(1, ge=0)
     """Evaluate sampled clients (before they train) every this many rounds; 0: only the final evaluation."""
     max_new_tokens: int = Field(32, ge=1)
@@ -171,15 +101,24 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1)
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     name: str = "default"
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=FlexConfig)
+    """One algorithm's settings, chosen by ``algorithm.name`` (default ``flex``); see its ``config`` module."""
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algorithm(cls, data: Any) -> Any:
+        section = data.get("algorithm") if isinstance(data, dict) else None
+        if isinstance(section, dict) and "name" not in section:
+            return {**data, "algorithm": {**section, "name": DEFAULT_ALGORITHM}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -193,33 +132,45 @@ class ExperimentConfig(_Section):
                 f"federation.min_successful ({self.federation.min_successful}) exceeds federation.min_clients "
                 f"({self.federation.min_clients}): a round could never succeed"
             )
-        budgets = self.algorithm.fedmoe.budgets
-        if budgets is not None and len(budgets) != self.federation.clients:
-            raise ValueError(
-                f"algorithm.fedmoe.budgets has {len(budgets)} entries but federation.clients is "
-                f"{self.federation.clients}: give one memory budget (bytes) per client"
-            )
+        self.algorithm.check_clients(self.federation.clients)
         return self
 
 
 def _describe(error: ErrorDetails) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "config"
+    location = [str(part) for part in error["loc"]]
+    chosen = None
+    if len(location) > 1 and location[0] == "algorithm" and location[1] in algorithm_names():
+        chosen = location.pop(1)  # pydantic names the union member; the user's key has no such level
+    key = ".".join(location) or "config"
     if error["type"] == "extra_forbidden":
+        if chosen is not None and len(location) > 1:
+            belongs = owners(".".join(location[1:]))
+            if belongs:
+                return f"{key}: not a setting of algorithm {chosen!r} (it belongs to {', '.join(belongs)})"
         return f"{key}: unknown key"
+    if error["type"] == "union_tag_invalid":
+        tag = (error.get("ctx") or {}).get("tag")
+        *rest, last = (repr(name) for name in algorithm_names())
+        return f"{key}.name: {tag!r} is no algorithm (allowed: {', '.join(rest)} or {last})"
     context = error.get("ctx") or {}
     allowed = context.get("expected")
     suffix = f" (allowed: {allowed})" if allowed else ""
     return f"{key}: {error['msg']}{suffix}"
 
 
-def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(_allowed_keys(annotation, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
+def list_valued_keys() -> set[str]:
+    """Dotted keys whose values are lists, in any section or algorithm (Flower's run config flattens them)."""
+    keys = {key for key, info in dotted_fields(ExperimentConfig) if is_list_field(info)}
+    for config in CONFIGS:
+        keys.update(f"algorithm.{key}" for key, info in dotted_fields(config) if is_list_field(info))
+    return keys
+
+
+def _allowed_keys() -> list[str]:
+    """Every dotted key an override may set: the sections' keys and every algorithm's."""
+    keys = [key for key in dotted_keys(ExperimentConfig) if key != "algorithm"]
+    for config in CONFIGS:
+        keys.extend(f"algorithm.{key}" for key in dotted_keys(config) if f"algorithm.{key}" not in keys)
     return keys
 
 
@@ -240,7 +191,7 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ex
     merged: dict[str, Any] = {key: value for key, value in data.items()}
     for override in overrides or []:
         path, value = parse_override(override)
-        allowed = _allowed_keys(ExperimentConfig)
+        allowed = _allowed_keys()
         if ".".join(path) not in allowed:
             raise ConfigError(f"override {'.'.join(path)!r}: unknown key; keys are: {', '.join(allowed)}")
         node = merged

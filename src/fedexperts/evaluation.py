@@ -17,6 +17,8 @@ import torch
 from rouge_score import rouge_scorer
 from torch import nn
 
+from fedexperts.reporting.schema import Scores
+
 
 def normalize_text(text: str, *, ignore_case: bool = False) -> str:
     """Unicode NFKC, surrounding whitespace removed, inner whitespace runs made one space."""
@@ -232,18 +234,6 @@ class EvalSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-@dataclass(frozen=True)
-class Scores:
-    loss: float
-    """Mean next-token loss over the references' tokens (teacher forcing)."""
-    exact_match: float
-    rouge_l: float
-    examples: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {"loss": self.loss, "exact_match": self.exact_match, "rouge_l": self.rouge_l, "examples": self.examples}
 
 
 @torch.no_grad()

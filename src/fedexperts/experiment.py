@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedexperts.algorithms import Algorithm, build_algorithm
+from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
 from fedexperts.data.partition import Partition, PartitionSpec, Scheme
@@ -24,6 +24,7 @@ from fedexperts.data.templates import PromptTemplate, prompt_template
 from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import DataError
 from fedexperts.evaluation import EvalSet
+from fedexperts.interface import Algorithm
 from fedexperts.models.load import LoadedModel, load_model
 
 BUILTIN_MODEL = "builtin"

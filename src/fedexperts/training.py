@@ -24,40 +24,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
 from fedexperts.moe.params import NO_WEIGHT_DECAY
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Local training hyper-parameters (one round of one client)."""
+def cosine_learning_rate(
+    step: int, *, peak: float, floor_fraction: float, warmup_steps: int, total_steps: int
+) -> float:
+    """Linear warm-up to ``peak``, then cosine down to ``floor_fraction * peak`` at ``total_steps``.
 
-    learning_rate: float = 1e-3
-    min_learning_rate: float = 0.0
-    weight_decay: float = 0.0
-    steps_per_round: int = 10
-    """Optimizer steps per round (each over ``grad_accumulation`` batches)."""
-    grad_accumulation: int = 1
-    max_grad_norm: float | None = 1.0
-    warmup_steps: int = 0
-    total_rounds: int = 1
-    """Rounds the cosine schedule spans."""
-    label_smoothing: float = 0.0
-    router_aux_loss_coef: float = 0.0
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    """bf16 autocast (CPU or CUDA); weights stay in their dtype."""
-
-    def learning_rate_at(self, global_step: int) -> float:
-        """Linear warm-up, then cosine from ``learning_rate`` to ``min_learning_rate`` over all rounds."""
-        total = max(self.steps_per_round * self.total_rounds, 1)
-        if global_step < self.warmup_steps:
-            return self.learning_rate * (global_step + 1) / self.warmup_steps
-        progress = min((global_step - self.warmup_steps) / max(total - self.warmup_steps, 1), 1.0)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.min_learning_rate + (self.learning_rate - self.min_learning_rate) * cosine
+    The floor is a fraction of the peak so that the built-in model's pretraining (to a tenth of its peak)
+    and federated training (to ``train.min_learning_rate``) share one schedule.
+    """
+    total = max(total_steps, 1)
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (floor_fraction + (1 - floor_fraction) * cosine)
 
 
 @dataclass(frozen=True)
@@ -130,14 +117,18 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def train_local(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
-    settings: TrainSettings,
+    settings: TrainConfig,
     *,
+    total_rounds: int = 1,
     round_index: int = 0,
     proximal: Callable[[], torch.Tensor] | None = None,
     progress: bool = False,
     description: str = "train",
 ) -> TrainResult:
     """Run ``settings.steps_per_round`` optimizer steps on ``batches`` (cycled if it runs out).
+
+    The learning rate follows :func:`cosine_learning_rate` across ``total_rounds`` rounds, so round
+    ``round_index`` continues where the previous one stopped.
 
     ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` returns an
     extra loss term (FedProx's ``mu/2 ||w - w_global||^2``). The caller seeds torch for
@@ -163,7 +154,13 @@ def train_local(
     start = time.perf_counter()
     steps = range(settings.steps_per_round)
     for step in tqdm(steps, desc=description, disable=not progress, leave=False):
-        learning_rate = settings.learning_rate_at(round_index * settings.steps_per_round + step)
+        learning_rate = cosine_learning_rate(
+            round_index * settings.steps_per_round + step,
+            peak=settings.learning_rate,
+            floor_fraction=settings.min_learning_rate / settings.learning_rate,
+            warmup_steps=settings.warmup_steps,
+            total_steps=settings.steps_per_round * total_rounds,
+        )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)

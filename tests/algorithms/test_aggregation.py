@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedexperts.algorithms import ServerOptimizer, ServerRule, weighted_average
+from fedexperts.algorithms import ServerConfig, ServerOptimizer, ServerRule, weighted_average
 from fedexperts.errors import FedExpertsError
 
 
@@ -29,14 +29,14 @@ def test_bad_averages_are_refused():
 
 
 def test_fedavg_with_unit_lr_returns_the_average():
-    optimizer = ServerOptimizer(ServerRule.FEDAVG)
+    optimizer = ServerOptimizer(ServerConfig(rule=ServerRule.FEDAVG))
     new = optimizer.step({"w": torch.tensor([1.0]), "frozen": torch.tensor([7.0])}, {"w": torch.tensor([3.0])})
     assert new == {"w": torch.tensor([3.0]), "frozen": torch.tensor([7.0])}
 
 
 def test_fedavgm_hand_worked():
     # x0 = 1, deltas 2 then 1, momentum 0.5, lr 1: v1 = 2, x1 = 3; v2 = 0.5 * 2 + 1 = 2, x2 = 5
-    optimizer = ServerOptimizer(ServerRule.FEDAVGM, lr=1.0, momentum=0.5)
+    optimizer = ServerOptimizer(ServerConfig(rule=ServerRule.FEDAVGM, lr=1.0, momentum=0.5))
     x1 = optimizer.step({"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])})
     assert x1["w"].item() == pytest.approx(3.0)
     x2 = optimizer.step(x1, {"w": torch.tensor([4.0])})
@@ -46,21 +46,21 @@ def test_fedavgm_hand_worked():
 def test_fedadam_hand_worked():
     # x0 = 0, delta = 1, beta1 0.9, beta2 0.99, tau 0.1, lr 0.5, v_{-1} = tau^2 = 0.01
     # m = 0.1; v = 0.99 * 0.01 + 0.01 * 1 = 0.0199; x = 0.5 * 0.1 / (sqrt(0.0199) + 0.1)
-    optimizer = ServerOptimizer(ServerRule.FEDADAM, lr=0.5, beta1=0.9, beta2=0.99, tau=0.1)
+    optimizer = ServerOptimizer(ServerConfig(rule=ServerRule.FEDADAM, lr=0.5, beta1=0.9, beta2=0.99, tau=0.1))
     x = optimizer.step({"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])})
     assert x["w"].item() == pytest.approx(0.5 * 0.1 / (math.sqrt(0.0199) + 0.1), rel=1e-6)
 
 
 def test_fedyogi_hand_worked():
     # v = 0.01 - 0.01 * 1 * sign(0.01 - 1) = 0.02; x = 0.5 * 0.1 / (sqrt(0.02) + 0.1)
-    optimizer = ServerOptimizer(ServerRule.FEDYOGI, lr=0.5, beta1=0.9, beta2=0.99, tau=0.1)
+    optimizer = ServerOptimizer(ServerConfig(rule=ServerRule.FEDYOGI, lr=0.5, beta1=0.9, beta2=0.99, tau=0.1))
     x = optimizer.step({"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])})
     assert x["w"].item() == pytest.approx(0.5 * 0.1 / (math.sqrt(0.02) + 0.1), rel=1e-6)
 
 
 def test_fedadagrad_hand_worked():
     # v = 0.01 + 1 = 1.01; x = 0.5 * 0.1 / (sqrt(1.01) + 0.1)
-    optimizer = ServerOptimizer(ServerRule.FEDADAGRAD, lr=0.5, beta1=0.9, tau=0.1)
+    optimizer = ServerOptimizer(ServerConfig(rule=ServerRule.FEDADAGRAD, lr=0.5, beta1=0.9, tau=0.1))
     x = optimizer.step({"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])})
     assert x["w"].item() == pytest.approx(0.5 * 0.1 / (math.sqrt(1.01) + 0.1), rel=1e-6)
 
@@ -69,13 +69,13 @@ def test_fedadagrad_hand_worked():
 def test_state_round_trip_continues_identically(rule):
     start = {"w": torch.tensor([0.5, -1.0])}
     targets = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([3.0, 1.0])}]
-    uninterrupted = ServerOptimizer(rule, lr=0.3)
+    uninterrupted = ServerOptimizer(ServerConfig(rule=rule, lr=0.3))
     x = start
     for target in targets:
         x = uninterrupted.step(x, target)
-    first = ServerOptimizer(rule, lr=0.3)
+    first = ServerOptimizer(ServerConfig(rule=rule, lr=0.3))
     y = first.step(start, targets[0])
-    resumed = ServerOptimizer(rule, lr=0.3)
+    resumed = ServerOptimizer(ServerConfig(rule=rule, lr=0.3))
     resumed.load_state(first.state())
     for target in targets[1:]:
         y = resumed.step(y, target)

@@ -1,21 +1,15 @@
 import pytest
 import torch
+from pydantic import ValidationError
 
-from fedexperts.algorithms import (
-    ClientInfo,
-    ClientUpdate,
-    FedAvg,
-    FedProx,
-    LocalOnly,
-    LoraSettings,
-    MoEAsDense,
-    SharedScope,
-)
+from fedexperts.algorithms import FedAvg, FedProx, LocalOnly, LoraConfig, MoEAsDense, SharedScope
+from fedexperts.algorithms.fedavg.config import FedAvgConfig, FedProxConfig
+from fedexperts.config import TrainConfig
 from fedexperts.errors import FedExpertsError
-from fedexperts.federation import Payload
+from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload
 from fedexperts.models import tiny_model
 from fedexperts.moe import ParamKind, Role, parameter_kinds
-from fedexperts.training import IGNORE_INDEX, TrainSettings, train_local
+from fedexperts.training import IGNORE_INDEX, train_local
 
 
 def client_batches(model, seed):
@@ -28,15 +22,15 @@ def client_batches(model, seed):
 
 def run_client(algorithm, model, global_state, client, seed, personal=None, steps=3):
     received = algorithm.downlink(global_state, client)
-    algorithm.setup_client(model, received, personal)
+    context = algorithm.setup_client(model, received, personal, LocalData(client))
     torch.manual_seed(seed)
     train_local(
-        model,
+        context.model,
         client_batches(model, seed),
-        TrainSettings(steps_per_round=steps, learning_rate=1e-2),
-        proximal=algorithm.proximal_term(model, received),
+        TrainConfig(steps_per_round=steps, learning_rate=1e-2),
+        proximal=algorithm.proximal_term(context),
     )
-    return ClientUpdate(client, algorithm.uplink(model, client)), algorithm.personal_state(model)
+    return ClientUpdate(client, algorithm.uplink(context)), algorithm.personal_state(context)
 
 
 def prepared(algorithm, model_type="olmoe"):
@@ -58,7 +52,7 @@ def test_attention_lora_is_injected_in_place_and_is_the_only_trainable_part():
 
 
 def test_switch_attention_targets_include_cross_attention():
-    algorithm = FedAvg(lora=LoraSettings(rank=2))
+    algorithm = FedAvg(FedAvgConfig(lora=LoraConfig(rank=2)))
     prepared(algorithm, "switch_transformers")
     shared = [name for name, role in algorithm.roles.items() if role is Role.SHARED]
     assert any("EncDecAttention" in name for name in shared)
@@ -91,7 +85,8 @@ def test_identical_clients_aggregate_to_their_update_and_clients_do_not_leak():
 
 def test_fedprox_with_zero_mu_equals_fedavg_and_positive_mu_stays_closer():
     updates = {}
-    for label, algorithm in (("avg", FedAvg()), ("prox0", FedProx(0.0)), ("prox", FedProx(5.0))):
+    algorithms = FedAvg(), FedProx(FedProxConfig(mu=0.0)), FedProx(FedProxConfig(mu=5.0))
+    for label, algorithm in zip(("avg", "prox0", "prox"), algorithms, strict=True):
         model = prepared(algorithm)
         start = algorithm.initial_global_state(model)
         update, _ = run_client(algorithm, model, start, ClientInfo("a", 4), seed=3, steps=5)
@@ -112,12 +107,12 @@ def test_local_only_keeps_state_home_and_new_clients_start_fresh():
     update, personal = run_client(algorithm, model, {}, ClientInfo("a", 4), seed=1)
     assert update.payload.tensors == {} and personal is not None and personal.tensors
     initial = {name: p.detach().clone() for name, p in model.named_parameters() if name in personal.tensors}
-    algorithm.setup_client(model, Payload({}), None)  # a new client
+    algorithm.setup_client(model, Payload({}), None, LocalData(ClientInfo("b", 4)))  # a new client
     changed = [
         name for name, p in model.named_parameters() if name in personal.tensors and not torch.equal(p, initial[name])
     ]
     assert changed, "a new client must not inherit the previous client's trained state"
-    algorithm.setup_client(model, Payload({}), personal)  # client a returns
+    algorithm.setup_client(model, Payload({}), personal, LocalData(ClientInfo("a", 4)))  # client a returns
     assert all(torch.equal(p, personal.tensors[n]) for n, p in model.named_parameters() if n in personal.tensors)
     assert algorithm.aggregate({}, [update]) == {}
 
@@ -126,7 +121,7 @@ def test_dense_shares_every_weight_and_non_expert_scope_leaves_routed_experts_fr
     dense = MoEAsDense()
     model = prepared(dense)
     assert set(dense.initial_global_state(model)) == {name for name, _ in model.named_parameters()}
-    scoped = FedAvg(SharedScope.NON_EXPERT)
+    scoped = FedAvg(FedAvgConfig(scope=SharedScope.NON_EXPERT))
     model = prepared(scoped)
     kinds = parameter_kinds(model)
     shared = {name for name, role in scoped.roles.items() if role is Role.SHARED}
@@ -135,13 +130,13 @@ def test_dense_shares_every_weight_and_non_expert_scope_leaves_routed_experts_fr
 
 
 def test_misuse_is_reported():
-    with pytest.raises(FedExpertsError, match="LoRA settings given"):
-        FedAvg(SharedScope.ATTENTION, lora=LoraSettings())
-    with pytest.raises(FedExpertsError, match="mu must be >= 0"):
-        FedProx(-1.0)
+    with pytest.raises(ValidationError, match=r"algorithm\.lora is set but algorithm\.scope is 'attention'"):
+        FedAvgConfig(scope=SharedScope.ATTENTION, lora=LoraConfig())
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        FedProxConfig(mu=-1.0)
     algorithm = FedAvg()
     with pytest.raises(FedExpertsError, match="prepare"):
         algorithm.initial_global_state(tiny_model("olmoe"))
     model = prepared(algorithm)
     with pytest.raises(FedExpertsError, match="did not receive shared tensor"):
-        algorithm.setup_client(model, Payload({}), None)
+        algorithm.setup_client(model, Payload({}), None, LocalData(ClientInfo("a", 4)))

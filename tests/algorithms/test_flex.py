@@ -2,14 +2,17 @@ import copy
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from fedexperts.algorithms import FLEx, LocalData, grafted_experts
-from fedexperts.algorithms.base import ClientInfo, ClientUpdate
+from fedexperts.algorithms import FLEx, RandomExpert, grafted_experts
+from fedexperts.algorithms.flex.config import FlexConfig, FlexOptions
+from fedexperts.config import TrainConfig
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation.inprocess import run_experiment
+from fedexperts.interface import ClientInfo, ClientUpdate, LocalData
 from fedexperts.models import tiny_model
 from fedexperts.moe import ParamKind, Role, moe_layers, parameter_kinds, reconstruction_losses
-from fedexperts.training import TrainSettings, train_local
+from fedexperts.training import train_local
 from tests.algorithms.helpers import batches_for
 
 
@@ -22,16 +25,16 @@ def client_round(algorithm, model, global_state, name, seed, personal=None, roun
     info = ClientInfo(name, 8)
     received = algorithm.downlink(global_state, info)
     data = local_data(model, name, seed, round_number)
-    client_model = algorithm.setup_client(model, received, personal, data)
+    context = algorithm.setup_client(model, received, personal, data)
     torch.manual_seed(seed)
-    train_local(client_model, list(data.batches()), TrainSettings(steps_per_round=3, learning_rate=5e-2))
-    return ClientUpdate(info, algorithm.uplink(client_model, info)), algorithm.personal_state(client_model)
+    train_local(context.model, list(data.batches()), TrainConfig(steps_per_round=3, learning_rate=5e-2))
+    return ClientUpdate(info, algorithm.uplink(context)), algorithm.personal_state(context)
 
 
 def prepared(model_type="olmoe", **options):
     model = tiny_model(model_type)
     pristine = copy.deepcopy(model)
-    algorithm = FLEx(**options)
+    algorithm = FLEx(FlexConfig(flex=FlexOptions(**options)))
     algorithm.prepare(model)
     return algorithm, model, pristine
 
@@ -102,9 +105,11 @@ def test_top_n_refresh_and_shared_gate_options():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(FedExpertsError, match="top_n"):
-        FLEx(top_n=0)
-    algorithm = FLEx(top_n=9)
+    with pytest.raises(ValidationError, match="top_n"):
+        FlexOptions(top_n=0)
+    with pytest.raises(ValidationError, match="'everything' would share the frozen pretrained experts"):
+        FlexConfig(scope="everything")
+    algorithm = FLEx(FlexConfig(flex=FlexOptions(top_n=9)))
     with pytest.raises(FedExpertsError, match="top_n=9 exceeds"):
         algorithm.prepare(tiny_model("olmoe"))
 
@@ -128,19 +133,17 @@ def test_flex_end_to_end_with_personal_state_on_disk(micro_config):
 
 
 def test_random_expert_baseline_trains_and_sends_only_the_chosen_rows():
-    from fedexperts.algorithms.random_expert import RandomExpert
-
     model = tiny_model("olmoe")
     pristine = dict(copy.deepcopy(model).named_parameters())
-    algorithm = RandomExpert(seed=0)
+    algorithm = RandomExpert()
     algorithm.prepare(model)
     start = algorithm.initial_global_state(model)
     assert {key.split("@")[1] for key in start if "@" in key} <= {f"expert={e}" for e in range(8)}
     info = ClientInfo("a", 8)
     batches = batches_for(model, 1)
-    algorithm.setup_client(model, algorithm.downlink(start, info), None)
-    train_local(model, batches, TrainSettings(steps_per_round=3, learning_rate=5e-2, weight_decay=0.1))
-    sent = algorithm.uplink(model, info).tensors
+    context = algorithm.setup_client(model, algorithm.downlink(start, info), None, LocalData(info))
+    train_local(model, batches, TrainConfig(steps_per_round=3, learning_rate=5e-2, weight_decay=0.1))
+    sent = algorithm.uplink(context).tensors
     assert set(sent) == set(start)
     params = dict(model.named_parameters())
     for name, expert in algorithm.chosen.items():

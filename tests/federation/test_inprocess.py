@@ -10,8 +10,9 @@ from fedexperts.experiment import build_setting
 from fedexperts.federation import client as client_module
 from fedexperts.federation import inprocess
 from fedexperts.federation.inprocess import run_experiment
-from fedexperts.federation.payload import Payload, encode
+from fedexperts.federation.payload import encode
 from fedexperts.federation.server import RunError, sample_clients
+from fedexperts.interface import Payload
 
 VOLATILE = {"seconds", "peak_memory_bytes", "bytes_up"}
 
@@ -197,9 +198,9 @@ def test_nan_and_misshapen_updates_are_rejected_not_averaged(micro_config, monke
     poisoned = {"client-1": float("nan"), "client-2": "shape"}
     real_uplink = FedAvg.uplink
 
-    def uplink(self, model, client):
-        payload = real_uplink(self, model, client)
-        how = poisoned.get(client.client_id)
+    def uplink(self, context):
+        payload = real_uplink(self, context)
+        how = poisoned.get(context.client.client_id)
         if how is None:
             return payload
         name = next(iter(payload.tensors))

@@ -1,8 +1,11 @@
+import random
+
 import pytest
 import torch
 
-from fedexperts.federation import Payload, PayloadError, decode, encode, validate_update
-from fedexperts.federation.payload import check_metadata_numbers
+from fedexperts.federation import decode, encode
+from fedexperts.federation.payload import encoded_header, encoded_size, payload_size
+from fedexperts.interface import Payload, PayloadError, check_metadata_numbers, validate_update
 
 
 def sample():
@@ -78,7 +81,8 @@ def test_non_finite_metrics_are_refused():
 def test_a_half_precision_transfer_halves_the_bytes_and_restores_each_dtype():
     import torch
 
-    from fedexperts.federation.payload import Payload, decode, encode
+    from fedexperts.federation.payload import decode, encode
+    from fedexperts.interface import Payload
 
     tensors = {"w": torch.randn(64, 64), "ids": torch.arange(4), "p": torch.rand(8, dtype=torch.float64)}
     full, half = encode(Payload(tensors)), encode(Payload(tensors), dtype=torch.float16)
@@ -88,3 +92,65 @@ def test_a_half_precision_transfer_halves_the_bytes_and_restores_each_dtype():
     assert torch.equal(back.tensors["ids"], tensors["ids"])
     assert torch.allclose(back.tensors["w"], tensors["w"], atol=2e-3, rtol=1e-3)
     assert not torch.equal(back.tensors["w"], tensors["w"])  # it really travelled in float16
+
+
+# -- size without bytes: encoded_size / payload_size are len(encode(...)) exactly ----------------------
+_DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+]
+_NAMES = [
+    "a",
+    "b.weight",
+    "model.layers.0.q_proj.lora_A.default.weight",
+    "z",
+    "é-ünïcode",
+    'quote"back\\slash',
+    "tab\tnl\n",
+]
+_METADATA = [{}, {"examples": 7}, {"examples": 123456, "loss": 0.25, "client": "é", "tags": ["x", {"k": None}]}]
+
+
+def random_payload(seed: int) -> Payload:
+    rng = random.Random(seed)
+    tensors = {}
+    for index in range(rng.randint(0, 6)):
+        shape = tuple(rng.randint(0, 5) if rng.random() < 0.1 else rng.randint(1, 9) for _ in range(rng.randint(0, 3)))
+        dtype = rng.choice(_DTYPES)
+        tensors[f"{rng.choice(_NAMES)}.{index}"] = torch.zeros(shape, dtype=dtype)
+    return Payload(tensors, rng.choice(_METADATA))
+
+
+@pytest.mark.parametrize("transfer", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(12))
+def test_encoded_size_is_the_length_of_encode_byte_for_byte(seed, transfer):
+    payload = random_payload(seed)
+    data = encode(payload, dtype=transfer)
+    specs = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in payload.tensors.items()}
+    assert encoded_size(specs, payload.metadata, dtype=transfer) == len(data)
+    header_length = int.from_bytes(data[:8], "little")
+    assert encoded_header(specs, payload.metadata, dtype=transfer) == data[8 : 8 + header_length]
+    meta = Payload({name: tensor.to("meta") for name, tensor in payload.tensors.items()}, payload.metadata)
+    assert payload_size(meta, dtype=transfer) == len(data)
+
+
+def test_encoded_size_covers_every_dtype_at_once_and_scalars():
+    payload = Payload(
+        {f"t{index}": torch.zeros((), dtype=dtype) for index, dtype in enumerate(_DTYPES)} | {"empty": torch.zeros(0)},
+        {"examples": 1},
+    )
+    assert payload_size(payload) == len(encode(payload))
+
+
+def test_encoded_size_refuses_metadata_that_encode_refuses():
+    with pytest.raises(PayloadError, match="not JSON-able"):
+        encoded_size({}, {"loss": float("nan")})

@@ -1,37 +1,61 @@
-"""Federated algorithms: what is shared or personal, how clients are built, how the server aggregates."""
+"""Federated algorithms: what is shared or personal, how clients are built, how the server aggregates.
 
-from fedexperts.algorithms.aggregation import ServerOptimizer, ServerRule, weighted_average
-from fedexperts.algorithms.base import (
-    Algorithm,
-    ClientInfo,
-    ClientUpdate,
-    LocalData,
-    LoraSettings,
-    SharedScope,
-    attention_linear_names,
-    scope_rules,
-)
-from fedexperts.algorithms.fedavg import FedAvg, FedProx, MoEAsDense
-from fedexperts.algorithms.fedmoe import FedMoE, RandomMoE
-from fedexperts.algorithms.flex import FLEx, grafted_experts
-from fedexperts.algorithms.local import LocalOnly
-from fedexperts.algorithms.random_expert import RandomExpert
-from fedexperts.algorithms.registry import build_algorithm
+The public names load lazily, so importing an algorithm's config (``fedexperts.algorithms.flex.config``,
+torch-free) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedexperts.algorithms.aggregation import ServerOptimizer, weighted_average
+    from fedexperts.algorithms.base import BaseAlgorithm, attention_linear_names, scope_rules
+    from fedexperts.algorithms.fedavg.algorithm import FedAvg, FedProx, MoEAsDense
+    from fedexperts.algorithms.fedmoe.algorithm import FedMoE, RandomMoE
+    from fedexperts.algorithms.flex.algorithm import FLEx, grafted_experts
+    from fedexperts.algorithms.local.algorithm import LocalOnly
+    from fedexperts.algorithms.random_expert.algorithm import RandomExpert
+    from fedexperts.algorithms.registry import AlgorithmConfig, build_algorithm
+    from fedexperts.algorithms.settings import LoraConfig, ServerConfig, ServerRule, SharedScope
+
+_WHERE = {
+    "ServerOptimizer": "aggregation",
+    "weighted_average": "aggregation",
+    "BaseAlgorithm": "base",
+    "attention_linear_names": "base",
+    "scope_rules": "base",
+    "FedAvg": "fedavg.algorithm",
+    "FedProx": "fedavg.algorithm",
+    "MoEAsDense": "fedavg.algorithm",
+    "FedMoE": "fedmoe.algorithm",
+    "RandomMoE": "fedmoe.algorithm",
+    "FLEx": "flex.algorithm",
+    "grafted_experts": "flex.algorithm",
+    "LocalOnly": "local.algorithm",
+    "RandomExpert": "random_expert.algorithm",
+    "AlgorithmConfig": "registry",
+    "build_algorithm": "registry",
+    "LoraConfig": "settings",
+    "ServerConfig": "settings",
+    "ServerRule": "settings",
+    "SharedScope": "settings",
+}
 
 __all__ = [
-    "Algorithm",
-    "ClientInfo",
-    "ClientUpdate",
+    "AlgorithmConfig",
+    "BaseAlgorithm",
     "FLEx",
     "FedAvg",
     "FedMoE",
     "FedProx",
-    "LocalData",
     "LocalOnly",
-    "LoraSettings",
+    "LoraConfig",
     "MoEAsDense",
     "RandomExpert",
     "RandomMoE",
+    "ServerConfig",
     "ServerOptimizer",
     "ServerRule",
     "SharedScope",
@@ -41,3 +65,9 @@ __all__ = [
     "scope_rules",
     "weighted_average",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

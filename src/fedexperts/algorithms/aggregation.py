@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 
+from fedexperts.algorithms.settings import ServerConfig, ServerRule
 from fedexperts.errors import FedExpertsError
-
-State = dict[str, torch.Tensor]
+from fedexperts.interface import State
 
 
 def weighted_average(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> State:
@@ -47,14 +46,6 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]
     return averaged
 
 
-class ServerRule(StrEnum):
-    FEDAVG = "fedavg"
-    FEDAVGM = "fedavgm"
-    FEDADAGRAD = "fedadagrad"
-    FEDADAM = "fedadam"
-    FEDYOGI = "fedyogi"
-
-
 @dataclass
 class ServerOptimizer:
     """Applies the averaged client result to the global state with one of :class:`ServerRule`.
@@ -62,12 +53,7 @@ class ServerOptimizer:
     With ``FEDAVG`` and ``lr=1`` the new global state is the weighted average itself.
     """
 
-    rule: ServerRule = ServerRule.FEDAVG
-    lr: float = 1.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    config: ServerConfig = field(default_factory=ServerConfig)
     first_moment: State = field(default_factory=dict)
     second_moment: State = field(default_factory=dict)
 
@@ -84,23 +70,24 @@ class ServerOptimizer:
         return updated
 
     def _direction(self, key: str, delta: torch.Tensor) -> torch.Tensor:
-        if self.rule is ServerRule.FEDAVG:
-            return self.lr * delta
-        if self.rule is ServerRule.FEDAVGM:
-            velocity = self.first_moment.get(key, torch.zeros_like(delta)) * self.momentum + delta
+        c = self.config
+        if c.rule is ServerRule.FEDAVG:
+            return c.lr * delta
+        if c.rule is ServerRule.FEDAVGM:
+            velocity = self.first_moment.get(key, torch.zeros_like(delta)) * c.momentum + delta
             self.first_moment[key] = velocity
-            return self.lr * velocity
-        m = self.first_moment.get(key, torch.zeros_like(delta)) * self.beta1 + (1 - self.beta1) * delta
-        v = self.second_moment.get(key, torch.full_like(delta, self.tau**2))
+            return c.lr * velocity
+        m = self.first_moment.get(key, torch.zeros_like(delta)) * c.beta1 + (1 - c.beta1) * delta
+        v = self.second_moment.get(key, torch.full_like(delta, c.tau**2))
         squared = delta * delta
-        if self.rule is ServerRule.FEDADAGRAD:
+        if c.rule is ServerRule.FEDADAGRAD:
             v = v + squared
-        elif self.rule is ServerRule.FEDADAM:
-            v = self.beta2 * v + (1 - self.beta2) * squared
+        elif c.rule is ServerRule.FEDADAM:
+            v = c.beta2 * v + (1 - c.beta2) * squared
         else:  # FedYogi
-            v = v - (1 - self.beta2) * squared * torch.sign(v - squared)
+            v = v - (1 - c.beta2) * squared * torch.sign(v - squared)
         self.first_moment[key], self.second_moment[key] = m, v
-        return self.lr * m / (v.sqrt() + self.tau)
+        return c.lr * m / (v.sqrt() + c.tau)
 
     def state(self) -> State:
         """Moments as named tensors, for checkpoints."""

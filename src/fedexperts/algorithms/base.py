@@ -1,42 +1,36 @@
-"""The algorithm interface: roles, client-model construction, payloads and aggregation.
+"""Role-based algorithms: the common implementation of :class:`fedexperts.interface.Algorithm`.
 
-An :class:`Algorithm` is prepared once per process on the loaded base model (e.g. attention LoRA
-is injected in place), then, for every client it is handed to, it fills the trainable tensors
+A :class:`BaseAlgorithm` is prepared once per process on the loaded base model (e.g. attention
+LoRA is injected in place), then, for every client it is handed to, it fills the trainable tensors
 from what the client received (shared) and what the client kept (personal), says what goes back,
-and aggregates replies on the server. Runtimes only move :class:`Payload` objects around and never
-special-case an algorithm.
+and aggregates replies on the server. Runtimes only move payloads around and never special-case
+an algorithm.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable, Sequence
 
 import peft
 import torch
 from torch import nn
 
-from fedexperts.algorithms.aggregation import ServerOptimizer, State, weighted_average
+from fedexperts.algorithms.aggregation import ServerOptimizer, weighted_average
+from fedexperts.algorithms.settings import LoraConfig, ServerConfig, SharedScope
 from fedexperts.errors import FedExpertsError
-from fedexperts.federation.payload import Payload, validate_update
+from fedexperts.interface import (
+    EXAMPLES_KEY,
+    ClientContext,
+    ClientInfo,
+    ClientUpdate,
+    LocalData,
+    Payload,
+    State,
+    validate_update,
+)
 from fedexperts.moe.families import family_for, unwrap_model
 from fedexperts.moe.params import ParamKind, Role, RoleRules, apply_roles, parameter_roles
-
-EXAMPLES_KEY = "examples"
-
-
-class SharedScope(StrEnum):
-    """Which parameters the federation trains and shares."""
-
-    ATTENTION_LORA = "attention-lora"
-    ATTENTION = "attention"
-    NON_EXPERT = "non-expert"
-    """Every weight except the routed experts (attention, embeddings, norms, routers, shared experts)."""
-    EVERYTHING = "everything"
-    """MoE-as-dense: every weight including all routed experts."""
-
 
 _NON_EXPERT = (
     ParamKind.ATTENTION,
@@ -59,50 +53,6 @@ def scope_rules(scope: SharedScope, role: Role = Role.SHARED) -> RoleRules:
     return RoleRules(base=dict.fromkeys(kinds, role))
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    client_id: str
-    num_examples: int
-
-
-def majority_category(categories: Mapping[str, int]) -> str | None:
-    """The category with the most rows (ties: the first by name); ``None`` without categories."""
-    if not categories:
-        return None
-    return max(sorted(categories), key=lambda name: categories[name])
-
-
-@dataclass(frozen=True)
-class LocalData:
-    """What an algorithm may read of a client's data while building its model (never sent anywhere).
-
-    ``batches`` yields model-ready batches (``input_ids``, ``attention_mask``, ``labels``) of the
-    client's training split, in a fixed order; FLEx calibrates its grafting choice on them and
-    FedMoE measures expert activations.
-    """
-
-    client: ClientInfo
-    batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
-    round: int = 1
-    """The round being run (1-based), for algorithms that act every K rounds."""
-    categories: Mapping[str, int] = field(default_factory=dict)
-    """Training rows per category (FedMoE's same-category estimation)."""
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    client: ClientInfo
-    payload: Payload
-    """The client's tensors; its metadata carries the example count and whatever the client reported."""
-
-
 def attention_linear_names(model: nn.Module) -> list[str]:
     """Full names of the ``nn.Linear`` modules inside attention modules (LoRA targets, by structure)."""
     base = unwrap_model(model)
@@ -120,12 +70,13 @@ def attention_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
-class Algorithm:
-    """Base behaviour shared by every algorithm; subclasses choose roles and override hooks.
+class BaseAlgorithm:
+    """Behaviour shared by every algorithm; subclasses choose roles and override hooks.
 
     The model is prepared once (:meth:`prepare`). Per client: :meth:`setup_client` loads the
-    trainable tensors, training runs, :meth:`uplink` and :meth:`personal_state` read them back.
-    Tensors of a role are the model's own parameter names (with peft's LoRA segments).
+    trainable tensors and returns the client's :class:`ClientContext`, training runs,
+    :meth:`uplink` and :meth:`personal_state` read them back. Tensors of a role are the model's own
+    parameter names (with peft's LoRA segments). Nothing per client is stored on ``self``.
     """
 
     name = "base"
@@ -134,12 +85,12 @@ class Algorithm:
         self,
         rules: RoleRules,
         *,
-        lora: LoraSettings | None = None,
-        server: ServerOptimizer | None = None,
+        lora: LoraConfig | None = None,
+        server: ServerConfig | None = None,
     ) -> None:
         self.rules = rules
         self.lora = lora
-        self.server = server or ServerOptimizer()
+        self.server = ServerOptimizer(server or ServerConfig())
         self.roles: dict[str, Role] = {}
         self._initial_personal: State = {}
         self._by_role: weakref.WeakKeyDictionary[nn.Module, dict[Role, dict[str, nn.Parameter]]] = (
@@ -176,16 +127,15 @@ class Algorithm:
 
     @torch.no_grad()
     def setup_client(
-        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData | None = None
-    ) -> nn.Module:
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
+    ) -> ClientContext:
         """Load received shared tensors and the client's personal ones (or their start values).
 
-        Returns the model the client trains and evaluates: ``model`` itself here; an algorithm may
-        return another view of it (FedMoE: the client's sub-MoE). ``data`` is ``None`` when there is
-        no data to look at (``fedexperts plan``).
+        The context's model is the one the client trains and evaluates: ``model`` itself here; an
+        algorithm may give another view of it (FedMoE: the client's sub-MoE).
         """
         self._load_shared_and_personal(model, received, personal)
-        return model
+        return ClientContext(data.client, model, received, data.round)
 
     @torch.no_grad()
     def _load_shared_and_personal(self, model: nn.Module, received: Payload, personal: Payload | None) -> None:
@@ -197,16 +147,17 @@ class Algorithm:
         for name, param in self._params(model, Role.PERSONAL).items():
             param.copy_(kept.get(name, self._initial_personal[name]))
 
-    def proximal_term(self, model: nn.Module, received: Payload) -> Callable[[], torch.Tensor] | None:
+    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
         """An extra local loss term (FedProx); none by default."""
         return None
 
-    def uplink(self, model: nn.Module, client: ClientInfo) -> Payload:
-        tensors = {name: param.detach().clone() for name, param in self._params(model, Role.SHARED).items()}
-        return Payload(tensors, {EXAMPLES_KEY: client.num_examples})
+    def uplink(self, context: ClientContext) -> Payload:
+        tensors = {name: param.detach().clone() for name, param in self._params(context.model, Role.SHARED).items()}
+        return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples})
 
-    def personal_state(self, model: nn.Module) -> Payload | None:
-        tensors = {name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()}
+    def personal_state(self, context: ClientContext) -> Payload | None:
+        personal = self._params(context.model, Role.PERSONAL)
+        tensors = {name: param.detach().clone() for name, param in personal.items()}
         return Payload(tensors) if tensors else None
 
     # -- server --------------------------------------------------------------------------------------

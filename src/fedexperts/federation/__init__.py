@@ -1,5 +1,5 @@
-"""Moving named tensors between server and clients, and keeping state safe."""
+"""Runtimes: the server loop over a transport, in-process and Flower; the wire format; state stores."""
 
-from fedexperts.federation.payload import Payload, PayloadError, decode, encode, validate_update
+from fedexperts.federation.payload import decode, encode
 
-__all__ = ["Payload", "PayloadError", "decode", "encode", "validate_update"]
+__all__ = ["decode", "encode"]

@@ -19,16 +19,22 @@ import torch
 
 
 @dataclass
-class PeakMemory:
+class PeakMeter:
+    """The running peak of one :func:`peak_memory` block, updated while it runs.
+
+    A measurement holder, not a record: the client reports its ``bytes`` as ``peak_memory_bytes``,
+    and the run's reported peak is :class:`fedexperts.reporting.runs.PeakMemory`.
+    """
+
     bytes: int = 0
     device: str = "cpu"
 
 
 @contextmanager
-def peak_memory(device: torch.device | str = "cpu", *, interval: float = 0.005) -> Iterator[PeakMemory]:
+def peak_memory(device: torch.device | str = "cpu", *, interval: float = 0.005) -> Iterator[PeakMeter]:
     """Track the peak memory of the block: CUDA allocator peak on a GPU, process RSS peak on CPU."""
     device = torch.device(device)
-    result = PeakMemory(device=device.type)
+    result = PeakMeter(device=device.type)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

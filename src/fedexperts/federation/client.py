@@ -14,15 +14,13 @@ from typing import Any
 
 import torch
 
-from fedexperts.algorithms import ClientInfo, LocalData
-from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.evaluation import Scores, instruction_scores, multiple_choice_accuracy, pad_token_id
 from fedexperts.experiment import Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
-from fedexperts.federation.payload import Payload
 from fedexperts.federation.state import ClientStateStore
-from fedexperts.training import TrainSettings, train_local
+from fedexperts.interface import ClientInfo, LocalData, Payload
+from fedexperts.training import train_local
 
 
 @dataclass(frozen=True)
@@ -37,23 +35,6 @@ class ClientTask:
     """Also score it on the union test set (final evaluation)."""
     probes: bool = False
     """Also score knowledge probes (final evaluation)."""
-
-
-def train_settings(config: TrainConfig, rounds: int) -> TrainSettings:
-    return TrainSettings(
-        learning_rate=config.learning_rate,
-        min_learning_rate=config.min_learning_rate,
-        weight_decay=config.weight_decay,
-        steps_per_round=config.steps_per_round,
-        grad_accumulation=config.grad_accumulation,
-        max_grad_norm=config.max_grad_norm,
-        warmup_steps=config.warmup_steps,
-        total_rounds=rounds,
-        label_smoothing=config.label_smoothing,
-        router_aux_loss_coef=config.router_aux_loss_coef,
-        gradient_checkpointing=config.gradient_checkpointing,
-        bf16=config.bf16,
-    )
 
 
 def shuffled_batches(
@@ -98,7 +79,8 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     metrics: dict[str, Any] = {"examples": client.num_examples}
     with peak_memory(device) as peak:
         local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
-        model = algorithm.setup_client(setting.model, received, store.load(client.client_id), local)
+        context = algorithm.setup_client(setting.model, received, store.load(client.client_id), local)
+        model = context.model
         evaluate_options: dict[str, Any] = {
             "max_new_tokens": config.eval.max_new_tokens,
             "batch_size": config.eval.batch_size,
@@ -125,15 +107,16 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                 result = train_local(
                     model,
                     batches,
-                    train_settings(config.train, config.federation.rounds),
+                    config.train,
+                    total_rounds=config.federation.rounds,
                     round_index=task.round - 1,
-                    proximal=algorithm.proximal_term(model, received),
+                    proximal=algorithm.proximal_term(context),
                     description=client.client_id,
                     progress=sys.stderr.isatty(),
                 )
             metrics.update({"train_loss": result.loss, "train_tokens": result.tokens})
-            uplink = algorithm.uplink(model, info)
-            personal = algorithm.personal_state(model)
+            uplink = algorithm.uplink(context)
+            personal = algorithm.personal_state(context)
             if personal is not None:
                 store.stage(task.round, client.client_id, personal)
     metrics.update({f"seconds_{name}": value for name, value in watch.seconds.items()})

@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedexperts.algorithms.base import majority_category
 from fedexperts.config import ExperimentConfig
 from fedexperts.experiment import Setting, build_setting
 from fedexperts.federation.client import ClientTask, run_client
-from fedexperts.federation.payload import Payload, decode, encode, transfer_dtype
+from fedexperts.federation.payload import decode, encode, transfer_dtype
 from fedexperts.federation.rundir import RunResult, prepare_run_dir
 from fedexperts.federation.server import Delivery, Federation, Member
 from fedexperts.federation.state import ClientStateStore
+from fedexperts.interface import Payload, majority_category
 
 
 def members_of(setting: Setting) -> dict[str, Member]:

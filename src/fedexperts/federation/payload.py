@@ -1,44 +1,26 @@
 """What crosses the wire: named tensors plus small JSON metadata, as safetensors bytes.
 
 safetensors is the format (no pickle, bf16 supported, a bounded JSON header); this module adds
-the metadata convention, exact byte accounting (the length of the encoded message) and the
-validation a server runs on every reply before it aggregates anything.
+the metadata convention and exact byte accounting (the length of the encoded message). What a
+message *is* (:class:`~fedexperts.interface.Payload`) and how a server validates a reply belong to
+the algorithm contract in :mod:`fedexperts.interface`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from fedexperts.errors import FedExpertsError
+from fedexperts.interface import Payload, PayloadError
 
 _METADATA_KEY = "fedexperts"
 DTYPES_FIELD = "__dtypes__"
 """Reserved metadata key: the original dtypes of tensors cast for transfer."""
-
-
-class PayloadError(FedExpertsError):
-    """A message that cannot be decoded, or an update that does not fit what the server expects."""
-
-
-@dataclass(frozen=True)
-class Payload:
-    """Named tensors (the model's own parameter names) and JSON-able metadata."""
-
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tensor_bytes(self) -> int:
-        """Raw bytes of the tensors alone (what the wire format adds on top is its overhead)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def encode(payload: Payload, *, dtype: torch.dtype | None = None) -> bytes:
@@ -49,6 +31,96 @@ def encode(payload: Payload, *, dtype: torch.dtype | None = None) -> bytes:
     """
     tensors, cast = cast_for_transfer(payload.tensors, dtype)
     return save(tensors, metadata={_METADATA_KEY: metadata_json(payload.metadata, cast)})
+
+
+# -- size without bytes ----------------------------------------------------------------------------
+# safetensors' dtype names, in the order of its ``Dtype`` enum: ``serialize`` lays tensors out by
+# descending rank, then by name, and the data offsets in the header follow that order.
+_SAFETENSORS_ORDER = (
+    ("bool", "BOOL"),
+    ("uint8", "U8"),
+    ("int8", "I8"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+    ("int16", "I16"),
+    ("uint16", "U16"),
+    ("float16", "F16"),
+    ("bfloat16", "BF16"),
+    ("int32", "I32"),
+    ("uint32", "U32"),
+    ("float32", "F32"),
+    ("complex64", "C64"),
+    ("float64", "F64"),
+    ("int64", "I64"),
+    ("uint64", "U64"),
+)
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    getattr(torch, name): code for name, code in _SAFETENSORS_ORDER if hasattr(torch, name)
+}  # a dtype this torch lacks (older releases) simply cannot occur
+_SAFETENSORS_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+TensorSpec = tuple[tuple[int, ...], torch.dtype]
+"""A tensor as the wire sizes it: ``(shape, dtype)``."""
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def _wire_dtype(dtype: torch.dtype, transfer_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``encode`` writes: floating tensors are cast to ``transfer_dtype`` when one is given."""
+    return transfer_dtype if transfer_dtype is not None and dtype.is_floating_point else dtype
+
+
+def encoded_header(
+    shapes_and_dtypes: Mapping[str, TensorSpec], metadata: dict[str, Any], *, dtype: torch.dtype | None = None
+) -> bytes:
+    """The padded JSON header :func:`encode` writes for these tensors.
+
+    Same layout as safetensors' ``serialize``: tensors sorted by descending dtype rank then name,
+    consecutive data offsets, ``__metadata__`` first, compact JSON with raw UTF-8, padded with
+    spaces to a multiple of 8 bytes.
+    """
+    entries = []
+    cast = {}
+    for name, (shape, stored) in shapes_and_dtypes.items():
+        wire = _wire_dtype(stored, dtype)
+        if wire not in _SAFETENSORS_DTYPES:
+            raise PayloadError(f"{name}: safetensors cannot store dtype {wire}")
+        if wire != stored:
+            cast[name] = str(stored).removeprefix("torch.")
+        entries.append((name, tuple(int(size) for size in shape), wire))
+    entries.sort(key=lambda entry: (-_SAFETENSORS_RANK[entry[2]], entry[0]))
+    header: dict[str, Any] = {"__metadata__": {_METADATA_KEY: metadata_json(metadata, cast)}}
+    offset = 0
+    for name, shape, wire in entries:
+        end = offset + _numel(shape) * wire.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[wire], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def encoded_size(
+    shapes_and_dtypes: Mapping[str, TensorSpec], metadata: dict[str, Any], *, dtype: torch.dtype | None = None
+) -> int:
+    """``len(encode(Payload(tensors, metadata), dtype=dtype))`` from shapes and dtypes alone.
+
+    8-byte header length, the padded JSON header, then every tensor's bytes; works for tensors
+    that have no storage (``meta``), which ``encode`` itself cannot serialise.
+    """
+    data = sum(_numel(shape) * _wire_dtype(stored, dtype).itemsize for shape, stored in shapes_and_dtypes.values())
+    return 8 + len(encoded_header(shapes_and_dtypes, metadata, dtype=dtype)) + data
+
+
+def payload_size(payload: Payload, *, dtype: torch.dtype | None = None) -> int:
+    """Exact ``len(encode(payload, dtype=dtype))`` without encoding (its tensors may live on ``meta``)."""
+    specs = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in payload.tensors.items()}
+    return encoded_size(specs, payload.metadata, dtype=dtype)
 
 
 def cast_for_transfer(
@@ -114,35 +186,3 @@ def decode(data: bytes) -> Payload:
 def transfer_dtype(name: str | None) -> torch.dtype | None:
     """The torch dtype of ``federation.transfer_dtype`` (``None``: tensors travel as they are)."""
     return None if name is None else getattr(torch, name)
-
-
-def validate_update(
-    payload: Payload, expected: Mapping[str, torch.Tensor], *, sender: str, allow_missing: bool = False
-) -> None:
-    """Check a client's update against the tensors the server expects, before any averaging.
-
-    Every key must be expected (and, unless ``allow_missing``, every expected key present), with
-    the expected shape, a floating dtype, and only finite values.
-    """
-    unexpected = sorted(set(payload.tensors) - set(expected))
-    if unexpected:
-        raise PayloadError(f"{sender}: unexpected tensors {unexpected[:5]}")
-    missing = sorted(set(expected) - set(payload.tensors))
-    if missing and not allow_missing:
-        raise PayloadError(f"{sender}: missing tensors {missing[:5]}")
-    for name, tensor in payload.tensors.items():
-        reference = expected[name]
-        if tensor.shape != reference.shape:
-            raise PayloadError(f"{sender}: {name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}")
-        if not tensor.is_floating_point():
-            raise PayloadError(f"{sender}: {name} has dtype {tensor.dtype}, expected a floating dtype")
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise PayloadError(f"{sender}: {name} has {bad} NaN/Inf values")
-
-
-def check_metadata_numbers(metadata: Mapping[str, Any], *, sender: str) -> None:
-    """Refuse non-finite numbers in metrics a client reports (they would poison averages)."""
-    for key, value in metadata.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PayloadError(f"{sender}: metadata {key!r} is {value}")

@@ -12,8 +12,7 @@ import tomli_w
 from fedexperts.atomic import atomic_file
 from fedexperts.config import ExperimentConfig, build_config
 from fedexperts.federation.server import RunError
-
-CONFIG_FILE = "config.toml"
+from fedexperts.reporting.schema import CONFIG_FILE
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,24 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
-from fedexperts.algorithms import Algorithm, ClientInfo, ClientUpdate
-from fedexperts.algorithms.aggregation import State
 from fedexperts.atomic import atomic_file
 from fedexperts.config import ExperimentConfig
 from fedexperts.errors import FedExpertsError
 from fedexperts.experiment import client_ids
 from fedexperts.federation.client import ClientTask
-from fedexperts.federation.payload import Payload, PayloadError, check_metadata_numbers
 from fedexperts.federation.state import CheckpointStore
+from fedexperts.interface import (
+    Algorithm,
+    ClientInfo,
+    ClientUpdate,
+    Payload,
+    PayloadError,
+    State,
+    check_metadata_numbers,
+)
 from fedexperts.moe.params import Role
+from fedexperts.reporting import schema
 
-METRICS_FILE = "metrics.jsonl"
 _GLOBAL, _SERVER, _SERVER_METADATA = "global/", "server/", "server"
 
 
@@ -119,10 +125,11 @@ class Transport(Protocol):
 
 
 def _eval_record(metadata: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
+    """A reply's ``{prefix}_loss``, ``{prefix}_rouge_l``... as the fields of a ``Scores`` (validated with the entry)."""
     keys = ("loss", "exact_match", "rouge_l", "examples")
     if f"{prefix}_loss" not in metadata:
         return None
-    return {key: metadata[f"{prefix}_{key}"] for key in keys}
+    return {key: metadata[f"{prefix}_{key}"] for key in keys if f"{prefix}_{key}" in metadata}
 
 
 class Federation:
@@ -156,9 +163,9 @@ class Federation:
     def _record_path(self, name: str) -> Path:
         return self.run_dir / "records" / f"{name}.json"
 
-    def _write_record(self, name: str, record: dict[str, Any]) -> None:
+    def _write_record(self, name: str, record: schema.RunInfo | schema.RoundRecord | schema.FinalRecord) -> None:
         with atomic_file(self._record_path(name)) as path:
-            path.write_text(json.dumps(record, allow_nan=False))
+            path.write_text(json.dumps(schema.dump(record), allow_nan=False))
 
     def records(self) -> list[dict[str, Any]]:
         folder = self.run_dir / "records"
@@ -171,15 +178,15 @@ class Federation:
 
     def _write_metrics(self) -> list[dict[str, Any]]:
         lines = self.records()
-        with atomic_file(self.run_dir / METRICS_FILE) as path:
+        with atomic_file(self.run_dir / schema.METRICS_FILE) as path:
             path.write_text("".join(json.dumps(line, allow_nan=False) + "\n" for line in lines))
         return lines
 
-    def _run_record(self) -> dict[str, Any]:
+    def _run_record(self) -> schema.RunInfo:
         roles = self.algorithm.roles
         params = dict(self.model.named_parameters())
         by_role = {role: sum(params[name].numel() for name, r in roles.items() if r is role) for role in Role}
-        return {
+        record = {
             "kind": "run",
             "name": self.config.name,
             "algorithm": str(self.config.algorithm.name),
@@ -195,6 +202,7 @@ class Federation:
                 "frozen": by_role[Role.FROZEN],
             },
         }
+        return schema.RunInfo.model_validate(record)
 
     # -- state -----------------------------------------------------------------------------------------
     def _restore(self) -> tuple[int, State]:
@@ -219,7 +227,7 @@ class Federation:
     # -- clients ---------------------------------------------------------------------------------------
     def _exchange(
         self, tasks: Sequence[ClientTask], global_state: State
-    ) -> tuple[dict[str, dict[str, Any]], list[ClientUpdate]]:
+    ) -> tuple[dict[str, schema.ClientRound], list[ClientUpdate]]:
         """Send, run, receive and validate; every failure or refusal is recorded, never raised."""
         downlinks = []
         for task in tasks:
@@ -241,7 +249,7 @@ class Federation:
 
     def _check(
         self, task: ClientTask, delivery: Delivery, global_state: State
-    ) -> tuple[dict[str, Any], ClientUpdate | None]:
+    ) -> tuple[schema.ClientRound, ClientUpdate | None]:
         member = self.members[task.client_id]
         entry: dict[str, Any] = {
             "status": "ok",
@@ -252,10 +260,8 @@ class Federation:
         }
         reply = delivery.reply
         if reply is None:
-            entry.update(status="failed", error=delivery.error or "no reply")
-            entry["seconds"] = {"train": 0.0, "eval": 0.0, "total": delivery.seconds}
             self.transport.reject(task)
-            return entry, None
+            return _unanswered(entry, "failed", delivery.error or "no reply", delivery), None
         metadata = reply.metadata
         entry.update(
             train_loss=metadata.get("train_loss"),
@@ -270,8 +276,13 @@ class Federation:
         )
         if task.union or task.probes:
             entry.update(union=_eval_record(metadata, "union"), probes=metadata.get("probes"))
+        try:
+            record = schema.validate(schema.ClientRound, entry)
+        except schema.RecordError as error:
+            self.transport.reject(task)
+            return _unanswered(entry, "rejected", f"{task.client_id}: reply metadata: {error}", delivery), None
         if not task.train:
-            return entry, None
+            return record, None
         info = ClientInfo(task.client_id, int(metadata.get("examples", 0)))
         try:
             check_metadata_numbers(metadata, sender=task.client_id)
@@ -279,10 +290,9 @@ class Federation:
                 raise PayloadError(f"{task.client_id}: reports {info.num_examples} training examples")
             self.algorithm.check_update(reply, global_state, info)
         except PayloadError as error:
-            entry.update(status="rejected", error=str(error))
             self.transport.reject(task)
-            return entry, None
-        return entry, ClientUpdate(info, reply)
+            return record.model_copy(update={"status": "rejected", "error": str(error)}), None
+        return record, ClientUpdate(info, reply)
 
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -312,7 +322,7 @@ class Federation:
         tasks = [ClientTask(client_id, round_number, evaluate=evaluate) for client_id in sampled]
         entries, updates = self._exchange(tasks, global_state)
         if len(updates) < federation.min_successful:
-            problems = "; ".join(f"{cid}: {e['error']}" for cid, e in entries.items() if e["error"])
+            problems = "; ".join(f"{cid}: {e.error}" for cid, e in entries.items() if e.error)
             raise RunError(
                 f"round {round_number}: {len(updates)} of {len(sampled)} clients succeeded, fewer than "
                 f"federation.min_successful={federation.min_successful} ({problems})"
@@ -321,28 +331,28 @@ class Federation:
         global_state = self.algorithm.aggregate(global_state, updates)
         aggregate_seconds = time.perf_counter() - aggregate_start
         round_seconds = time.perf_counter() - started
-        train = sum(e["seconds"]["train"] for e in entries.values())
-        evaluation = sum(e["seconds"]["eval"] for e in entries.values())
-        record = {
-            "kind": "round",
-            "round": round_number,
-            "sampled": sampled,
-            "clients": entries,
-            "bytes_down": sum(e["bytes_down"] for e in entries.values()),
-            "bytes_up": sum(e["bytes_up"] for e in entries.values()),
-            "seconds": {
-                "round": round_seconds,
-                "train": train,
-                "eval": evaluation,
-                "aggregate": aggregate_seconds,
-                "overhead": max(round_seconds - train - evaluation - aggregate_seconds, 0.0),
-            },
-        }
+        train = sum(e.seconds.train for e in entries.values())
+        evaluation = sum(e.seconds.eval for e in entries.values())
+        record = schema.RoundRecord(
+            kind="round",
+            round=round_number,
+            sampled=tuple(sampled),
+            clients=entries,
+            bytes_down=sum(e.bytes_down for e in entries.values()),
+            bytes_up=sum(e.bytes_up for e in entries.values()),
+            seconds=schema.RoundSeconds(
+                round=round_seconds,
+                train=train,
+                eval=evaluation,
+                aggregate=aggregate_seconds,
+                overhead=max(round_seconds - train - evaluation - aggregate_seconds, 0.0),
+            ),
+        )
         self._write_record(f"round-{round_number:06d}", record)
         self._checkpoint(round_number, global_state)
         self.transport.commit(round_number, [update.client.client_id for update in updates])
         self._write_metrics()
-        self.on_round(record)
+        self.on_round(schema.dump(record))
         return global_state
 
     def _final(self, global_state: State) -> None:
@@ -351,13 +361,14 @@ class Federation:
         tasks = [ClientTask(cid, final_round, train=False, evaluate=True, union=True, probes=True) for cid in self.ids]
         entries, _ = self._exchange(tasks, global_state)
         clients = {
-            cid: {
-                "status": entry["status"],
-                "error": entry["error"],
-                "own": entry.get("eval"),
-                "union": entry.get("union"),
-                "probes": entry.get("probes"),
-            }
-            for cid, entry in entries.items()
+            cid: schema.ClientFinal(status=e.status, error=e.error, own=e.eval, union=e.union, probes=e.probes)
+            for cid, e in entries.items()
         }
-        self._write_record("final", {"kind": "final", "clients": clients, "seconds": time.perf_counter() - started})
+        seconds = time.perf_counter() - started
+        self._write_record("final", schema.FinalRecord(kind="final", clients=clients, seconds=seconds))
+
+
+def _unanswered(entry: Mapping[str, Any], status: str, error: str, delivery: Delivery) -> schema.ClientRound:
+    """The entry of a client with no usable reply: who it is and what was sent, without reported numbers."""
+    seconds = schema.ClientSeconds(train=0.0, eval=0.0, total=delivery.seconds)
+    return schema.validate(schema.ClientRound, {**entry, "status": status, "error": error, "seconds": seconds})

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from fedexperts.atomic import save_tensors
-from fedexperts.federation.payload import Payload, PayloadError
+from fedexperts.interface import Payload, PayloadError
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _METADATA_KEY = "fedexperts"

@@ -15,26 +15,28 @@ from fedexperts.reporting.compare import (
 )
 from fedexperts.reporting.plots import plot_bytes, plot_clients, plot_comparison, plot_rounds
 from fedexperts.reporting.runs import (
-    ClientFinal,
-    ClientRound,
-    ClientSeconds,
     Failure,
-    FinalRecord,
     MeanScores,
-    Parameters,
     PeakMemory,
     RoundMean,
-    RoundRecord,
-    RoundSeconds,
     RunFileError,
-    RunInfo,
     RunRecord,
-    Scores,
     TimeSplit,
     Traffic,
     load_run,
     mean_scores,
     read_metrics,
+)
+from fedexperts.reporting.schema import (
+    ClientFinal,
+    ClientRound,
+    ClientSeconds,
+    FinalRecord,
+    Parameters,
+    RoundRecord,
+    RoundSeconds,
+    RunInfo,
+    Scores,
 )
 from fedexperts.reporting.summary import final_table, report_markdown, write_report
 

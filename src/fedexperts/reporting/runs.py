@@ -2,8 +2,9 @@
 
 ``metrics.jsonl`` holds one JSON object per line: a ``run`` record first, one ``round`` record per
 completed round (round numbers strictly increasing), and a ``final`` record when the run finished.
-Every mistake is reported as a :class:`RunFileError` naming the file, the line and the dotted key,
-so a schema drift between the runtime and the reports shows up as one readable line.
+Each line is read through :mod:`fedexperts.reporting.schema`, the models the server writes; every
+mistake is reported as a :class:`RunFileError` naming the file, the line and the dotted key (never
+the data), so a schema drift between the runtime and the reports shows up as one readable line.
 
 Conventions for the derived numbers (each client weighs the same in every mean):
 
@@ -15,9 +16,7 @@ Conventions for the derived numbers (each client weighs the same in every mean):
 * :meth:`RunRecord.rounds_to_fraction` returns the round *number* ``r`` (not ``r - 1``), and
   ``None`` when every round's mean ROUGE-L is 0 (or no round was evaluated).
 
-Nullable fields (``error``, ``train_loss``, ``eval``, ``peak_memory_bytes``, ``union``, ``probes``,
-a final client's ``own``) may also be absent, as for a client that failed before reporting them;
-every other key is required. Integer fields accept integral floats (``10.0``). Unknown keys are ignored.
+Which keys may be absent, and how numbers are accepted: see the schema module. Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -28,14 +27,21 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn, cast
+from typing import Any, NoReturn
 
 from fedexperts.errors import FedExpertsError
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.toml"
-Status = Literal["ok", "failed", "rejected"]
-STATUSES: tuple[Status, ...] = ("ok", "failed", "rejected")
+from fedexperts.reporting.schema import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    FinalRecord,
+    RecordError,
+    RoundRecord,
+    RunInfo,
+    Scores,
+    Status,
+    kind_of,
+    parse_record,
+)
 
 
 class RunFileError(FedExpertsError):
@@ -46,99 +52,6 @@ class RunFileError(FedExpertsError):
         self.line = line
         where = str(path) if line is None else f"{path}:{line}"
         super().__init__(f"{where}: {message}")
-
-
-@dataclass(frozen=True)
-class Parameters:
-    total: int
-    trainable: int
-    shared: int
-    personal: int
-    frozen: int
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """The ``run`` line: what was run."""
-
-    name: str
-    algorithm: str
-    seed: int
-    clients: tuple[str, ...]
-    rounds: int
-    """Rounds planned (``RunRecord.rounds`` holds the ones completed)."""
-    model: str
-    parameters: Parameters
-
-
-@dataclass(frozen=True)
-class Scores:
-    """One client's evaluation on one test set."""
-
-    loss: float
-    exact_match: float
-    rouge_l: float
-    examples: int
-
-
-@dataclass(frozen=True)
-class ClientSeconds:
-    train: float
-    eval: float
-    total: float
-
-
-@dataclass(frozen=True)
-class ClientRound:
-    """One client's part in one round."""
-
-    status: Status
-    error: str | None
-    examples: int
-    train_loss: float | None
-    eval: Scores | None
-    """Measured before the client trained in this round."""
-    bytes_down: int
-    bytes_up: int
-    peak_memory_bytes: int | None
-    """``None`` when the client did not report it (e.g. it failed)."""
-    seconds: ClientSeconds
-
-
-@dataclass(frozen=True)
-class RoundSeconds:
-    round: float
-    train: float
-    eval: float
-    aggregate: float
-    overhead: float
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    """1-based."""
-    sampled: tuple[str, ...]
-    clients: dict[str, ClientRound]
-    bytes_down: int
-    bytes_up: int
-    seconds: RoundSeconds
-
-
-@dataclass(frozen=True)
-class ClientFinal:
-    own: Scores | None
-    """``None`` when the client's final evaluation failed."""
-    union: Scores | None
-    probes: float | None
-    status: Status = "ok"
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class FinalRecord:
-    clients: dict[str, ClientFinal]
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -181,6 +94,8 @@ class TimeSplit:
     overhead: float
     final: float | None
     """The final evaluation (``None`` when the run did not finish)."""
+    setup: float = 0.0
+    """Clients' setup seconds summed over clients and rounds (inside ``overhead``, not ``train`` or ``eval``)."""
 
     @property
     def total(self) -> float:
@@ -321,6 +236,7 @@ class RunRecord:
             aggregate=math.fsum(record.seconds.aggregate for record in self.rounds),
             overhead=math.fsum(record.seconds.overhead for record in self.rounds),
             final=None if self.final is None else self.final.seconds,
+            setup=math.fsum(part.seconds.setup for record in self.rounds for part in record.clients.values()),
         )
 
     @property
@@ -365,198 +281,14 @@ class RunRecord:
         return tuple(found)
 
 
-class _Fields:
-    """Typed access to one JSON object, naming the file, line and dotted key on every mistake."""
-
-    def __init__(self, data: object, path: Path, line: int, where: str) -> None:
-        self.path = path
-        self.line = line
-        self.where = where
-        if not isinstance(data, dict):
-            self.fail(f"{self.describe()} must be a JSON object, got {_kind(data)}")
-        self.data: dict[str, Any] = cast(dict[str, Any], data)
-
-    def describe(self, key: str | None = None) -> str:
-        dotted = ".".join(part for part in (self.where, key) if part)
-        return f"key {dotted!r}" if dotted else "the record"
-
-    def fail(self, message: str) -> NoReturn:
-        raise RunFileError(self.path, message, self.line)
-
-    def get(self, key: str) -> Any:
-        if key not in self.data:
-            where = f" in {self.describe()}" if self.where else ""
-            self.fail(f"missing key {key!r}{where}")
-        return self.data[key]
-
-    def integer(self, key: str) -> int:
-        value = self.get(key)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(f"{self.describe(key)} must be an integer, got {_kind(value)}")
-        return value
-
-    def optional_integer(self, key: str) -> int | None:
-        return None if self.data.get(key) is None else self.integer(key)
-
-    def number(self, key: str) -> float:
-        value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.fail(f"{self.describe(key)} must be a number, got {_kind(value)}")
-        return float(value)
-
-    def optional_number(self, key: str) -> float | None:
-        return None if self.data.get(key) is None else self.number(key)
-
-    def text(self, key: str) -> str:
-        value = self.get(key)
-        if not isinstance(value, str):
-            self.fail(f"{self.describe(key)} must be a string, got {_kind(value)}")
-        return value
-
-    def optional_text(self, key: str) -> str | None:
-        return None if self.data.get(key) is None else self.text(key)
-
-    def ids(self, key: str) -> tuple[str, ...]:
-        """A list of client ids; integers are accepted and turned into the strings JSON keys use."""
-        value = self.get(key)
-        if not isinstance(value, list) or not all(
-            isinstance(item, str | int) and not isinstance(item, bool) for item in value
-        ):
-            self.fail(f"{self.describe(key)} must be a list of client ids, got {_kind(value)}")
-        return tuple(str(item) for item in value)
-
-    def child(self, key: str) -> _Fields:
-        return _Fields(self.get(key), self.path, self.line, ".".join(part for part in (self.where, key) if part))
-
-    def optional_child(self, key: str) -> _Fields | None:
-        return None if self.data.get(key) is None else self.child(key)
-
-    def children(self, key: str) -> dict[str, _Fields]:
-        """A JSON object of client id to object."""
-        table = self.child(key)
-        return {name: table.child(name) for name in table.data}
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    names = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def _scores(fields: _Fields) -> Scores:
-    return Scores(
-        loss=fields.number("loss"),
-        exact_match=fields.number("exact_match"),
-        rouge_l=fields.number("rouge_l"),
-        examples=fields.integer("examples"),
-    )
-
-
-def _run_info(fields: _Fields) -> RunInfo:
-    parameters = fields.child("parameters")
-    info = RunInfo(
-        name=fields.text("name"),
-        algorithm=fields.text("algorithm"),
-        seed=fields.integer("seed"),
-        clients=fields.ids("clients"),
-        rounds=fields.integer("rounds"),
-        model=fields.text("model"),
-        parameters=Parameters(
-            total=parameters.integer("total"),
-            trainable=parameters.integer("trainable"),
-            shared=parameters.integer("shared"),
-            personal=parameters.integer("personal"),
-            frozen=parameters.integer("frozen"),
-        ),
-    )
-    if len(set(info.clients)) != len(info.clients):
-        fields.fail(f"{fields.describe('clients')} lists a client twice")
-    return info
-
-
-def _known(fields: _Fields, key: str, names: Iterable[str], known: set[str]) -> None:
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        fields.fail(f"{fields.describe(key)} names clients not in the run line: {', '.join(map(repr, unknown))}")
-
-
-def _status(fields: _Fields, default: Status | None = None) -> Status:
-    if default is not None and fields.data.get("status") is None:
-        return default
-    status = fields.text("status")
-    if status not in STATUSES:
-        fields.fail(f"{fields.describe('status')} must be one of {', '.join(STATUSES)}, got {status!r}")
-    return status
-
-
-def _client_round(fields: _Fields) -> ClientRound:
-    status = _status(fields)
-    evaluation = fields.optional_child("eval")
-    seconds = fields.child("seconds")
-    return ClientRound(
-        status=status,
-        error=fields.optional_text("error"),
-        examples=fields.integer("examples"),
-        train_loss=fields.optional_number("train_loss"),
-        eval=None if evaluation is None else _scores(evaluation),
-        bytes_down=fields.integer("bytes_down"),
-        bytes_up=fields.integer("bytes_up"),
-        peak_memory_bytes=fields.optional_integer("peak_memory_bytes"),
-        seconds=ClientSeconds(
-            train=seconds.number("train"), eval=seconds.number("eval"), total=seconds.number("total")
-        ),
-    )
-
-
-def _round(fields: _Fields, info: RunInfo) -> RoundRecord:
-    number = fields.integer("round")
-    if number < 1:
-        fields.fail(f"{fields.describe('round')} must be at least 1 (rounds are 1-based), got {number}")
-    sampled = fields.ids("sampled")
-    clients = {name: _client_round(part) for name, part in fields.children("clients").items()}
-    known = set(info.clients)
-    _known(fields, "sampled", sampled, known)
-    _known(fields, "clients", clients, known)
-    seconds = fields.child("seconds")
-    return RoundRecord(
-        round=number,
-        sampled=sampled,
-        clients=clients,
-        bytes_down=fields.integer("bytes_down"),
-        bytes_up=fields.integer("bytes_up"),
-        seconds=RoundSeconds(
-            round=seconds.number("round"),
-            train=seconds.number("train"),
-            eval=seconds.number("eval"),
-            aggregate=seconds.number("aggregate"),
-            overhead=seconds.number("overhead"),
-        ),
-    )
-
-
-def _final(fields: _Fields, info: RunInfo) -> FinalRecord:
-    clients = {}
-    for name, part in fields.children("clients").items():
-        own, union = part.optional_child("own"), part.optional_child("union")
-        clients[name] = ClientFinal(
-            own=None if own is None else _scores(own),
-            union=None if union is None else _scores(union),
-            probes=part.optional_number("probes"),
-            status=_status(part, default="ok"),
-            error=part.optional_text("error"),
-        )
-    _known(fields, "clients", clients, set(info.clients))
-    return FinalRecord(clients=clients, seconds=fields.number("seconds"))
+def _unknown(record: RoundRecord | FinalRecord, known: frozenset[str]) -> str | None:
+    """The complaint about clients a record names that the run line does not list, if any."""
+    listed = [("sampled", record.sampled)] if isinstance(record, RoundRecord) else []
+    for key, names in [*listed, ("clients", tuple(record.clients))]:
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            return f"key {key!r} names clients not in the run line: {', '.join(map(repr, unknown))}"
+    return None
 
 
 def read_metrics(path: str | Path) -> tuple[RunInfo, tuple[RoundRecord, ...], FinalRecord | None]:
@@ -565,38 +297,51 @@ def read_metrics(path: str | Path) -> tuple[RunInfo, tuple[RoundRecord, ...], Fi
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise RunFileError(source, "missing: a run directory needs a metrics.jsonl") from None
+        raise RunFileError(source, f"missing: a run directory needs a {METRICS_FILE}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise RunFileError(source, f"cannot read: {error}") from error
     info: RunInfo | None = None
     rounds: list[RoundRecord] = []
     final: FinalRecord | None = None
+    known: frozenset[str] = frozenset()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+
+        def fail(message: str, number: int = number) -> NoReturn:
+            raise RunFileError(source, message, number)
+
         try:
             data = json.loads(line)
         except json.JSONDecodeError as error:
-            raise RunFileError(source, f"bad JSON: {error.msg} (column {error.colno})", number) from None
-        fields = _Fields(data, source, number, "")
-        kind = fields.text("kind")
+            fail(f"bad JSON: {error.msg} (column {error.colno})")
+        if not isinstance(data, dict):
+            fail(f"the record must be a JSON object, got {kind_of(data)}")
+        kind = data.get("kind")
+        if info is None and isinstance(kind, str) and kind != "run":
+            fail(f"no run line: the first record must have kind 'run', got {kind!r}")
+        if final is not None:
+            fail(f"a {kind!r} record after the final record")
+        try:
+            record = parse_record(data)
+        except RecordError as error:
+            fail(str(error))
+        if isinstance(record, RunInfo):
+            if info is not None:
+                fail("a second run record")
+            info, known = record, frozenset(record.clients)
+            continue
         if info is None:
-            if kind != "run":
-                fields.fail(f"no run line: the first record must have kind 'run', got {kind!r}")
-            info = _run_info(fields)
-        elif final is not None:
-            fields.fail(f"a {kind!r} record after the final record")
-        elif kind == "round":
-            record = _round(fields, info)
-            if rounds and record.round <= rounds[-1].round:
-                fields.fail(f"round {record.round} comes after round {rounds[-1].round}; rounds must increase")
-            rounds.append(record)
-        elif kind == "final":
-            final = _final(fields, info)
-        elif kind == "run":
-            fields.fail("a second run record")
+            fail("no run line: the first record must have kind 'run'")
+        problem = _unknown(record, known)
+        if problem is not None:
+            fail(problem)
+        if isinstance(record, FinalRecord):
+            final = record
+        elif rounds and record.round <= rounds[-1].round:
+            fail(f"round {record.round} comes after round {rounds[-1].round}; rounds must increase")
         else:
-            fields.fail(f"unknown record kind {kind!r}; expected 'round' or 'final'")
+            rounds.append(record)
     if info is None:
         raise RunFileError(source, "no run line: the file has no records")
     return info, tuple(rounds), final

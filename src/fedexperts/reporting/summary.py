@@ -13,7 +13,8 @@ from rich.text import Text
 from fedexperts.atomic import atomic_file
 from fedexperts.reporting import format as fmt
 from fedexperts.reporting.plots import plot_bytes, plot_clients, plot_rounds
-from fedexperts.reporting.runs import MeanScores, RunRecord, Scores, load_run
+from fedexperts.reporting.runs import MeanScores, RunRecord, load_run
+from fedexperts.reporting.schema import Scores
 
 SUMMARY_FILE = "summary.md"
 CLIENTS_PLOT = "plot_clients.png"

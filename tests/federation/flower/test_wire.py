@@ -9,7 +9,7 @@ from fedexperts.federation.flower.wire import (
     record_to_payload,
     task_of,
 )
-from fedexperts.federation.payload import Payload, PayloadError
+from fedexperts.interface import Payload, PayloadError
 
 
 def test_tensors_metadata_and_task_survive_the_record_with_their_dtypes():

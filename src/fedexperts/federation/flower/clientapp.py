@@ -22,7 +22,6 @@ from pathlib import Path
 from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedexperts.algorithms.base import majority_category
 from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench
 from fedexperts.data.partition import Partition
@@ -38,8 +37,9 @@ from fedexperts.experiment import (
 from fedexperts.federation.client import run_client
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_to_payload, task_of
-from fedexperts.federation.payload import Payload, transfer_dtype
+from fedexperts.federation.payload import transfer_dtype
 from fedexperts.federation.state import ClientStateStore
+from fedexperts.interface import Payload, majority_category
 from fedexperts.models.builtin import cache_root
 
 PARTITION_ID, NUM_PARTITIONS, STATE_DIR = "partition-id", "num-partitions", "state-dir"

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedexperts.config import ConfigError, ExperimentConfig, build_config
+from fedexperts.config import ConfigError, ExperimentConfig, build_config, list_valued_keys
 
 NONE = ""
-_LIST_KEYS = ("algorithm.fedmoe.budgets",)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,10 +57,11 @@ def nested_run_config(config: ExperimentConfig) -> dict[str, Any]:
 def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """The experiment config a Flower run config describes (keys outside the config are an error)."""
     nested: dict[str, Any] = {}
+    list_keys = list_valued_keys()
     for key, value in run_config.items():
         if value == NONE:
             value = None
-        elif key in _LIST_KEYS and isinstance(value, str):
+        elif key in list_keys and isinstance(value, str):
             try:
                 value = [int(item) for item in value.split(",") if item.strip()]
             except ValueError:

@@ -28,9 +28,10 @@ from fedexperts.federation.client import ClientTask
 from fedexperts.federation.flower.clientapp import MEMBER
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_bytes, record_to_payload
-from fedexperts.federation.payload import Payload, PayloadError, transfer_dtype
+from fedexperts.federation.payload import transfer_dtype
 from fedexperts.federation.rundir import RunResult, prepare_run_dir
 from fedexperts.federation.server import Delivery, Federation, Member, RunError
+from fedexperts.interface import Payload, PayloadError
 
 _POLL_SECONDS = 0.2
 

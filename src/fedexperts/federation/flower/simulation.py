@@ -20,7 +20,8 @@ from fedexperts.config import ExperimentConfig
 from fedexperts.federation.flower.clientapp import client_app
 from fedexperts.federation.flower.serverapp import server_app
 from fedexperts.federation.rundir import RunResult
-from fedexperts.federation.server import METRICS_FILE, RunError
+from fedexperts.federation.server import RunError
+from fedexperts.reporting.schema import METRICS_FILE
 
 
 def run_simulation(

@@ -18,7 +18,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedexperts.federation.client import ClientTask
-from fedexperts.federation.payload import Payload, PayloadError, cast_for_transfer, restore_dtypes
+from fedexperts.federation.payload import cast_for_transfer, restore_dtypes
+from fedexperts.interface import Payload, PayloadError
 
 ARRAYS, CONFIG = "arrays", "config"
 _METADATA, _DTYPES, _TASK, _COMMIT = "metadata", "dtypes", "task", "commit-round"

@@ -24,7 +24,8 @@ its saved values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import cast
 
@@ -32,10 +33,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedexperts.algorithms.aggregation import ServerOptimizer
-from fedexperts.algorithms.base import Algorithm, LocalData, LoraSettings, SharedScope, scope_rules
+from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
+from fedexperts.algorithms.flex.config import FlexConfig
+from fedexperts.algorithms.settings import SharedScope
 from fedexperts.errors import FedExpertsError
-from fedexperts.federation.payload import Payload
+from fedexperts.interface import ClientContext, LocalData, Payload
 from fedexperts.moe.families import moe_layers, unwrap_model
 from fedexperts.moe.params import ParamKind, Role, RoleRules
 from fedexperts.moe.personal import graft_personal_experts, grafts, regraft, set_grafted_experts, suspended_grafts
@@ -54,35 +56,23 @@ def flex_rules(scope: SharedScope, *, share_gate: bool) -> RoleRules:
     return RoleRules(base=base, adapters=dict(shared.adapters))
 
 
-class FLEx(Algorithm):
+@dataclass
+class FLExContext(ClientContext):
+    selected_round: int = 1
+    """Round of this client's last grafting choice (kept in its personal state)."""
+
+
+class FLEx(BaseAlgorithm):
     name = "flex"
 
-    def __init__(
-        self,
-        scope: SharedScope = SharedScope.ATTENTION_LORA,
-        *,
-        lora: LoraSettings | None = None,
-        server: ServerOptimizer | None = None,
-        top_n: int = 1,
-        refresh_every: int = 0,
-        share_gate: bool = False,
-        calibration_batches: int = 4,
-    ) -> None:
-        if scope is SharedScope.EVERYTHING:
-            raise FedExpertsError("flex: scope 'everything' would share the frozen experts; use attention-lora")
-        if scope is SharedScope.ATTENTION_LORA and lora is None:
-            lora = LoraSettings()
-        if top_n < 1 or refresh_every < 0 or calibration_batches < 1:
-            raise FedExpertsError(
-                f"flex: top_n ({top_n}) and calibration_batches ({calibration_batches}) must be >= 1, "
-                f"refresh_every ({refresh_every}) >= 0"
-            )
-        super().__init__(flex_rules(scope, share_gate=share_gate), lora=lora, server=server)
-        self.top_n = top_n
-        self.refresh_every = refresh_every
-        self.calibration_batches = calibration_batches
-        self._selected_round = 1
-        """Round of the current client's last grafting choice (per client: saved in its personal state)."""
+    def __init__(self, config: FlexConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+        config = config or FlexConfig()
+        options = config.flex
+        rules = flex_rules(config.scope, share_gate=options.share_gate)
+        super().__init__(rules, lora=config.lora_or_none, server=config.server)
+        self.top_n = options.top_n
+        self.refresh_every = options.refresh_every
+        self.calibration_batches = options.calibration_batches
 
     def prepare(self, model: nn.Module) -> None:
         base = unwrap_model(model)
@@ -94,39 +84,41 @@ class FLEx(Algorithm):
         super().prepare(model)
 
     def setup_client(
-        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData | None = None
-    ) -> nn.Module:
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
+    ) -> FLExContext:
         self._load_shared_and_personal(model, received, personal)
         base = cast(PreTrainedModel, unwrap_model(model))
+        context = FLExContext(data.client, model, received, data.round)
         if personal is not None:
             set_grafted_experts(base, personal.metadata[GRAFTED_KEY])
-            self._selected_round = int(personal.metadata.get(SELECTED_ROUND_KEY, 1))
-        if data is None:
-            return model  # nothing to calibrate on (sizing on the meta device): the placeholder slots stay
-        due = personal is None or (self.refresh_every > 0 and data.round - self._selected_round >= self.refresh_every)
+            context.selected_round = int(personal.metadata.get(SELECTED_ROUND_KEY, 1))
+        if data.batches is None:
+            return context  # nothing to calibrate on (sizing on the meta device): the placeholder slots stay
+        due = personal is None or (self.refresh_every > 0 and data.round - context.selected_round >= self.refresh_every)
         if due:
-            self._select(base, data, keep_trained=personal is not None)
-            self._selected_round = data.round
-        return model
+            self._select(base, data.batches, keep_trained=personal is not None)
+            context.selected_round = data.round
+        return context
 
-    def _select(self, model: PreTrainedModel, data: LocalData, *, keep_trained: bool) -> None:
+    def _select(
+        self, model: PreTrainedModel, batches: Callable[[], Iterator[dict[str, torch.Tensor]]], *, keep_trained: bool
+    ) -> None:
         """Score every routed expert against the pretrained layer output and graft the best ``top_n``."""
         with suspended_grafts(model):
             device = next(model.parameters()).device
-            choices = reconstruction_losses(model, _inputs(islice(data.batches(), self.calibration_batches), device))
+            choices = reconstruction_losses(model, _inputs(islice(batches(), self.calibration_batches), device))
         current = {name: graft.experts for name, graft in grafts(model).items()}
         wanted = {name: tuple(choice.top(self.top_n)) for name, choice in choices.items()}
         changed = {name: list(chosen) for name, chosen in wanted.items() if not keep_trained or chosen != current[name]}
         if changed:
             regraft(model, changed)
 
-    def personal_state(self, model: nn.Module) -> Payload | None:
-        state = super().personal_state(model)
-        grafted = {
-            name: list(graft.experts) for name, graft in grafts(cast(PreTrainedModel, unwrap_model(model))).items()
-        }
+    def personal_state(self, context: ClientContext) -> Payload | None:
+        state = super().personal_state(context)
+        grafted = {name: list(experts) for name, experts in grafted_experts(context.model).items()}
         tensors = state.tensors if state is not None else {}
-        return Payload(tensors, {GRAFTED_KEY: grafted, SELECTED_ROUND_KEY: self._selected_round})
+        selected = context.selected_round if isinstance(context, FLExContext) else 1
+        return Payload(tensors, {GRAFTED_KEY: grafted, SELECTED_ROUND_KEY: selected})
 
 
 def _inputs(batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

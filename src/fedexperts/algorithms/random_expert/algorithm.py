@@ -9,16 +9,17 @@ row, and those tensors get no weight decay, which leaves the other rows bit-iden
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedexperts.algorithms.aggregation import ServerOptimizer, State
-from fedexperts.algorithms.base import Algorithm, ClientInfo, LocalData, LoraSettings, scope_rules
-from fedexperts.algorithms.base import SharedScope as Scope
+from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
+from fedexperts.algorithms.random_expert.config import RandomExpertConfig
+from fedexperts.algorithms.settings import SharedScope
 from fedexperts.errors import FedExpertsError
-from fedexperts.federation.payload import Payload
+from fedexperts.interface import EXAMPLES_KEY, ClientContext, LocalData, Payload, State
 from fedexperts.moe.families import ExpertLayout, moe_layers, unwrap_model
 from fedexperts.moe.params import NO_WEIGHT_DECAY, ParamKind, Role, RoleRules
 
@@ -27,16 +28,17 @@ def row_key(name: str, expert: int) -> str:
     return f"{name}@expert={expert}"
 
 
-class RandomExpert(Algorithm):
+class RandomExpert(BaseAlgorithm):
+    """The expert row of each layer is drawn once, by a generator seeded 0: the same for every client."""
+
     name = "random-expert"
 
-    def __init__(
-        self, *, lora: LoraSettings | None = None, server: ServerOptimizer | None = None, seed: int = 0
-    ) -> None:
-        rules = scope_rules(Scope.ATTENTION_LORA)
+    def __init__(self, config: RandomExpertConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+        config = config or RandomExpertConfig()
+        rules = scope_rules(SharedScope.ATTENTION_LORA)
         shared = RoleRules(base={ParamKind.ROUTED_EXPERT: Role.SHARED}, adapters=dict(rules.adapters))
-        super().__init__(shared, lora=lora or LoraSettings(), server=server)
-        self.seed = seed
+        super().__init__(shared, lora=config.lora, server=config.server)
+        self.seed = 0
         self.chosen: dict[str, int] = {}
         """Parameter name of each fused expert tensor -> the expert row trained."""
 
@@ -69,17 +71,17 @@ class RandomExpert(Algorithm):
 
     @torch.no_grad()
     def setup_client(
-        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData | None = None
-    ) -> nn.Module:
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
+    ) -> ClientContext:
         for name, target in self._rows(model).items():
             if name not in received.tensors:
                 raise FedExpertsError(f"{self.name}: the client did not receive shared tensor {name}")
             target.copy_(received.tensors[name])
-        return model
+        return ClientContext(data.client, model, received, data.round)
 
-    def uplink(self, model: nn.Module, client: ClientInfo) -> Payload:
-        tensors = {name: tensor.detach().clone() for name, tensor in self._rows(model).items()}
-        return Payload(tensors, {"examples": client.num_examples})
+    def uplink(self, context: ClientContext) -> Payload:
+        tensors = {name: tensor.detach().clone() for name, tensor in self._rows(context.model).items()}
+        return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples})
 
 
 def _masker(mask: torch.Tensor) -> Any:

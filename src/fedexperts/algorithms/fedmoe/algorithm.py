@@ -1,0 +1,340 @@
+"""FedMoE and randomMoE on the :class:`~fedexperts.interface.Algorithm` contract (see the package docstring).
+
+Thin: the server's planning and records are a :class:`~fedexperts.algorithms.fedmoe.schedule.Schedule`,
+tensors move through :mod:`fedexperts.algorithms.fedmoe.views`, and a client's step lives in its
+:class:`FedMoEContext`. This module turns those into payloads and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
+from fedexperts.algorithms.fedmoe.aggregate import ExpertUpdate, aggregate_fedmoe, keep_unheld_rows
+from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions, RandomMoEConfig, RandomMoEOptions
+from fedexperts.algorithms.fedmoe.layout import Layout, Structure
+from fedexperts.algorithms.fedmoe.records import Phase, Plan, Reply, Source
+from fedexperts.algorithms.fedmoe.schedule import Schedule
+from fedexperts.algorithms.fedmoe.views import (
+    check_full_base,
+    dense_tensors,
+    held_rows,
+    layout_of,
+    load_dense,
+    load_rows,
+    measure_activation,
+    refuse_module_per_expert,
+    sent_rows,
+    sub_moe_view,
+)
+from fedexperts.algorithms.settings import SharedScope
+from fedexperts.errors import FedExpertsError
+from fedexperts.interface import (
+    EXAMPLES_KEY,
+    ClientContext,
+    ClientInfo,
+    ClientUpdate,
+    LocalData,
+    Payload,
+    PayloadError,
+    State,
+    majority_category,
+    validate_update,
+)
+from fedexperts.moe.families import moe_layers, unwrap_model
+from fedexperts.moe.params import ParamKind, Role, RoleRules
+
+PHASE_KEY = "fedmoe_phase"
+CLIENT_KEY = "fedmoe_client"
+HELD_KEY = "fedmoe_held"
+"""Metadata: ``{MoE layer name: sorted global indices}`` of the experts whose rows travel."""
+MEASURE_KEY = "fedmoe_measure"
+CATEGORY_KEY = "fedmoe_category"
+SCORE_KEY = "eval_rouge_l"
+ACTIVATION_PREFIX = "activation/"
+"""Uplink tensors ``activation/<MoE layer name>``: a profiling client's measured ``p``."""
+
+
+def fedmoe_rules(scope: SharedScope) -> RoleRules:
+    """The scope's parameters plus every router and routed expert are shared (held rows travel)."""
+    shared = scope_rules(scope)
+    base = dict(shared.base)
+    base[ParamKind.ROUTER] = Role.SHARED
+    base[ParamKind.ROUTED_EXPERT] = Role.SHARED
+    return RoleRules(base=base, adapters=dict(shared.adapters))
+
+
+@dataclass
+class FedMoEContext(ClientContext):
+    """One client's step, between :meth:`FedMoE.setup_client` and :meth:`FedMoE.uplink`.
+
+    ``model`` is the base model itself while profiling, else the client's sub-MoE view.
+    """
+
+    phase: Phase = Phase.TRAIN
+    structure: Structure | None = None
+    """The held experts (stage 2); ``None`` while profiling."""
+    activation: list[torch.Tensor] | None = None
+    """The ``p`` measured before training (a profiling step asked to measure)."""
+    category: str | None = None
+    """The client's majority category, reported with its reply."""
+
+
+class FedMoE(BaseAlgorithm):
+    """FedMoE: per-client sub-MoEs under memory budgets, modular aggregation, expert recommendation.
+
+    The shared object holds what every process learns in :meth:`prepare` (roles, :attr:`layout`) and
+    the server's knowledge (:attr:`schedule`, the server optimizer); a client step writes to neither.
+    """
+
+    name = "fedmoe"
+
+    def __init__(self, config: FedMoEConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+        config = config or FedMoEConfig()
+        if config.scope is SharedScope.EVERYTHING:
+            raise FedExpertsError(
+                f"{self.name}: scope 'everything' would send every expert; the held experts already travel, "
+                "so choose attention-lora, attention or non-expert"
+            )
+        super().__init__(fedmoe_rules(config.scope), lora=config.lora_or_none, server=config.server)
+        self.scope = config.scope
+        self.measure_examples = config.fedmoe.measure_examples
+        self.layout = Layout()
+        """The model's MoE layers and expert-row tensors (set by :meth:`prepare`)."""
+        self.schedule = Schedule.from_options(
+            config.fedmoe, client_ids, name=self.name, seed=self._random_seed(config.fedmoe)
+        )
+
+    def _random_seed(self, options: FedMoEOptions) -> int | None:
+        """``None``: sub-MoEs chosen by activation, then recommended (randomMoE: its seed)."""
+        return None
+
+    # -- once per process --------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Inject LoRA, find the expert-row tensors, freeze them on the base model, check the budgets."""
+        base = unwrap_model(model)
+        layers = moe_layers(base)
+        refuse_module_per_expert(layers, self.name)
+        super().prepare(model)
+        layout = layout_of(base, layers, self.roles, self.name)
+        params = dict(base.named_parameters())
+        for name in layout.rows:
+            params[name].requires_grad_(False)  # the base keeps its pretrained experts; views train copies
+        self.layout = layout
+        self.schedule.prepare(layout)
+
+    # -- budgets and structures (the server's schedule) -----------------------------------------------
+    @property
+    def recommends(self) -> bool:
+        """Whether stage 2 recommends structures (randomMoE: no)."""
+        return self.schedule.recommends
+
+    @property
+    def full_bytes(self) -> int:
+        """The full model's bytes (set by :meth:`prepare`)."""
+        return self.schedule.full_bytes
+
+    @property
+    def min_bytes(self) -> int:
+        """The smallest sub-MoE's bytes: the dense part and top-k experts per layer (set by :meth:`prepare`)."""
+        return self.schedule.min_bytes
+
+    def budget(self, client_id: str) -> int:
+        """The client's memory budget in bytes."""
+        return self.schedule.budget(client_id)
+
+    def memory(self, structure: Sequence[Collection[int]]) -> int:
+        """Bytes of a sub-MoE: the dense part plus its experts' rows."""
+        return self.schedule.memory(structure)
+
+    def structure_of(self, client_id: str) -> Structure | None:
+        """The sub-MoE the client's next downlink carries (``None``: it profiles the full model)."""
+        return self.schedule.structure_of(client_id)
+
+    def source_of(self, client_id: str) -> Source | None:
+        """Where the client's next sub-MoE came from (``None``: it profiles)."""
+        return self.schedule.source_of(client_id)
+
+    def assign(
+        self,
+        client_id: str,
+        structure: Sequence[Sequence[int]],
+        *,
+        activation: Sequence[torch.Tensor] | None = None,
+        category: str | None = None,
+        examples: int = 0,
+    ) -> None:
+        """Pin a client's sub-MoE (and optionally its ``p``), as if stage 1 had chosen it."""
+        self.schedule.assign(client_id, structure, activation=activation, category=category, examples=examples)
+
+    # -- per client ----------------------------------------------------------------------------------
+    def downlink(self, global_state: State, client: ClientInfo) -> Payload:
+        """The dense tensors and, in stage 2, the rows of the client's experts only."""
+        plan = self.schedule.plan(client.client_id)
+        tensors = {name: global_state[name] for name in self.layout.dense}
+        metadata: dict[str, Any] = {PHASE_KEY: plan.phase.value, CLIENT_KEY: client.client_id}
+        if plan.structure is not None:
+            tensors.update(held_rows(global_state, self.layout, plan.structure))
+            metadata[HELD_KEY] = self.layout.held(plan.structure)
+        else:
+            metadata[MEASURE_KEY] = plan.measure
+        return Payload(tensors, metadata)
+
+    @torch.no_grad()
+    def setup_client(
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
+    ) -> FedMoEContext:
+        """Profile: the base model itself (and ``p`` measured). Stage 2: the client's sub-MoE view."""
+        metadata = received.metadata
+        try:
+            phase = Phase(str(metadata.get(PHASE_KEY)))
+        except ValueError:
+            raise FedExpertsError(f"{self.name}: the downlink has no valid {PHASE_KEY!r}") from None
+        client_id = str(metadata.get(CLIENT_KEY) or data.client.client_id)
+        category = majority_category(data.categories)
+        base = unwrap_model(model)
+        if phase is Phase.PROFILE:
+            load_dense(base, received, self.layout, self.name)
+            activation = None
+            if metadata.get(MEASURE_KEY) and data.batches is not None:
+                activation = measure_activation(base, data.batches(), self.measure_examples)
+            return FedMoEContext(
+                data.client, model, received, data.round, phase, activation=activation, category=category
+            )
+        held = metadata.get(HELD_KEY)
+        if not isinstance(held, dict) or set(held) != set(self.layout.layer_names):
+            raise FedExpertsError(f"{self.name}: the downlink's {HELD_KEY!r} does not name every MoE layer")
+        structure = self.layout.checked_structure([held[name] for name in self.layout.layer_names], client_id)
+        check_full_base(base, self.layout, self.name)
+        view = sub_moe_view(base, self.layout.held(structure))
+        load_dense(view, received, self.layout, self.name)
+        load_rows(view, received, self.layout, self.name)
+        return FedMoEContext(data.client, view, received, data.round, phase, structure=structure, category=category)
+
+    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+        return None
+
+    def uplink(self, context: ClientContext) -> Payload:
+        """The dense tensors, and the held experts' rows (stage 2) or the measured ``p`` (profiling)."""
+        if not isinstance(context, FedMoEContext):
+            raise FedExpertsError(f"{self.name}: uplink of {context.client.client_id} without setup_client")
+        tensors = dense_tensors(context.model, self.layout)
+        metadata: dict[str, Any] = {EXAMPLES_KEY: context.client.num_examples, PHASE_KEY: context.phase.value}
+        if context.category is not None:
+            metadata[CATEGORY_KEY] = context.category
+        if context.structure is not None:
+            tensors.update(sent_rows(context.model, self.layout, context.structure, self.name))
+            metadata[HELD_KEY] = self.layout.held(context.structure)
+        elif context.activation is not None:
+            for name, vector in zip(self.layout.layer_names, context.activation, strict=True):
+                tensors[ACTIVATION_PREFIX + name] = vector.detach().to(device="cpu", dtype=torch.float64)
+        return Payload(tensors, metadata)
+
+    def personal_state(self, context: ClientContext) -> Payload | None:
+        """Nothing: a FedMoE client keeps no tensors between rounds (its structure is the server's)."""
+        return None
+
+    # -- server --------------------------------------------------------------------------------------
+    def check_update(self, update: Payload, global_state: State, client: ClientInfo) -> None:
+        """The reply must be the slice the client was sent (same phase, experts and shapes), finite."""
+        sender = client.client_id
+        plan = self.schedule.plan(sender)
+        phase = update.metadata.get(PHASE_KEY)
+        if phase != plan.phase.value:
+            raise PayloadError(f"{sender}: replies to a {phase!r} step but was sent a {plan.phase.value!r} one")
+        expected: dict[str, torch.Tensor] = {name: global_state[name] for name in self.layout.dense}
+        if plan.structure is not None:
+            if update.metadata.get(HELD_KEY) != self.layout.held(plan.structure):
+                raise PayloadError(f"{sender}: reports held experts {update.metadata.get(HELD_KEY)} it was not sent")
+            for name, layer in self.layout.rows.items():
+                shape = (len(plan.structure[layer]), *global_state[name].shape[1:])
+                expected[name] = torch.empty(shape, device="meta")
+        elif plan.measure:
+            for name, count in zip(self.layout.layer_names, self.layout.num_experts, strict=True):
+                expected[ACTIVATION_PREFIX + name] = torch.empty(count, device="meta")
+        validate_update(update, expected, sender=sender)
+        for name, tensor in update.tensors.items():
+            if name.startswith(ACTIVATION_PREFIX) and (bool((tensor < 0).any()) or float(tensor.sum()) <= 0):
+                raise PayloadError(f"{sender}: {name} must be non-negative with a positive sum")
+        category = update.metadata.get(CATEGORY_KEY)
+        if category is not None and not isinstance(category, str):
+            raise PayloadError(f"{sender}: {CATEGORY_KEY} must be a string, got {category!r}")
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        """Modular aggregation and the server step; then stage-1 choices and recommendations."""
+        if not updates:
+            return dict(global_state)
+        global_state = {name: tensor.detach().cpu() for name, tensor in global_state.items()}  # averages are on CPU
+        plans = {update.client.client_id: self.schedule.plan(update.client.client_id) for update in updates}
+        layout = self.layout
+        expert_updates = [self._expert_update(update, plans[update.client.client_id]) for update in updates]
+        averaged = aggregate_fedmoe(
+            {name: global_state[name] for name in layout.dense},
+            {name: global_state[name] for name in layout.rows},
+            expert_updates,
+        )
+        stepped = keep_unheld_rows(global_state, self.server.step(global_state, averaged), expert_updates, layout.rows)
+        self.schedule.observe([self._reply(update) for update in updates], plans)
+        return stepped
+
+    def _expert_update(self, update: ClientUpdate, plan: Plan) -> ExpertUpdate:
+        tensors = update.payload.tensors
+        rows: dict[str, torch.Tensor] = {}
+        held: dict[str, list[int]] = {}
+        if plan.structure is not None:
+            rows = {name: tensors[name] for name in self.layout.rows}
+            held = {name: plan.structure[layer] for name, layer in self.layout.rows.items()}
+        dense = {name: tensors[name] for name in self.layout.dense}
+        return ExpertUpdate(float(update.client.num_examples), rows, held, dense)
+
+    def _reply(self, update: ClientUpdate) -> Reply:
+        """What the schedule reads of a (checked) reply."""
+        metadata, tensors = update.payload.metadata, update.payload.tensors
+        category = metadata.get(CATEGORY_KEY)
+        measured = [tensors.get(ACTIVATION_PREFIX + name) for name in self.layout.layer_names]
+        score = metadata.get(SCORE_KEY)
+        return Reply(
+            update.client.client_id,
+            int(update.client.num_examples),
+            category if isinstance(category, str) else None,
+            [v for v in measured if v is not None] if all(v is not None for v in measured) else None,
+            float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None,
+        )
+
+    def server_state(self) -> Payload:
+        """Server-optimizer moments, every client's ``p`` (tensors) and the rest of its record (JSON)."""
+        tensors = {f"optimizer/{key}": value for key, value in self.server.state().items()}
+        activations, clients = self.schedule.state()
+        return Payload({**tensors, **activations}, {"clients": clients})
+
+    def load_server_state(self, state: Payload) -> None:
+        optimizer = {k.removeprefix("optimizer/"): v for k, v in state.tensors.items() if k.startswith("optimizer/")}
+        self.server.load_state(optimizer)
+        self.schedule.load_state(state.tensors, state.metadata.get("clients", {}))
+
+
+class RandomMoE(FedMoE):
+    """randomMoE: random sub-MoEs of exactly the sizes FedMoE's search chooses; no recommendation.
+
+    ``patience`` and ``top_k_neighbours`` are accepted and unused.
+    """
+
+    name = "random-moe"
+
+    def __init__(self, config: RandomMoEConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+        super().__init__(config or RandomMoEConfig(), client_ids=client_ids)
+
+    def _random_seed(self, options: FedMoEOptions) -> int | None:
+        """The seed of the random sub-MoEs (drawn per ``(seed, client)``)."""
+        return options.seed if isinstance(options, RandomMoEOptions) else 0
+
+    @property
+    def seed(self) -> int:
+        seed = self.schedule.seed
+        assert seed is not None
+        return seed

@@ -1,0 +1,54 @@
+"""Settings of FedMoE and randomMoE (arXiv 2408.11304): memory budgets, profiling and expert recommendation."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from fedexperts.algorithms.settings import FederatedSettings, Section
+
+
+class FedMoEOptions(Section):
+    budget_fraction: float = Field(0.6, gt=0, le=1)
+    """Every client's memory budget as a fraction of the full model's bytes (below 1, no client can profile)."""
+    budgets: list[Annotated[int, Field(gt=0)]] | None = None
+    """Per-client memory budgets in bytes, in client order (one per client); replaces the two keys around it."""
+    full_budget_every: int = Field(2, ge=0)
+    """Without ``budgets``: clients 0, n, 2n, ... can hold the full model (they measure expert activation for
+    everyone; the others get ``budget_fraction``). 0: every client gets ``budget_fraction``."""
+    warmup_rounds: int = Field(0, ge=0)
+    """Rounds of LoRA training on the full MoE a profiling client does before it measures expert activation."""
+    patience: int = Field(2, ge=1)
+    """Evaluations without improvement before a client is recommended a new structure."""
+    top_k_neighbours: int = Field(2, ge=1)
+    """Most similar clients a recommendation draws on."""
+    measure_examples: int = Field(64, ge=1)
+    """Training rows a profiling client measures expert activation on."""
+
+
+class RandomMoEOptions(FedMoEOptions):
+    seed: int = 0
+    """Seed of the random sub-MoEs."""
+
+
+class FedMoEConfig(FederatedSettings):
+    name: Literal["fedmoe"] = "fedmoe"
+    builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.algorithm:FedMoE"
+    fedmoe: FedMoEOptions = Field(default_factory=FedMoEOptions)
+
+    def check_clients(self, clients: int) -> None:
+        budgets = self.fedmoe.budgets
+        if budgets is not None and len(budgets) != clients:
+            raise ValueError(
+                f"algorithm.fedmoe.budgets has {len(budgets)} entries but federation.clients is "
+                f"{clients}: give one memory budget (bytes) per client"
+            )
+
+
+class RandomMoEConfig(FedMoEConfig):
+    """FedMoE's baseline: random sub-MoEs of the sizes FedMoE's search would choose, no recommendation."""
+
+    name: Literal["random-moe"] = "random-moe"  # type: ignore[assignment]
+    builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.algorithm:RandomMoE"
+    fedmoe: RandomMoEOptions = Field(default_factory=RandomMoEOptions)

@@ -1,0 +1,249 @@
+"""FedMoE's model side: the one place that touches models and moves tensors between them and payloads.
+
+It learns the :class:`~fedexperts.algorithms.fedmoe.layout.Layout` from the prepared model
+(:func:`layout_of`, :func:`expert_and_dense_bytes`), builds a client's sub-MoE as a view of the
+shared base model (:func:`sub_moe_view`), measures expert activation (:func:`measure_activation`),
+slices the held experts' rows for the downlink and uplink and loads received tensors. Everything
+it decides with is in the model-free modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from fedexperts.algorithms.fedmoe.layout import Layout, Structure
+from fedexperts.errors import FedExpertsError
+from fedexperts.interface import Payload, State
+from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layers, unwrap_model
+from fedexperts.moe.params import ParamKind, Role, parameter_kinds
+from fedexperts.moe.routing import RoutingRecorder
+from fedexperts.moe.surgery import expert_map, select_experts
+
+# -- the model's sizes and layout --------------------------------------------------------------------
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _resolve(module: nn.Module, dotted: str) -> torch.Tensor | None:
+    owner_path, _, leaf = dotted.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    value = getattr(owner, leaf, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
+    """``(dense bytes, bytes of one routed expert of each MoE layer)`` of a loaded model.
+
+    A routed expert costs its rows of every tensor with one row per expert: the fused expert
+    tensors (or its own module, for Switch Transformers) and its router rows, router bias and
+    DeepSeek-V3's score-correction bias. Everything else (attention, embeddings, norms, dense MLPs,
+    shared experts, buffers) is dense. Layers are in :func:`~fedexperts.moe.moe_layers` order.
+    """
+    base = unwrap_model(model)
+    total = sum(_tensor_bytes(p) for _, p in base.named_parameters()) + sum(
+        _tensor_bytes(b) for _, b in base.named_buffers()
+    )
+    per_expert: list[int] = []
+    expert_total = 0
+    for layer in moe_layers(base):
+        family = layer.family
+        count = layer.num_experts
+        row_tensors: list[tuple[str, torch.Tensor]] = []
+        for name in family.router_expert_tensors:
+            tensor = _resolve(layer.router, name)
+            if tensor is not None:
+                row_tensors.append((f"{layer.router_name}.{name}", tensor))
+        layer_bytes = 0
+        if family.layout is ExpertLayout.MODULE_PER_EXPERT:
+            module_bytes = sum(_tensor_bytes(p) for p in layer.experts.parameters())
+            if module_bytes % count:
+                raise FedExpertsError(f"{layer.experts_name}: experts of unequal size ({module_bytes} bytes, {count})")
+            layer_bytes += module_bytes // count
+        else:
+            for name in family.expert_tensors:
+                tensor = _resolve(layer.experts, name)
+                if tensor is not None:
+                    row_tensors.append((f"{layer.experts_name}.{name}", tensor))
+        for name, tensor in row_tensors:
+            if tensor.dim() == 0 or tensor.shape[0] != count:
+                raise FedExpertsError(
+                    f"{name}: expected {count} rows (one per expert), got shape {tuple(tensor.shape)}"
+                )
+            layer_bytes += _tensor_bytes(tensor) // count
+        per_expert.append(layer_bytes)
+        expert_total += layer_bytes * count
+    return total - expert_total, per_expert
+
+
+def refuse_module_per_expert(layers: Sequence[MoELayer], name: str) -> None:
+    """FedMoE slices fused expert tensors by row; experts stored one module each cannot be sliced so."""
+    per_module = [layer.name for layer in layers if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT]
+    if per_module:
+        raise FedExpertsError(
+            f"{name}: experts stored one module each ({per_module[0]}, Switch Transformers) are not "
+            "supported; FedMoE needs fused expert tensors"
+        )
+
+
+def layout_of(model: nn.Module, layers: Sequence[MoELayer], roles: Mapping[str, Role], name: str) -> Layout:
+    """The expert-row tensors (one row per expert: fused experts, router rows) and the dense shared ones.
+
+    ``layers`` are the model's MoE layers (:func:`moe_layers`), ``roles`` the prepared roles; every
+    shared router or expert parameter must be an expert-row tensor.
+    """
+    base = unwrap_model(model)
+    params = dict(base.named_parameters())
+    rows: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        names = [f"{layer.router_name}.{tensor}" for tensor in layer.family.router_expert_tensors]
+        names += [f"{layer.experts_name}.{tensor}" for tensor in layer.family.expert_tensors]
+        rows.update({each: index for each in names if each in params})
+    kinds = parameter_kinds(base)
+    shared = [each for each, role in roles.items() if role is Role.SHARED]
+    stray = [
+        each
+        for each in shared
+        if kinds[each].kind in (ParamKind.ROUTER, ParamKind.ROUTED_EXPERT)
+        and not kinds[each].adapter
+        and each not in rows
+    ]
+    if stray:
+        raise FedExpertsError(f"{name}: router/expert parameters without one row per expert: {stray[:3]}")
+    dense_bytes, expert_bytes = expert_and_dense_bytes(base)
+    return Layout(
+        layer_names=[layer.name for layer in layers],
+        num_experts=[layer.num_experts for layer in layers],
+        top_k=[layer.top_k for layer in layers],
+        rows=rows,
+        dense=[each for each in shared if each not in rows],
+        dense_bytes=dense_bytes,
+        expert_bytes=expert_bytes,
+    )
+
+
+# -- the client model --------------------------------------------------------------------------------
+
+
+def sub_moe_view(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> PreTrainedModel:
+    """A pruned copy of ``model`` whose every tensor except the kept experts' rows is ``model``'s own.
+
+    ``keep`` maps MoE layer names to the *local* expert indices of ``model`` to keep. The deep copy
+    gets a memo mapping each parameter, buffer and tensor attribute to itself, so it copies module
+    objects and the config only; :func:`select_experts` then gives the view's own modules new,
+    sliced expert and router tensors. Nothing of ``model`` is modified.
+    """
+    base = unwrap_model(model)
+    memo: dict[int, Any] = {}
+    for module in base.modules():
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None:
+                memo[id(tensor)] = tensor
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = value
+    view = copy.deepcopy(base, memo)
+    select_experts(view, keep)
+    return view
+
+
+def check_full_base(model: nn.Module, layout: Layout, name: str) -> None:
+    """Sub-MoE views are cut from the full base model: refuse a pruned one."""
+    mapping = expert_map(unwrap_model(model)).local_to_global
+    counts = zip(layout.layer_names, layout.num_experts, strict=True)
+    if any(mapping.get(layer) != tuple(range(count)) for layer, count in counts):
+        raise FedExpertsError(f"{name}: the base model must hold every expert (it is pruned)")
+
+
+@torch.no_grad()
+def measure_activation(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int
+) -> list[torch.Tensor]:
+    """Per MoE layer, the fraction of real tokens routed to each expert, over at most ``max_examples`` rows."""
+    base = unwrap_model(model)
+    device = next(base.parameters()).device
+    was_training = base.training
+    base.eval()
+    seen = 0
+    try:
+        with RoutingRecorder(base) as recorder:
+            for batch in batches:
+                if seen >= max_examples:
+                    break
+                take = min(int(batch["input_ids"].shape[0]), max_examples - seen)
+                ids = batch["input_ids"][:take].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask[:take].to(device)
+                with recorder.mask(mask):
+                    base(input_ids=ids, attention_mask=mask)
+                seen += take
+    finally:
+        base.train(was_training)
+    if seen == 0:
+        raise FedExpertsError("cannot measure expert activation: the client has no training rows")
+    activation = recorder.activation()
+    return [activation[layer.name].to(torch.float64) for layer in moe_layers(base)]
+
+
+# -- tensors between payloads and models -------------------------------------------------------------
+
+
+def held_rows(global_state: State, layout: Layout, structure: Structure) -> State:
+    """The rows of the held experts of every expert-row tensor, under the full tensors' names (downlink)."""
+    tensors: State = {}
+    for name, layer in layout.rows.items():
+        full = global_state[name]
+        index = torch.tensor(structure[layer], dtype=torch.long, device=full.device)
+        tensors[name] = full.index_select(0, index)
+    return tensors
+
+
+@torch.no_grad()
+def load_dense(model: nn.Module, received: Payload, layout: Layout, name: str) -> None:
+    """Copy the received dense tensors into ``model``'s own parameters."""
+    params = dict(unwrap_model(model).named_parameters())
+    for each in layout.dense:
+        if each not in received.tensors:
+            raise FedExpertsError(f"{name}: the client did not receive shared tensor {each}")
+        params[each].copy_(received.tensors[each])
+
+
+@torch.no_grad()
+def load_rows(view: nn.Module, received: Payload, layout: Layout, name: str) -> None:
+    """Fill a sub-MoE view's expert-row tensors with the received rows and make them trainable."""
+    params = dict(view.named_parameters())
+    for each in layout.rows:
+        if each not in received.tensors:
+            raise FedExpertsError(f"{name}: the client did not receive expert rows {each}")
+        params[each].copy_(received.tensors[each])
+        params[each].requires_grad_(True)
+
+
+def dense_tensors(model: nn.Module, layout: Layout) -> State:
+    """Copies of the model's dense shared tensors (uplink)."""
+    params = dict(unwrap_model(model).named_parameters())
+    return {each: params[each].detach().clone() for each in layout.dense}
+
+
+def sent_rows(model: nn.Module, layout: Layout, structure: Structure, name: str) -> State:
+    """The trained rows of the held experts, in ``structure``'s (global, sorted) order (uplink)."""
+    base = unwrap_model(model)
+    params = dict(base.named_parameters())
+    mapping = expert_map(base)
+    tensors: State = {}
+    for each, layer in layout.rows.items():
+        local = mapping.local_to_global[layout.layer_names[layer]]
+        missing = [g for g in structure[layer] if g not in local]
+        if missing:
+            raise FedExpertsError(f"{name}: the client model does not hold experts {missing} of {each}")
+        tensor = params[each].detach()
+        positions = torch.tensor([local.index(g) for g in structure[layer]], device=tensor.device)
+        tensors[each] = tensor.index_select(0, positions)
+    return tensors

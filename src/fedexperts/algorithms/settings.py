@@ -1,0 +1,116 @@
+"""The pieces every algorithm's config is made of (torch-free, so a config error is reported before torch loads).
+
+Each algorithm declares its own pydantic model (a subclass of :class:`AlgorithmSettings`) in the
+``config`` module beside its code, names the callable that builds it, and is listed once in
+:mod:`fedexperts.algorithms.registry`; ``ExperimentConfig.algorithm`` is the union of those models,
+discriminated by ``name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import StrEnum
+from types import UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
+
+
+class SharedScope(StrEnum):
+    """Which parameters the federation trains and shares."""
+
+    ATTENTION_LORA = "attention-lora"
+    ATTENTION = "attention"
+    NON_EXPERT = "non-expert"
+    """Every weight except the routed experts (attention, embeddings, norms, routers, shared experts)."""
+    EVERYTHING = "everything"
+    """MoE-as-dense: every weight including all routed experts."""
+
+
+class ServerRule(StrEnum):
+    FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAGRAD = "fedadagrad"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ServerConfig(Section):
+    """The server rule applied to the averaged client result (Reddi et al., 2021)."""
+
+    rule: ServerRule = ServerRule.FEDAVG
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class AlgorithmSettings(Section):
+    """Base of every algorithm's config: its ``name`` (the discriminator) and where its constructor lives."""
+
+    name: str
+    builder: ClassVar[str]
+    """``"module:callable"`` taking ``(config, client_ids=...)`` and returning the algorithm (imported on use)."""
+
+    def check_clients(self, clients: int) -> None:
+        """Refuse (``ValueError``) settings that do not fit a federation of ``clients`` clients."""
+
+
+class ScopedSettings(AlgorithmSettings):
+    """An algorithm that trains a chosen scope of parameters (attention LoRA by default)."""
+
+    scope: SharedScope = SharedScope.ATTENTION_LORA
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """Used when ``scope`` is ``attention-lora``."""
+
+    @model_validator(mode="after")
+    def _lora_needs_lora_scope(self) -> ScopedSettings:
+        if "lora" in self.model_fields_set and self.scope is not SharedScope.ATTENTION_LORA:
+            raise ValueError(f"algorithm.lora is set but algorithm.scope is {self.scope.value!r}, not attention-lora")
+        return self
+
+    @property
+    def lora_or_none(self) -> LoraConfig | None:
+        """The LoRA settings when the scope is attention LoRA, else ``None``."""
+        return self.lora if self.scope is SharedScope.ATTENTION_LORA else None
+
+
+class FederatedSettings(ScopedSettings):
+    """A scoped algorithm whose server aggregates with a server rule."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def dotted_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every leaf field of a config model under its dotted key (``flex.top_n``); sections are walked into."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from dotted_fields(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
+def dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    return [key for key, _ in dotted_fields(model, prefix)]
+
+
+def is_list_field(info: FieldInfo) -> bool:
+    """A list-valued field, optional or not (``list[int] | None``)."""
+    annotation: Any = info.annotation
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(get_origin(option) is list or option is list for option in options)

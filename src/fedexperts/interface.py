@@ -1,0 +1,178 @@
+"""The contract between an algorithm and a runtime, owned by neither.
+
+An algorithm decides which parameters are frozen, shared or personal, how a client model is built
+from the global state and the client's own state, and how the server combines replies. A runtime
+(in-process, Flower) only moves :class:`Payload` objects and keeps state safe. Both sides import
+this module; ``fedexperts.algorithms`` never imports ``fedexperts.federation``.
+
+Per-client state lives in the :class:`ClientContext` that :meth:`Algorithm.setup_client` returns,
+never on the shared algorithm object, so clients could run concurrently or in other processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fedexperts.errors import FedExpertsError
+from fedexperts.moe.params import Role
+
+State = dict[str, torch.Tensor]
+"""Named tensors under the model's own parameter names (an expert row: ``NAME@expert=J``)."""
+
+EXAMPLES_KEY = "examples"
+"""Reply metadata: the client's training example count (the aggregation weight)."""
+
+
+class PayloadError(FedExpertsError):
+    """A message that cannot be decoded, or an update that does not fit what the server expects."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Named tensors (the model's own parameter names) and JSON-able metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Raw bytes of the tensors alone (what the wire format adds on top is its overhead)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    client_id: str
+    num_examples: int
+
+
+def majority_category(categories: Mapping[str, int]) -> str | None:
+    """The category with the most rows (ties: the first by name); ``None`` without categories."""
+    if not categories:
+        return None
+    return max(sorted(categories), key=lambda name: categories[name])
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """What an algorithm may read of a client's data while building its model (never sent anywhere).
+
+    ``batches`` yields model-ready batches (``input_ids``, ``attention_mask``, ``labels``) of the
+    client's training split, in a fixed order; FLEx calibrates its grafting choice on them and
+    FedMoE measures expert activations. ``None``: there is no data to look at (``fedexperts plan``).
+    """
+
+    client: ClientInfo
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+    round: int = 1
+    """The round being run (1-based), for algorithms that act every K rounds."""
+    categories: Mapping[str, int] = field(default_factory=dict)
+    """Training rows per category (FedMoE's same-category estimation)."""
+
+
+@dataclass
+class ClientContext:
+    """One client's handle between :meth:`Algorithm.setup_client` and its uplink and personal state.
+
+    Algorithms that keep per-client facts during a round (FLEx's selection round, FedMoE's plan)
+    subclass it; the shared algorithm object holds none.
+    """
+
+    client: ClientInfo
+    model: nn.Module
+    """The model the client trains and evaluates (FedMoE: a view of its sub-MoE)."""
+    received: Payload
+    round: int = 1
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client: ClientInfo
+    payload: Payload
+    """The client's tensors; its metadata carries the example count and whatever the client reported."""
+
+
+class Algorithm(Protocol):
+    """What a runtime calls; :class:`fedexperts.algorithms.BaseAlgorithm` implements it by parameter roles."""
+
+    name: str
+    roles: dict[str, Role]
+    """Every parameter of the prepared model and its role (frozen, shared, personal)."""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Once per process, on the loaded base model: inject adapters, graft, assign roles."""
+        ...
+
+    def initial_global_state(self, model: nn.Module) -> State: ...
+
+    def downlink(self, global_state: State, client: ClientInfo) -> Payload:
+        """What ``client`` receives this round."""
+        ...
+
+    def setup_client(
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
+    ) -> ClientContext:
+        """Load the received and the client's kept tensors; return the client's handle."""
+        ...
+
+    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+        """An extra local loss term (FedProx), or ``None``."""
+        ...
+
+    def uplink(self, context: ClientContext) -> Payload:
+        """What the client sends back after training (metadata includes :data:`EXAMPLES_KEY`)."""
+        ...
+
+    def personal_state(self, context: ClientContext) -> Payload | None:
+        """What the client keeps for its next round (``None``: nothing)."""
+        ...
+
+    def check_update(self, update: Payload, global_state: State, client: ClientInfo) -> None:
+        """Raise :class:`PayloadError` for an update the server cannot aggregate."""
+        ...
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State: ...
+
+    def server_state(self) -> Payload:
+        """What the server checkpoints besides the global state."""
+        ...
+
+    def load_server_state(self, state: Payload) -> None: ...
+
+
+def validate_update(
+    payload: Payload, expected: Mapping[str, torch.Tensor], *, sender: str, allow_missing: bool = False
+) -> None:
+    """Check a client's update against the tensors the server expects, before any averaging.
+
+    Every key must be expected (and, unless ``allow_missing``, every expected key present), with
+    the expected shape, a floating dtype, and only finite values.
+    """
+    unexpected = sorted(set(payload.tensors) - set(expected))
+    if unexpected:
+        raise PayloadError(f"{sender}: unexpected tensors {unexpected[:5]}")
+    missing = sorted(set(expected) - set(payload.tensors))
+    if missing and not allow_missing:
+        raise PayloadError(f"{sender}: missing tensors {missing[:5]}")
+    for name, tensor in payload.tensors.items():
+        reference = expected[name]
+        if tensor.shape != reference.shape:
+            raise PayloadError(f"{sender}: {name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}")
+        if not tensor.is_floating_point():
+            raise PayloadError(f"{sender}: {name} has dtype {tensor.dtype}, expected a floating dtype")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise PayloadError(f"{sender}: {name} has {bad} NaN/Inf values")
+
+
+def check_metadata_numbers(metadata: Mapping[str, Any], *, sender: str) -> None:
+    """Refuse non-finite numbers in metrics a client reports (they would poison averages)."""
+    for key, value in metadata.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PayloadError(f"{sender}: metadata {key!r} is {value}")

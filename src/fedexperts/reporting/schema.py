@@ -1,0 +1,256 @@
+"""The run-record schema: each line of ``metrics.jsonl`` and each file under ``records/``, as written and read.
+
+The server builds these models and writes them with :func:`dump`; the reports read them back with
+:func:`parse_record`. Three kinds, told apart by ``kind``: one :class:`RunInfo` (``"run"``) first,
+one :class:`RoundRecord` (``"round"``) per completed round, and a :class:`FinalRecord` (``"final"``)
+once the run finished. Models are frozen and refuse unknown keys, so a field renamed on one side
+is an error naming it, not a silently missing number.
+
+*Absent is not null.* Fields with a default may be absent: a client that failed before reporting
+writes no ``train_loss``, ``eval``, ``peak_memory_bytes`` or ``seconds.setup``, and only final
+evaluations carry ``union`` and ``probes``. :func:`dump` leaves out the fields the writer never set,
+so the files hold exactly the keys the server meant. Integers accept integral floats (``10.0``);
+client ids in ``clients`` and ``sampled`` accept integers (turned into the strings JSON keys use).
+
+Torch-free on purpose: reading a run directory must not load the training stack.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+
+Status = Literal["ok", "failed", "rejected"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+
+
+def _integral(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _client_id(value: object) -> object:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+Float = Annotated[float, Strict()]
+Text = Annotated[str, Strict()]
+ClientId = Annotated[str, Strict(), BeforeValidator(_client_id)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Scores(_Record):
+    """One model's evaluation on one test set."""
+
+    loss: Float
+    """Mean next-token loss over the references' tokens (teacher forcing)."""
+    exact_match: Float
+    rouge_l: Float
+    examples: Int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"loss": self.loss, "exact_match": self.exact_match, "rouge_l": self.rouge_l, "examples": self.examples}
+
+
+class Parameters(_Record):
+    total: Int
+    trainable: Int
+    shared: Int
+    personal: Int
+    frozen: Int
+
+
+class RunInfo(_Record):
+    """The ``run`` line: what was run."""
+
+    kind: Literal["run"] = "run"
+    name: Text
+    algorithm: Text
+    seed: Int
+    clients: tuple[ClientId, ...]
+    rounds: Int
+    """Rounds planned (``RunRecord.rounds`` holds the ones completed)."""
+    model: Text
+    parameters: Parameters
+
+    @field_validator("clients")
+    @classmethod
+    def _distinct(cls, clients: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(clients)) != len(clients):
+            raise PydanticCustomError("duplicate_client", "lists a client twice")
+        return clients
+
+
+class ClientSeconds(_Record):
+    setup: Float = 0.0
+    """Absent for a client that failed; never part of ``train`` or ``eval``."""
+    train: Float
+    eval: Float
+    total: Float
+    """The whole exchange as the server saw it."""
+
+
+class ClientRound(_Record):
+    """One client's part in one round (or in the final evaluation, before it is cut to a :class:`ClientFinal`)."""
+
+    status: Status
+    error: Text | None = None
+    examples: Int
+    bytes_down: Int
+    bytes_up: Int
+    train_loss: Float | None = None
+    eval: Scores | None = None
+    """Measured before the client trained in this round."""
+    peak_memory_bytes: Int | None = None
+    """``None`` when the client did not report it (e.g. it failed)."""
+    seconds: ClientSeconds
+    union: Scores | None = None
+    probes: Float | None = None
+
+
+class RoundSeconds(_Record):
+    round: Float
+    train: Float
+    eval: Float
+    aggregate: Float
+    overhead: Float
+
+
+class RoundRecord(_Record):
+    kind: Literal["round"] = "round"
+    round: Int
+    """1-based."""
+    sampled: tuple[ClientId, ...]
+    clients: dict[str, ClientRound]
+    bytes_down: Int
+    bytes_up: Int
+    seconds: RoundSeconds
+
+    @field_validator("round")
+    @classmethod
+    def _one_based(cls, number: int) -> int:
+        if number < 1:
+            raise PydanticCustomError("round_number", "must be at least 1 (rounds are 1-based)")
+        return number
+
+
+class ClientFinal(_Record):
+    status: Status = "ok"
+    error: Text | None = None
+    own: Scores | None = None
+    """``None`` when the client's final evaluation failed."""
+    union: Scores | None = None
+    probes: Float | None = None
+
+
+class FinalRecord(_Record):
+    kind: Literal["final"] = "final"
+    clients: dict[str, ClientFinal]
+    seconds: Float
+
+
+_Model = TypeVar("_Model", bound=_Record)
+Record = Annotated[RunInfo | RoundRecord | FinalRecord, Field(discriminator="kind")]
+RECORD: TypeAdapter[RunInfo | RoundRecord | FinalRecord] = TypeAdapter(Record)
+
+
+class RecordError(ValueError):
+    """A record that does not fit the schema; the message names the dotted key, never the data."""
+
+
+def dump(record: RunInfo | RoundRecord | FinalRecord) -> dict[str, Any]:
+    """The record as JSON data, ``kind`` first, without the fields its writer never set (see the module docstring)."""
+    return {"kind": record.kind, **record.model_dump(mode="json", exclude_unset=True)}
+
+
+def parse_record(data: object) -> RunInfo | RoundRecord | FinalRecord:
+    """One decoded JSON line as its record, or :class:`RecordError` describing the first mistake."""
+    try:
+        return RECORD.validate_python(data)
+    except ValidationError as error:
+        raise RecordError(explain(error, tagged=True)) from None
+
+
+def validate(model: type[_Model], data: object) -> _Model:
+    """``data`` (e.g. built from a client's reply) as ``model``, or :class:`RecordError` naming the first mistake."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RecordError(explain(error)) from None
+
+
+def explain(error: ValidationError, *, tagged: bool = False) -> str:
+    """One line for a validation error: the first problem, by dotted key (``tagged``: the loc starts with ``kind``)."""
+    problems = error.errors(include_url=False)
+    text = _problem(problems[0], tagged=tagged)
+    more = len(problems) - 1
+    return text if more == 0 else f"{text} (and {more} more problem{'s' if more > 1 else ''})"
+
+
+def kind_of(value: object) -> str:
+    """How a JSON value is named in messages (its type, not its content)."""
+    if value is None:
+        return "null"
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    return f"key {'.'.join(map(str, loc))!r}" if loc else "the record"
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a JSON object",
+    "model_type": "a JSON object",
+    "model_attributes_type": "a JSON object",
+}
+
+
+def _problem(problem: ErrorDetails, *, tagged: bool) -> str:
+    kind, ctx = problem["type"], problem.get("ctx", {})
+    if kind == "union_tag_not_found":
+        return "missing key 'kind'"
+    if kind == "union_tag_invalid":
+        return f"unknown record kind {ctx['tag']!r}; expected one of {ctx['expected_tags']}"
+    loc = tuple(problem["loc"])[1:] if tagged else tuple(problem["loc"])
+    if kind in ("missing", "extra_forbidden"):
+        where = f" in {_key(loc[:-1])}" if loc[:-1] else ""
+        return f"{'missing' if kind == 'missing' else 'unknown'} key {str(loc[-1])!r}{where}"
+    if kind in _EXPECTED:
+        return f"{_key(loc)} must be {_EXPECTED[kind]}, got {kind_of(problem['input'])}"
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str(ctx["expected"]))
+        return f"{_key(loc)} must be one of {', '.join(allowed)}"
+    if kind in ("duplicate_client", "round_number"):
+        return f"{_key(loc)} {problem['msg']}"
+    return f"{_key(loc)}: {problem['msg']}"

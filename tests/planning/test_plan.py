@@ -1,0 +1,84 @@
+"""plan() on the meta model against the same round played on the real tiny model, byte for byte."""
+
+import pytest
+import torch
+
+from fedexperts.algorithms.flex.config import FlexConfig
+from fedexperts.algorithms.registry import build_algorithm, parse_algorithm
+from fedexperts.federation import encode
+from fedexperts.interface import ClientInfo, LocalData
+from fedexperts.models import tiny_model
+from fedexperts.models.tiny import tiny_config
+from fedexperts.moe import Role, parameter_kinds
+from fedexperts.planning import plan
+
+
+def _count_by_role(model, roles):
+    counts = dict.fromkeys(Role, 0)
+    for name, parameter in model.named_parameters():
+        counts[roles[name]] += parameter.numel()
+    return counts
+
+
+_ALGORITHMS = [
+    {"name": "fedavg"},
+    {"name": "fedprox", "scope": "non-expert"},
+    {"name": "local", "lora": {"rank": 4}},
+    {"name": "dense"},
+]
+
+
+@pytest.mark.parametrize("settings", _ALGORITHMS, ids=lambda settings: settings["name"])
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss", "switch_transformers"])
+def test_plan_on_meta_equals_the_real_tiny_model(tmp_path, model_type, settings):
+    tiny_config(model_type).to_json_file(tmp_path / "config.json")
+    config = parse_algorithm(settings)
+    result = plan(tmp_path, config, dtype="float32", examples=321)
+
+    model = tiny_model(model_type)
+    algorithm = build_algorithm(config)
+    algorithm.prepare(model)
+    client = ClientInfo("client-0", 321)
+    received = algorithm.downlink(algorithm.initial_global_state(model), client)
+    context = algorithm.setup_client(model, received, None, LocalData(client))
+    sent = algorithm.uplink(context)
+    personal = algorithm.personal_state(context)
+
+    assert result.downlink_bytes == len(encode(received))
+    assert result.uplink_bytes == len(encode(sent))
+    assert result.personal_bytes == (0 if personal is None else len(encode(personal)))
+    assert dict(result.by_role) == _count_by_role(model, algorithm.roles)
+    assert result.total_params == sum(p.numel() for p in model.parameters())
+    assert result.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kinds = parameter_kinds(model)
+    for row in result.by_kind:
+        expected = sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if (kinds[n].kind.value, kinds[n].adapter) == (row.kind, row.adapter)
+        )
+        assert row.params == expected
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    assert result.memory.weights == weights
+
+
+@pytest.mark.parametrize("transfer", [None, "bfloat16"])
+def test_plan_in_bf16_equals_the_real_bf16_model_with_lora(tmp_path, transfer):
+    tiny_config("qwen3_moe").to_json_file(tmp_path / "config.json")
+    config = FlexConfig()
+    result = plan(tmp_path / "config.json", config, dtype="bf16", transfer_dtype=transfer)
+
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    algorithm = build_algorithm(config)
+    algorithm.prepare(model)
+    client = ClientInfo("client-0", 1000)
+    received = algorithm.downlink(algorithm.initial_global_state(model), client)
+    context = algorithm.setup_client(model, received, None, LocalData(client))
+    wire = None if transfer is None else torch.bfloat16
+    assert result.downlink_bytes == len(encode(received, dtype=wire))
+    assert result.uplink_bytes == len(encode(algorithm.uplink(context), dtype=wire))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.bfloat16}  # peft puts adapters in the base layer's dtype
+    assert result.memory.gradients == sum(p.numel() * 2 for p in trainable)
+    assert result.memory.optimizer == 2 * result.memory.gradients + 4 * len(trainable)
