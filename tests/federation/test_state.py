@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedexperts.federation import Payload, PayloadError
+from fedexperts.interface import Payload, PayloadError
 from fedexperts.federation.state import CheckpointStore, ClientStateStore
 
 
