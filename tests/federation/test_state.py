@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fedexperts.interface import Payload, PayloadError
 from fedexperts.federation.state import CheckpointStore, ClientStateStore
+from fedexperts.interface import Payload, PayloadError
 
 
 def test_client_state_round_trips_and_is_absent_before_first_save(tmp_path):
