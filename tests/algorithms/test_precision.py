@@ -34,9 +34,7 @@ def client_model(algorithm, model, seed=0):
     return algorithm.setup_client(model, received, None, LocalData(info, lambda: iter(batches))).model
 
 
-@pytest.mark.parametrize(
-    ("family", "name"), [("olmoe", name) for name in algorithm_names()] + [("qwen2_moe", "flex")]
-)
+@pytest.mark.parametrize(("family", "name"), [("olmoe", name) for name in algorithm_names()] + [("qwen2_moe", "flex")])
 def test_after_prepare_what_trains_is_float32_and_the_frozen_base_stays_bf16(family, name):
     model, algorithm = prepared_bf16(family, name)
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
