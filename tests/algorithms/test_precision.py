@@ -118,3 +118,24 @@ def test_evaluation_and_generation_run_on_a_bf16_base_with_float32_trainables(to
     with torch.no_grad():  # a plain forward outside autocast: peft and the graft cast to their own dtype
         logits = model(input_ids=torch.tensor([tokenizer("Hi")["input_ids"]])).logits
     assert torch.isfinite(logits.float()).all()
+
+
+def test_a_bf16_flex_run_end_to_end_keeps_float32_personal_and_global_state(micro_config):
+    from safetensors.torch import load_file
+
+    from fedexperts.federation.inprocess import run_experiment
+
+    result = run_experiment(micro_config("algorithm.name=flex", "model.dtype=bfloat16"))
+    assert [line["kind"] for line in result.records] == ["run", "round", "round", "final"]
+    for record in result.records[1:3]:
+        assert all(entry["status"] == "ok" for entry in record["clients"].values())
+    states = sorted((result.run_dir / "clients").glob("*.safetensors"))
+    assert len(states) == 3
+    for path in states:
+        tensors = load_file(path)
+        assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    checkpoint = sorted((result.run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
+    shared = {k: t for k, t in load_file(checkpoint).items() if k.startswith("global/")}
+    assert shared and {t.dtype for t in shared.values()} == {torch.float32}
+    for scores in result.records[-1]["clients"].values():
+        assert 0.0 <= scores["own"]["rouge_l"] <= 1.0
