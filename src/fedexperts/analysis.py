@@ -27,6 +27,7 @@ from fedexperts.federation.state import CheckpointStore, ClientStateStore
 from fedexperts.interface import ClientInfo, LocalData
 from fedexperts.moe.families import moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_GATE, grafts
+from fedexperts.moe.precision import autocast_for
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.moe.surgery import expert_map
 from fedexperts.reporting.schema import CONFIG_FILE
@@ -84,7 +85,7 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
         layers = moe_layers(base)
         with RoutingRecorder(base) as recorder:
             for batch in row_batches(client.test.rows, pad, batch_size=16):
-                with recorder.mask(batch["attention_mask"]):
+                with recorder.mask(batch["attention_mask"]), autocast_for(base):
                     base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         counts = recorder.counts()
         table = torch.zeros(len(layers), max(experts.num_global.values()))
@@ -125,7 +126,8 @@ def _gate_openings(
             for batch in row_batches(rows, pad, batch_size=16):
                 captured.clear()
                 mask = batch["attention_mask"].reshape(-1).bool()
-                base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                with autocast_for(base):
+                    base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
                 for layer, opening in enumerate(captured):
                     totals[layer] += float(opening.reshape(-1)[mask.to(opening.device)].sum())
                 real += int(mask.sum())

@@ -3,6 +3,9 @@
 Exact match only normalises whitespace (and, when asked, case): ExpertBench's personal conventions
 are about the surface form, so punctuation and casing must count. ROUGE-L is the lenient score
 (``rouge_score`` lowercases and drops punctuation).
+
+Every forward runs under :func:`fedexperts.moe.precision.autocast_for`, as training does: float32
+trainables over a half-precision base meet in the base's dtype; a float32 model runs as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from rouge_score import rouge_scorer
 from torch import nn
 
+from fedexperts.moe.precision import autocast_for
 from fedexperts.reporting.schema import Scores
 
 
@@ -75,14 +79,15 @@ def generate(
         for index, row in enumerate(rows):
             input_ids[index, width - len(row) :] = torch.as_tensor(row)
             attention_mask[index, width - len(row) :] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with autocast_for(model):
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
     return outputs
 
@@ -126,7 +131,8 @@ def continuation_log_likelihoods(
             row = list(prompt) + list(continuation)
             input_ids[index, : len(row)] = torch.as_tensor(row)
             attention_mask[index, : len(row)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        with autocast_for(model):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for index, (prompt, continuation) in enumerate(batch):
             positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
@@ -215,7 +221,7 @@ def routing_profile(model: Any, batches: Mapping[str, Iterable[Mapping[str, torc
     for group_batches in batches.values():
         with RoutingRecorder(model) as recorder:
             for batch in group_batches:
-                with recorder.mask(batch["attention_mask"]):
+                with recorder.mask(batch["attention_mask"]), autocast_for(model):
                     model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         counts = recorder.counts()
         layers = tuple(counts)
@@ -246,9 +252,10 @@ def token_loss(model: Any, rows: Sequence[Mapping[str, Any]], *, pad_token_id: i
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate([dict(row) for row in rows[start : start + batch_size]])
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
+        with autocast_for(model):
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
         targets = batch["labels"][:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"

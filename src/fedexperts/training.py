@@ -2,8 +2,10 @@
 
 AdamW over the trainable parameters only (frozen experts are neither in the optimizer nor given
 gradients), a cosine learning rate that runs across rounds (round r continues where round r-1
-stopped), gradient accumulation, clipping, optional gradient checkpointing and bf16 autocast, label
-smoothing, a proximal term (FedProx) and the router load-balancing loss.
+stopped), gradient accumulation, clipping, optional gradient checkpointing, label smoothing, a
+proximal term (FedProx) and the router load-balancing loss. Forwards run under autocast to the
+half dtype of the frozen base (float32 trainables over a bf16 base, :mod:`fedexperts.moe.precision`)
+or, with ``train.bf16``, bf16 autocast over a float32 model.
 
 The load-balancing loss is computed here per MoE layer (Switch Transformers' ``E * sum_i f_i P_i``,
 top-k aware) because transformers' own version concatenates every layer's router logits and so
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from fedexperts.data.tokenize import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
 from fedexperts.moe.params import NO_WEIGHT_DECAY
+from fedexperts.moe.precision import autocast_for
 
 
 def cosine_learning_rate(
@@ -149,7 +152,7 @@ def train_local(
         checkpointing[0]({"use_reentrant": False})  # first argument: torch.utils.checkpoint kwargs
     model.train()
     source = _cycle(batches)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
+    autocast = autocast_for(model, bf16=settings.bf16)
     total_loss, total_batches, tokens = 0.0, 0, 0
     start = time.perf_counter()
     steps = range(settings.steps_per_round)

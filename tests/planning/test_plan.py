@@ -78,7 +78,10 @@ def test_plan_in_bf16_equals_the_real_bf16_model_with_lora(tmp_path, transfer):
     wire = None if transfer is None else torch.bfloat16
     assert result.downlink_bytes == len(encode(received, dtype=wire))
     assert result.uplink_bytes == len(encode(algorithm.uplink(context), dtype=wire))
+    personal = algorithm.personal_state(context)
+    assert personal is not None and result.personal_bytes == len(encode(personal))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert {p.dtype for p in trainable} == {torch.bfloat16}  # peft puts adapters in the base layer's dtype
-    assert result.memory.gradients == sum(p.numel() * 2 for p in trainable)
+    assert {p.dtype for p in trainable} == {torch.float32}  # float32 masters over the bf16 base
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert result.memory.gradients == sum(p.numel() * 4 for p in trainable)
     assert result.memory.optimizer == 2 * result.memory.gradients + 4 * len(trainable)

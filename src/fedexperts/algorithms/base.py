@@ -31,6 +31,7 @@ from fedexperts.interface import (
 )
 from fedexperts.moe.families import family_for, unwrap_model
 from fedexperts.moe.params import ParamKind, Role, RoleRules, apply_roles, parameter_roles
+from fedexperts.moe.precision import float32_masters, master_copy
 
 _NON_EXPERT = (
     ParamKind.ATTENTION,
@@ -99,7 +100,11 @@ class BaseAlgorithm:
 
     # -- once per process --------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
-        """Inject LoRA (if any) in place, assign roles, and remember the personal tensors' start."""
+        """Inject LoRA (if any) in place, assign roles, and remember the personal tensors' start.
+
+        What trains then becomes a float32 master copy (:func:`~fedexperts.moe.precision.float32_masters`)
+        whatever the base's dtype: AdamW's small updates would round away in bf16.
+        """
         if self.lora is not None:
             config = peft.LoraConfig(
                 r=self.lora.rank,
@@ -113,12 +118,22 @@ class BaseAlgorithm:
         apply_roles(model, self.roles)
         if not any(role is not Role.FROZEN for role in self.roles.values()):
             raise FedExpertsError(f"{self.name}: no parameter is trainable under these roles")
+        self._settle_base(model)
+        float32_masters(model)
         self._initial_personal = {
             name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()
         }
 
+    def _settle_base(self, model: nn.Module) -> None:
+        """A subclass's last change to the base's trainable set before it becomes float32 (default: none).
+
+        FedMoE freezes its expert rows here: the base keeps them in the checkpoint's dtype and each
+        client's sub-MoE view trains float32 copies.
+        """
+
     def initial_global_state(self, model: nn.Module) -> State:
-        return {name: param.detach().clone() for name, param in self._params(model, Role.SHARED).items()}
+        """Copies of the shared tensors, float32 where the model holds them in a half dtype."""
+        return {name: master_copy(param) for name, param in self._params(model, Role.SHARED).items()}
 
     # -- per client ----------------------------------------------------------------------------------
     def downlink(self, global_state: State, client: ClientInfo) -> Payload:

@@ -102,12 +102,15 @@ def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
 
     def add_personal_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         hidden = args[0] if args else next(iter(kwargs.values()))
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        weights = torch.sigmoid(module.get_submodule(PERSONAL_GATE)(flat))
+        gate = module.get_submodule(PERSONAL_GATE)
+        # The personal parts may be float32 masters over a bf16 base: under autocast the matmuls run
+        # in bf16 anyway; without it they run in the masters' dtype instead of failing on mixed dtypes.
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(gate.weight.dtype)
+        weights = torch.sigmoid(gate(flat))
         personal = run_experts(layer, module.get_submodule(PERSONAL_EXPERTS), flat, weights).view_as(hidden)
-        if isinstance(output, tuple):
-            return (output[0] + personal, *output[1:])
-        return output + personal
+        main = output[0] if isinstance(output, tuple) else output
+        combined = main + personal.to(main.dtype)
+        return (combined, *output[1:]) if isinstance(output, tuple) else combined
 
     handle = block.register_forward_hook(add_personal_output, with_kwargs=True)
     setattr(block, _GRAFT_ATTRIBUTE, Graft(layer.name, tuple(chosen), gate_bias, handle, add_personal_output))

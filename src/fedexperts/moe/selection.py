@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.experts import each_expert_output, one_expert_output
 from fedexperts.moe.families import MoELayer, moe_layers
+from fedexperts.moe.precision import autocast_for
 
 
 class SelectionMethod(StrEnum):
@@ -111,7 +112,8 @@ def reconstruction_losses(
                 masks["decoder"] = batch.get("decoder_attention_mask")
             real.clear()
             real.update({stack: None if m is None else m.reshape(-1).bool() for stack, m in masks.items()})
-            model(**batch)
+            with autocast_for(model):  # as the client trains: float32 LoRA over a half-precision base
+                model(**batch)
             seen = True
         model.train(was_training)
     finally:

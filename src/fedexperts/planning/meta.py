@@ -4,7 +4,8 @@ Planning runs the algorithm on this model exactly as on a real one, which works 
 step of a round only creates, slices, clones or copies tensors, and meta tensors support that;
 peft creates the LoRA layers in the default dtype and then moves them to the base layer's device
 and dtype (``_move_adapter_to_device_of_base_layer``), so the adapters land on ``meta`` in the
-base dtype, exactly as they land on the CPU or GPU for a loaded model. Meta tensors cannot be
+base dtype, exactly as they land on the CPU or GPU for a loaded model (``prepare`` then makes what
+trains float32, on meta as on a real model: :mod:`fedexperts.moe.precision`). Meta tensors cannot be
 serialised, so their wire size comes from :func:`fedexperts.federation.payload.payload_size`.
 """
 

@@ -48,10 +48,12 @@ class KindCount:
 class MemoryEstimate:
     """Bytes a training client holds, activations excluded.
 
-    ``weights``: every parameter and buffer in its own dtype. ``gradients``: one per trainable
-    parameter, in its dtype. ``optimizer``: ``torch.optim.AdamW`` as :mod:`fedexperts.training`
-    uses it, ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype plus a 4-byte step per tensor;
-    no fp32 master copy exists because training keeps weights in their dtype (bf16 is autocast).
+    ``weights``: every parameter and buffer in its own dtype (trainable ones are float32 masters
+    over a half-precision base, :mod:`fedexperts.moe.precision`; ``prepare`` casts them on the meta
+    model too). ``gradients``: one per trainable parameter, in its dtype. ``optimizer``:
+    ``torch.optim.AdamW`` as :mod:`fedexperts.training` uses it, ``exp_avg`` and ``exp_avg_sq`` in
+    the parameter's dtype plus a 4-byte step per tensor. Autocast's per-forward half copies of the
+    float32 weights count with the activations (excluded).
     """
 
     weights: int

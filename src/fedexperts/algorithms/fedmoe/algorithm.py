@@ -117,16 +117,21 @@ class FedMoE(BaseAlgorithm):
     # -- once per process --------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         """Inject LoRA, find the expert-row tensors, freeze them on the base model, check the budgets."""
-        base = unwrap_model(model)
-        layers = moe_layers(base)
-        refuse_module_per_expert(layers, self.name)
+        refuse_module_per_expert(moe_layers(unwrap_model(model)), self.name)
         super().prepare(model)
-        layout = layout_of(base, layers, self.roles, self.name)
+        self.schedule.prepare(self.layout)
+
+    def _settle_base(self, model: nn.Module) -> None:
+        """Learn the layout (sizes in the checkpoint's dtype) and freeze the expert rows on the base.
+
+        The base keeps its pretrained experts in their dtype; each client's view trains float32
+        copies of its held rows (:func:`~fedexperts.algorithms.fedmoe.views.load_rows`).
+        """
+        base = unwrap_model(model)
+        self.layout = layout_of(base, moe_layers(base), self.roles, self.name)
         params = dict(base.named_parameters())
-        for name in layout.rows:
-            params[name].requires_grad_(False)  # the base keeps its pretrained experts; views train copies
-        self.layout = layout
-        self.schedule.prepare(layout)
+        for name in self.layout.rows:
+            params[name].requires_grad_(False)
 
     # -- budgets and structures (the server's schedule) -----------------------------------------------
     @property

@@ -22,6 +22,7 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.interface import Payload, State
 from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layers, unwrap_model
 from fedexperts.moe.params import ParamKind, Role, parameter_kinds
+from fedexperts.moe.precision import autocast_for, to_master
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.moe.surgery import expert_map, select_experts
 
@@ -181,7 +182,7 @@ def measure_activation(
                 ids = batch["input_ids"][:take].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids) if mask is None else mask[:take].to(device)
-                with recorder.mask(mask):
+                with recorder.mask(mask), autocast_for(base):
                     base(input_ids=ids, attention_mask=mask)
                 seen += take
     finally:
@@ -217,11 +218,16 @@ def load_dense(model: nn.Module, received: Payload, layout: Layout, name: str) -
 
 @torch.no_grad()
 def load_rows(view: nn.Module, received: Payload, layout: Layout, name: str) -> None:
-    """Fill a sub-MoE view's expert-row tensors with the received rows and make them trainable."""
+    """Fill a sub-MoE view's expert-row tensors with the received rows and make them trainable.
+
+    The view's rows are its own sliced copies; they become float32 masters (the base's stay in the
+    checkpoint's dtype) so the received float32 rows load without rounding and train in float32.
+    """
     params = dict(view.named_parameters())
     for each in layout.rows:
         if each not in received.tensors:
             raise FedExpertsError(f"{name}: the client did not receive expert rows {each}")
+        to_master(params[each])
         params[each].copy_(received.tensors[each])
         params[each].requires_grad_(True)
 
