@@ -21,7 +21,7 @@ from fedexperts.algorithms.registry import (
     algorithm_names,
     owners,
 )
-from fedexperts.algorithms.settings import Section, dotted_fields, dotted_keys, is_list_field
+from fedexperts.algorithms.settings import Section, dotted_fields, dotted_keys, is_list_field, list_item_type
 from fedexperts.errors import FedExpertsError
 
 
@@ -158,11 +158,14 @@ def _describe(error: ErrorDetails) -> str:
     return f"{key}: {error['msg']}{suffix}"
 
 
-def list_valued_keys() -> set[str]:
-    """Dotted keys whose values are lists, in any section or algorithm (Flower's run config flattens them)."""
-    keys = {key for key, info in dotted_fields(ExperimentConfig) if is_list_field(info)}
+def list_valued_keys() -> dict[str, Any]:
+    """Dotted keys whose values are lists, in any section or algorithm, and their item types (Flower's
+    run config flattens them)."""
+    keys = {key: list_item_type(info) for key, info in dotted_fields(ExperimentConfig) if is_list_field(info)}
     for config in CONFIGS:
-        keys.update(f"algorithm.{key}" for key, info in dotted_fields(config) if is_list_field(info))
+        keys.update(
+            {f"algorithm.{key}": list_item_type(info) for key, info in dotted_fields(config) if is_list_field(info)}
+        )
     return keys
 
 

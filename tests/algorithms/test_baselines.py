@@ -51,6 +51,25 @@ def test_attention_lora_is_injected_in_place_and_is_the_only_trainable_part():
     assert type(model).__name__ == "OlmoeForCausalLM"  # not wrapped: names stay the model's own
 
 
+@pytest.mark.parametrize(
+    ("model_type", "targets"), [("olmoe", ["q_proj", "k_proj", "v_proj"]), ("switch_transformers", ["q", "v"])]
+)
+def test_lora_targets_keep_only_the_named_attention_projections(model_type, targets):
+    algorithm = FedAvg(FedAvgConfig(lora=LoraConfig(rank=2, targets=targets)))
+    prepared(algorithm, model_type)
+    shared = [name for name, role in algorithm.roles.items() if role is Role.SHARED]
+    assert shared and {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in shared} == set(targets)
+
+
+def test_a_lora_target_that_matches_nothing_is_refused():
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        LoraConfig(targets=[])
+    algorithm = FedAvg(FedAvgConfig(lora=LoraConfig(targets=["q_proj", "k_proj"])))
+    refused = r"algorithm\.lora\.targets \['k_proj'\] match no attention linear of deepseek_v2"
+    with pytest.raises(FedExpertsError, match=refused):
+        prepared(algorithm, "deepseek_v2")
+
+
 def test_switch_attention_targets_include_cross_attention():
     algorithm = FedAvg(FedAvgConfig(lora=LoraConfig(rank=2)))
     prepared(algorithm, "switch_transformers")

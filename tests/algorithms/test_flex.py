@@ -5,6 +5,7 @@ import torch
 from pydantic import ValidationError
 
 from fedexperts.algorithms import FLEx, RandomExpert, grafted_experts
+from fedexperts.algorithms.flex import algorithm as flex_algorithm
 from fedexperts.algorithms.flex.config import FlexConfig, FlexOptions
 from fedexperts.config import TrainConfig
 from fedexperts.errors import FedExpertsError
@@ -53,13 +54,15 @@ def test_only_attention_lora_is_sent_personal_parts_stay_home():
     assert personal.metadata["grafted"].keys() == {layer.name for layer in moe_layers(model)}
 
 
-def test_the_graft_is_the_expert_that_best_reconstructs_the_pretrained_layer():
-    algorithm, model, pristine = prepared()
+@pytest.mark.parametrize("criterion", ["per-batch", "pooled"])
+def test_the_graft_is_the_expert_that_best_reconstructs_the_pretrained_layer(criterion):
+    algorithm, model, pristine = prepared(criterion=criterion)
     start = algorithm.initial_global_state(model)
     data = local_data(model, "a", seed=3)
     algorithm.setup_client(model, algorithm.downlink(start, data.client), None, data)
     inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in data.batches()]
-    expected = {name: (choice.best,) for name, choice in reconstruction_losses(pristine, inputs).items()}
+    losses = reconstruction_losses(pristine, inputs, criterion=criterion)
+    expected = {name: (choice.best,) for name, choice in losses.items()}
     assert grafted_experts(model) == expected
     for layer, original in zip(moe_layers(model), moe_layers(pristine), strict=True):
         chosen = expected[layer.name][0]
@@ -104,9 +107,44 @@ def test_top_n_refresh_and_shared_gate_options():
     assert refreshed.metadata["selected_round"] == 3
 
 
+def test_the_default_criterion_is_the_papers_sum_of_per_batch_norms():
+    assert FlexOptions().criterion == "per-batch"
+    assert FlexOptions().calibration_tokens is None
+
+
+def test_calibration_tokens_takes_the_first_batches_up_to_that_many_real_tokens(monkeypatch):
+    algorithm, model, _ = prepared(calibration_tokens=25)
+    batches = batches_for(model, seed=4, count=5)
+    for batch in batches:
+        batch["attention_mask"][:, 9:] = 0  # 4 rows x 9 real tokens = 36 per batch, 12 of them padding
+        batch["attention_mask"][1:, 3:] = 0  # now 9 + 3 x 3 = 18 real tokens per batch
+    seen = []
+    original = flex_algorithm.reconstruction_losses
+
+    def spy(model, inputs, **options):
+        inputs = list(inputs)
+        seen.append([int(batch["attention_mask"].sum()) for batch in inputs])
+        return original(model, inputs, **options)
+
+    monkeypatch.setattr(flex_algorithm, "reconstruction_losses", spy)
+    data = LocalData(ClientInfo("a", 8), lambda: iter(batches), 1)
+    algorithm.setup_client(model, algorithm.downlink(algorithm.initial_global_state(model), data.client), None, data)
+    assert seen == [[18, 18]]  # 18 < 25, 36 >= 25: the second batch is used whole, the rest not at all
+    # fewer real tokens than asked: every batch; no calibration_tokens: calibration_batches=4
+    for options, used in (({"calibration_tokens": 10_000}, 5), ({}, 4)):
+        other, other_model, _ = prepared(**options)
+        start = other.initial_global_state(other_model)
+        other.setup_client(other_model, other.downlink(start, data.client), None, data)
+        assert seen[-1] == [18] * used
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValidationError, match="top_n"):
         FlexOptions(top_n=0)
+    with pytest.raises(ValidationError, match=r"calibration_batches or flex\.calibration_tokens, not both"):
+        FlexOptions(calibration_batches=2, calibration_tokens=100)
+    with pytest.raises(ValidationError, match="criterion"):
+        FlexOptions(criterion="mean")
     with pytest.raises(ValidationError, match="'everything' would share the frozen pretrained experts"):
         FlexConfig(scope="everything")
     algorithm = FLEx(FlexConfig(flex=FlexOptions(top_n=9)))

@@ -3,7 +3,8 @@ import torch
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.models import TINY_FAMILIES, tiny_model
-from fedexperts.moe import GraftChoice, moe_layers, reconstruction_losses
+from fedexperts.moe import GraftChoice, SelectionCriterion, moe_layers, reconstruction_losses
+from fedexperts.moe.experts import one_expert_output
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)
@@ -57,3 +58,55 @@ def test_unknown_method_is_an_error(batch_factory):
     model = tiny_model("olmoe")
     with pytest.raises(ValueError, match="'fastest' is not a valid SelectionMethod"):
         reconstruction_losses(model, [batch_factory(model)], method="fastest")
+
+
+def _rows(model, rows, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (rows, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _layer_errors(model, batches):
+    """Per layer, per batch, per expert: ||Z_b - E_j(X_b)||_F in float64, from hooks written here."""
+    layers = moe_layers(model)
+    seen = {layer.name: [] for layer in layers}
+
+    def hook_for(layer):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            z = layer.family.block_output(output).reshape(x.shape).double()
+            norms = [torch.linalg.norm(z - one_expert_output(layer, j, x).double()) for j in range(layer.num_experts)]
+            seen[layer.name].append(torch.stack(norms))
+
+        return hook
+
+    handles = [layer.block.register_forward_hook(hook_for(layer)) for layer in layers]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.stack(per_batch) for name, per_batch in seen.items()}
+
+
+def test_pooled_and_per_batch_losses_match_hand_computed_norms():
+    model = tiny_model("olmoe").eval()
+    batches = [_rows(model, 8, 16, 2), _rows(model, 1, 3, 102)]  # batches of 128 and 3 tokens
+    norms = _layer_errors(model, batches)  # (batches, experts) per layer
+    pooled = reconstruction_losses(model, batches, criterion="pooled")
+    per_batch = reconstruction_losses(model, batches, criterion=SelectionCriterion.PER_BATCH)
+    for name, each in norms.items():
+        torch.testing.assert_close(pooled[name].losses, each.pow(2).sum(dim=0).sqrt(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(per_batch[name].losses, each.sum(dim=0), rtol=1e-5, atol=1e-7)
+        assert per_batch[name].losses.dtype is torch.float64
+    # with batches this unequal the two criteria disagree on some layer's best expert
+    assert any(pooled[name].best != per_batch[name].best for name in norms)
+
+
+def test_one_batch_scores_the_same_under_both_criteria(batch_factory):
+    model = tiny_model("qwen2_moe")
+    batch = batch_factory(model)
+    pooled = reconstruction_losses(model, [batch])
+    per_batch = reconstruction_losses(model, [batch], criterion="per-batch", method="per-expert")
+    for name in pooled:
+        torch.testing.assert_close(pooled[name].losses, per_batch[name].losses, rtol=1e-4, atol=1e-6)

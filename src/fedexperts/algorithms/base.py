@@ -54,8 +54,12 @@ def scope_rules(scope: SharedScope, role: Role = Role.SHARED) -> RoleRules:
     return RoleRules(base=dict.fromkeys(kinds, role))
 
 
-def attention_linear_names(model: nn.Module) -> list[str]:
-    """Full names of the ``nn.Linear`` modules inside attention modules (LoRA targets, by structure)."""
+def attention_linear_names(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
+    """Full names of the ``nn.Linear`` modules inside attention modules (LoRA targets, by structure).
+
+    ``targets`` keeps only the modules whose last name segment is one of them (``q_proj``); a target
+    that names no attention linear of this model is an error.
+    """
     base = unwrap_model(model)
     family = family_for(base)
     attention = {
@@ -68,7 +72,15 @@ def attention_linear_names(model: nn.Module) -> list[str]:
     for name, module in base.named_modules():
         if id(module) in attention:
             names.extend(f"{name}.{child}" for child, sub in module.named_modules() if isinstance(sub, nn.Linear))
-    return names
+    if targets is None:
+        return names
+    found = {name.rsplit(".", 1)[-1] for name in names}
+    missing = [target for target in targets if target not in found]
+    if missing:
+        raise FedExpertsError(
+            f"algorithm.lora.targets {missing} match no attention linear of {family.model_type}; it has {sorted(found)}"
+        )
+    return [name for name in names if name.rsplit(".", 1)[-1] in targets]
 
 
 class BaseAlgorithm:
@@ -110,7 +122,7 @@ class BaseAlgorithm:
                 r=self.lora.rank,
                 lora_alpha=self.lora.alpha,
                 lora_dropout=self.lora.dropout,
-                target_modules=attention_linear_names(model),
+                target_modules=attention_linear_names(model, self.lora.targets),
             )
             peft.inject_adapter_in_model(config, model)
         self.roles = parameter_roles(model, self.rules)

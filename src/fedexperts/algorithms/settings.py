@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from enum import StrEnum
 from types import UnionType
-from typing import Any, ClassVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
@@ -46,6 +46,12 @@ class LoraConfig(Section):
     rank: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | None = Field(None, min_length=1)
+    """Attention projections that get LoRA, by the module's last name segment (``q_proj``; T5-style
+    models name them ``q``, ``k``, ``v``, ``o``). ``None``: every ``nn.Linear`` inside attention (q, k,
+    v and o for most families). FLEx's official training scripts use ``["q_proj", "k_proj", "v_proj"]``
+    (its code's default, like ours, also includes ``o_proj``). A target no attention module has is an
+    error."""
 
 
 class ServerConfig(Section):
@@ -109,8 +115,20 @@ def dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return [key for key, _ in dotted_fields(model, prefix)]
 
 
-def is_list_field(info: FieldInfo) -> bool:
-    """A list-valued field, optional or not (``list[int] | None``)."""
+def list_item_type(info: FieldInfo) -> Any:
+    """The item type of a list-valued field, optional or not (``int`` for ``list[int] | None``); else ``None``."""
     annotation: Any = info.annotation
     options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
-    return any(get_origin(option) is list or option is list for option in options)
+    for option in options:
+        if option is list:
+            return Any
+        if get_origin(option) is list:
+            args = get_args(option)
+            item = args[0] if args else Any
+            return get_args(item)[0] if get_origin(item) is Annotated else item
+    return None
+
+
+def is_list_field(info: FieldInfo) -> bool:
+    """A list-valued field, optional or not (``list[int] | None``)."""
+    return list_item_type(info) is not None

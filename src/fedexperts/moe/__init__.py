@@ -36,7 +36,7 @@ from fedexperts.moe.personal import (
     suspended_grafts,
 )
 from fedexperts.moe.routing import LayerRouting, RoutingRecorder
-from fedexperts.moe.selection import GraftChoice, SelectionMethod, reconstruction_losses
+from fedexperts.moe.selection import GraftChoice, SelectionCriterion, SelectionMethod, reconstruction_losses
 from fedexperts.moe.surgery import (
     ExpertMap,
     expert_map,
@@ -63,6 +63,7 @@ __all__ = [
     "RoleRules",
     "RoutingDecision",
     "RoutingRecorder",
+    "SelectionCriterion",
     "SelectionMethod",
     "apply_roles",
     "copy_experts",

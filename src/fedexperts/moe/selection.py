@@ -1,10 +1,16 @@
 """FLEx's grafting choice: which pretrained expert best reconstructs each full MoE layer.
 
 For every MoE layer, on a client's calibration tokens X with full-layer output Z (routed experts,
-shared experts and all), the loss of routed expert j is ``||Z - E_j(X)||_F`` over all real
-tokens. The one-pass method evaluates every expert of a layer in a single batched experts call;
-the per-expert method runs one forward per expert and exists as the reference it is tested and
-benchmarked against.
+shared experts and all), the loss of routed expert j is, by criterion:
+
+- ``pooled``: ``||Z - E_j(X)||_F`` over all real tokens of all calibration batches at once;
+- ``per-batch``: ``sum_b ||Z_b - E_j(X_b)||_F``, one Frobenius norm per calibration batch b, summed
+  in float64: Lu et al.'s expert-pruning criterion (arXiv 2402.14800), which FLEx's code runs
+  through their ``Expert_Sparsity`` submodule. The two differ when batches differ in size or error.
+
+Padding tokens are left out under both. The one-pass method evaluates every expert of a layer in a
+single batched experts call; the per-expert method runs one forward per expert and exists as the
+reference it is tested and benchmarked against.
 """
 
 from __future__ import annotations
@@ -29,13 +35,21 @@ class SelectionMethod(StrEnum):
     PER_EXPERT = "per-expert"
 
 
+class SelectionCriterion(StrEnum):
+    POOLED = "pooled"
+    """One Frobenius norm over every calibration token."""
+    PER_BATCH = "per-batch"
+    """The sum over calibration batches of each batch's Frobenius norm (Lu et al., FLEx's code)."""
+
+
 @dataclass(frozen=True)
 class GraftChoice:
     """Reconstruction losses of every expert of one layer, best first."""
 
     layer: str
     losses: torch.Tensor
-    """Frobenius norm of ``Z - E_j(X)`` over the calibration tokens, per expert j."""
+    """Per expert j, the Frobenius norm of ``Z - E_j(X)`` over the calibration tokens, or the sum of
+    one such norm per calibration batch (:class:`SelectionCriterion`)."""
 
     @property
     def ranking(self) -> list[int]:
@@ -74,6 +88,7 @@ def reconstruction_losses(
     batches: Iterable[Mapping[str, Any]],
     *,
     method: SelectionMethod | str = SelectionMethod.ONE_PASS,
+    criterion: SelectionCriterion | str = SelectionCriterion.POOLED,
     tokens_per_chunk: int = 128,
 ) -> dict[str, GraftChoice]:
     """Run ``model`` on calibration batches and score every routed expert of every MoE layer.
@@ -82,8 +97,10 @@ def reconstruction_losses(
     ``decoder_attention_mask`` for encoder-decoder models) exclude padding tokens. The one-pass
     method evaluates ``tokens_per_chunk`` tokens at a time, so its memory stays at ``experts x chunk
     x max(hidden, 2 x intermediate)`` per layer; 128 was fastest on a 2-core CPU for 32-128 experts.
+    ``criterion`` says how the batches' errors combine (pooled, or Lu et al.'s sum of per-batch norms).
     """
     method = SelectionMethod(method)
+    per_batch = SelectionCriterion(criterion) is SelectionCriterion.PER_BATCH
     layers = moe_layers(model)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     totals = {layer.name: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in layers}
@@ -97,7 +114,8 @@ def reconstruction_losses(
             mask = real.get(layer.stack)
             if mask is not None:
                 hidden, target = hidden[mask], target[mask]
-            totals[layer.name] += _squared_errors(layer, hidden, target, method, tokens_per_chunk).cpu()
+            errors = _squared_errors(layer, hidden, target, method, tokens_per_chunk).cpu()
+            totals[layer.name] += errors.sqrt() if per_batch else errors
 
         return hook
 
@@ -121,4 +139,4 @@ def reconstruction_losses(
             handle.remove()
     if not seen:
         raise FedExpertsError("grafting selection needs at least one calibration batch")
-    return {name: GraftChoice(name, errors.sqrt()) for name, errors in totals.items()}
+    return {name: GraftChoice(name, errors if per_batch else errors.sqrt()) for name, errors in totals.items()}

@@ -13,11 +13,13 @@ def test_every_config_key_round_trips_through_a_flat_flower_run_config():
             "federation.clients=2",
             "federation.min_clients=2",
             "eval.max_examples=7",
+            'algorithm.lora.targets=["q_proj", "v_proj"]',
         ],
     )
     flat = config_to_run_config(config)
     assert all(isinstance(value, bool | int | float | str) for value in flat.values())
     assert flat["algorithm.fedmoe.budgets"] == "100000000,200000000"
+    assert flat["algorithm.lora.targets"] == "q_proj,v_proj"
     assert flat["model.experts_implementation"] == ""  # None travels as the empty string
     back = config_from_run_config(flat)
     expected = config.model_copy(update={"output_dir": config.output_dir.resolve()})

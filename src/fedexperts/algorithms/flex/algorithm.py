@@ -9,8 +9,10 @@ personal experts, gates and the shared parameters (attention LoRA by default); o
 parameters are sent and averaged, personal experts and gates never leave the client.
 
 Where the paper is silent, the choices are: calibration uses the client's first
-``calibration_batches`` training batches with the received global LoRA applied and the grafts
-switched off (so ``Z`` is the pretrained layer); the gate gets a trainable bias started at the
+``calibration_batches`` training batches (or as many as hold ``calibration_tokens`` real tokens) with
+the received global LoRA applied and the grafts switched off (so ``Z`` is the pretrained layer), and
+the losses are Lu et al.'s sum of per-batch norms (``criterion``; ``pooled`` is one norm over all
+tokens); the gate gets a trainable bias started at the
 router's bias (zero for routers without one). Beyond the paper: ``top_n`` grafts the n best experts
 into the personal slots, ``refresh_every`` re-selects every K rounds (an expert whose choice did not
 change keeps its trained values; a newly chosen one starts from its pretrained copy), and
@@ -73,6 +75,8 @@ class FLEx(BaseAlgorithm):
         self.top_n = options.top_n
         self.refresh_every = options.refresh_every
         self.calibration_batches = options.calibration_batches
+        self.calibration_tokens = options.calibration_tokens
+        self.criterion = options.criterion
 
     def prepare(self, model: nn.Module) -> None:
         base = unwrap_model(model)
@@ -106,7 +110,12 @@ class FLEx(BaseAlgorithm):
         """Score every routed expert against the pretrained layer output and graft the best ``top_n``."""
         with suspended_grafts(model):
             device = next(model.parameters()).device
-            choices = reconstruction_losses(model, _inputs(islice(batches(), self.calibration_batches), device))
+            chosen = (
+                islice(batches(), self.calibration_batches)
+                if self.calibration_tokens is None
+                else _until_tokens(batches(), self.calibration_tokens)
+            )
+            choices = reconstruction_losses(model, _inputs(chosen, device), criterion=self.criterion)
         current = {name: graft.experts for name, graft in grafts(model).items()}
         wanted = {name: tuple(choice.top(self.top_n)) for name, choice in choices.items()}
         changed = {name: list(chosen) for name, chosen in wanted.items() if not keep_trained or chosen != current[name]}
@@ -119,6 +128,22 @@ class FLEx(BaseAlgorithm):
         tensors = state.tensors if state is not None else {}
         selected = context.selected_round if isinstance(context, FLExContext) else 1
         return Payload(tensors, {GRAFTED_KEY: grafted, SELECTED_ROUND_KEY: selected})
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the attention mask keeps (every input id when there is no mask)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def _until_tokens(batches: Iterable[dict[str, torch.Tensor]], tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first batches, up to and including the one that brings the real-token count to ``tokens``."""
+    seen = 0
+    for batch in batches:
+        yield batch
+        seen += real_tokens(batch)
+        if seen >= tokens:
+            return
 
 
 def _inputs(batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

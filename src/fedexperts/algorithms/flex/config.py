@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedexperts.algorithms.settings import FederatedSettings, Section, SharedScope
 
@@ -17,7 +17,24 @@ class FlexOptions(Section):
     share_gate: bool = False
     """Also aggregate the personal gates (the paper keeps them personal)."""
     calibration_batches: int = Field(4, ge=1)
-    """Training batches (of 8 rows) a client scores the experts on."""
+    """Training batches (of 8 rows) a client scores the experts on (used when ``calibration_tokens`` is
+    unset). FLEx's code scores offline with Lu et al.'s tool, whose default is 128 sequences of up to
+    2048 tokens in batches of 8 (16 batches)."""
+    calibration_tokens: int | None = Field(None, ge=1)
+    """Score on the client's first training batches until this many real (attention-mask) tokens are
+    seen; the batch that reaches it is used whole, and a client with fewer uses all it has. ``None``:
+    ``calibration_batches`` batches. Lu et al.'s default is 128 x 2048 = 262144 tokens."""
+    criterion: Literal["pooled", "per-batch"] = "per-batch"
+    """How the calibration batches' reconstruction errors combine (:mod:`fedexperts.moe.selection`):
+    ``per-batch`` sums one Frobenius norm per batch in float64, Lu et al.'s expert-pruning criterion that
+    FLEx's code runs (the paper's choice); ``pooled`` is one Frobenius norm over all calibration tokens
+    (fedexperts' choice before this option existed)."""
+
+    @model_validator(mode="after")
+    def _one_calibration_size(self) -> FlexOptions:
+        if {"calibration_batches", "calibration_tokens"} <= self.model_fields_set and self.calibration_tokens:
+            raise ValueError("set flex.calibration_batches or flex.calibration_tokens, not both")
+        return self
 
 
 class FlexConfig(FederatedSettings):

@@ -5,6 +5,11 @@ once, the same for every client). Routed experts are fused ``[E, ...]`` tensors,
 expert is a row slice: the whole tensor is made trainable, a gradient hook zeroes every other
 row, and those tensors get no weight decay, which leaves the other rows bit-identical under AdamW
 (their moments stay zero). Only the chosen rows are sent, under the names ``TENSOR@expert=J``.
+
+With ``personal`` the chosen rows are the client's own instead: the fused expert tensors get
+:attr:`Role.PERSONAL`, the same ``TENSOR@expert=J`` row slices are what :meth:`personal_state`
+keeps (and only they: the other rows are the frozen pretrained ones every client shares), and a new
+client starts from the pretrained rows; only attention LoRA is sent and averaged.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class RandomExpert(BaseAlgorithm):
         rules = scope_rules(SharedScope.ATTENTION_LORA)
         shared = RoleRules(base={ParamKind.ROUTED_EXPERT: Role.SHARED}, adapters=dict(rules.adapters))
         super().__init__(shared, lora=config.lora, server=config.server)
+        self.personal = config.personal
         self.seed = 0
         self.chosen: dict[str, int] = {}
         """Parameter name of each fused expert tensor -> the expert row trained."""
@@ -51,7 +57,11 @@ class RandomExpert(BaseAlgorithm):
             expert = int(torch.randint(layer.num_experts, (1,), generator=generator))
             for tensor in layer.family.expert_tensors:
                 self.chosen[f"{layer.experts_name}.{tensor}"] = expert
-        super().prepare(model)
+        super().prepare(model)  # the expert tensors are shared here, so no whole-tensor copy is kept
+        if self.personal:
+            self.roles.update(dict.fromkeys(self.chosen, Role.PERSONAL))
+            self._by_role.clear()
+            self._initial_personal = {key: row.detach().clone() for key, row in self._chosen_rows(model).items()}
         params = dict(base.named_parameters())
         for name, expert in self.chosen.items():
             parameter = params[name]
@@ -60,10 +70,17 @@ class RandomExpert(BaseAlgorithm):
             parameter.register_hook(_masker(mask))
             setattr(parameter, NO_WEIGHT_DECAY, True)
 
+    def _chosen_rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The chosen expert row of every fused expert tensor (views), under ``TENSOR@expert=J``."""
+        params = self._params(model, Role.PERSONAL if self.personal else Role.SHARED)
+        return {row_key(name, e): params[name][e] for name, e in self.chosen.items()}
+
     def _rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What is shared: attention LoRA, plus the chosen rows unless they are personal."""
         shared = self._params(model, Role.SHARED)
         rows: dict[str, torch.Tensor] = {name: p for name, p in shared.items() if name not in self.chosen}
-        rows.update({row_key(name, e): shared[name][e] for name, e in self.chosen.items()})
+        if not self.personal:
+            rows.update(self._chosen_rows(model))
         return rows
 
     def initial_global_state(self, model: nn.Module) -> State:
@@ -77,11 +94,20 @@ class RandomExpert(BaseAlgorithm):
             if name not in received.tensors:
                 raise FedExpertsError(f"{self.name}: the client did not receive shared tensor {name}")
             target.copy_(received.tensors[name])
+        if self.personal:
+            kept = personal.tensors if personal is not None else {}
+            for key, row in self._chosen_rows(model).items():
+                row.copy_(kept.get(key, self._initial_personal[key]))
         return ClientContext(data.client, model, received, data.round)
 
     def uplink(self, context: ClientContext) -> Payload:
         tensors = {name: tensor.detach().clone() for name, tensor in self._rows(context.model).items()}
         return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples})
+
+    def personal_state(self, context: ClientContext) -> Payload | None:
+        if not self.personal:
+            return None
+        return Payload({key: row.detach().clone() for key, row in self._chosen_rows(context.model).items()})
 
 
 def _masker(mask: torch.Tensor) -> Any:

@@ -10,9 +10,14 @@ from fedexperts.algorithms.settings import AlgorithmSettings, LoraConfig, Server
 
 
 class RandomExpertConfig(AlgorithmSettings):
-    """Always attention LoRA (the FLEx code's baseline); the chosen expert rows are shared too."""
+    """Always attention LoRA (the FLEx code's baseline); the chosen expert rows are shared too, or personal."""
 
     name: Literal["random-expert"] = "random-expert"
     builder: ClassVar[str] = "fedexperts.algorithms.random_expert.algorithm:RandomExpert"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    personal: bool = False
+    """Keep the chosen expert rows on each client (personal: never sent, a client's next round starts
+    from its own trained rows, a new client from the pretrained ones) while attention LoRA is still
+    averaged. FLEx's code excludes its random experts from aggregation (it trains LoRA on them, and
+    restarts them from the untrained adapter every round); ``False`` shares and averages the rows."""

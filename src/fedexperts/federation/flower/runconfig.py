@@ -3,8 +3,8 @@
 Flower run configs are flat ``dotted.key -> bool | int | float | str`` maps (nested TOML tables
 are flattened by Flower itself), and ``--run-config`` may only override keys the app declares.
 So the app declares every key of the resolved experiment config: ``None`` travels as the empty
-string and a list of integers as a comma-separated string; :func:`config_from_run_config`
-undoes both and validates the result like any other config.
+string and a list (of integers, or of names such as LoRA targets) as a comma-separated string;
+:func:`config_from_run_config` undoes both and validates the result like any other config .
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def config_to_run_config(config: ExperimentConfig) -> dict[str, bool | int | flo
         if value is None:
             flat[key] = NONE
         elif isinstance(value, list):
-            flat[key] = ",".join(str(int(item)) for item in value)
+            flat[key] = ",".join(str(item) for item in value)
         else:
             flat[key] = value
     return flat
@@ -62,10 +62,12 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
         if value == NONE:
             value = None
         elif key in list_keys and isinstance(value, str):
-            try:
-                value = [int(item) for item in value.split(",") if item.strip()]
-            except ValueError:
-                raise ConfigError(f"{key}: expected comma-separated integers, got {value!r}") from None
+            value = [item.strip() for item in value.split(",") if item.strip()]
+            if list_keys[key] is int:
+                try:
+                    value = [int(item) for item in value]
+                except ValueError:
+                    raise ConfigError(f"{key}: expected comma-separated integers, got {run_config[key]!r}") from None
         *parents, leaf = key.split(".")
         table = nested
         for part in parents:
