@@ -5,14 +5,17 @@ import pytest
 import torch
 from torch import nn
 
+from fedexperts import evaluation
 from fedexperts.data.expertbench import ExpertBench
 from fedexperts.evaluation import (
+    EvalSet,
     RoutingProfile,
+    Scores,
     continuation_log_likelihoods,
     exact_match,
     generate,
+    instruction_scores,
     multiple_choice_accuracy,
-    normalize_text,
     rouge_l,
     routing_profile,
 )
@@ -30,12 +33,11 @@ def model(tokenizer):
     return tiny_model("olmoe", seed=1, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
 
 
-def test_exact_match_normalises_whitespace_but_keeps_case_and_punctuation():
-    assert normalize_text("  The answer\n is  salt. ") == "The answer is salt."
+def test_exact_match_is_squads():
     assert exact_match(" salt\n", "salt")
-    assert not exact_match("Salt", "salt")
-    assert exact_match("Salt", "salt", ignore_case=True)
-    assert not exact_match("salt.", "salt")
+    assert exact_match("Salt", "salt")
+    assert exact_match("The salt.", "salt")
+    assert not exact_match("sea salt", "salt")
 
 
 def test_rouge_l_is_the_lcs_f_measure():
@@ -43,6 +45,31 @@ def test_rouge_l_is_the_lcs_f_measure():
     assert rouge_l("dog", "the cat sat") == 0.0
     # LCS 2: precision 2/2, recall 2/3 -> F 0.8
     assert rouge_l("the cat", "the cat sat") == pytest.approx(0.8)
+
+
+def test_rouge_l_stems_and_takes_a_tokenizer():
+    assert rouge_l("the dog runs quick", "The dogs were running quickly") == pytest.approx(0.667, abs=1e-3)
+    assert rouge_l("the dog runs quick", "The dogs were running quickly", stemmer=False) == pytest.approx(
+        0.222, abs=1e-3
+    )
+    assert rouge_l("北京欢迎你", "北京欢迎你") == 0.0
+    assert rouge_l("北京欢迎你", "北京欢迎你", tokenizer="characters") == 1.0
+
+
+def test_instruction_scores_fill_every_score(monkeypatch, model):
+    data = EvalSet(prompts=("q1", "q2"), references=("The dogs were running quickly", "北京"), rows=({}, {}))
+    monkeypatch.setattr(evaluation, "token_loss", lambda *args, **kwargs: 1.5)
+    monkeypatch.setattr(evaluation, "generate", lambda *args, **kwargs: ["the dog runs quick", "北京"])
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    scores = instruction_scores(model, tokenizer, data)
+    assert scores.loss == 1.5 and scores.examples == 2
+    assert scores.rouge_l == pytest.approx(0.667 / 2, abs=1e-3)  # the Chinese pair has no default tokens
+    assert scores.exact_match == 0.5 and scores.accuracy == 0.5  # "北京" matches itself
+    assert scores.token_f1 == 0.5  # SQuAD F1 does not stem: "dog" is not "dogs"
+    assert scores.rouge_1 is not None and scores.rouge_2 is not None
+    characters = instruction_scores(model, tokenizer, data, rouge_tokenizer="characters", rouge_stemmer=False)
+    assert characters.rouge_l > scores.rouge_l
+    assert set(scores.as_dict()) == set(Scores.model_fields)
 
 
 def greedy_by_hand(model, tokenizer, prompt, steps):

@@ -99,6 +99,13 @@ class EvalConfig(Section):
     probes: int = Field(64, ge=0)
     """Knowledge probes per client in the final evaluation (ExpertBench only; 0: skip)."""
     batch_size: int = Field(16, ge=1)
+    rouge_stemmer: bool = True
+    """Porter-stem words before ROUGE (rouge-score's ``use_stemmer``, as FLEx's evaluation does): ``runs`` matches
+    ``running``. Only the ``default`` and ``whitespace`` tokenizers stem."""
+    rouge_tokenizer: Literal["default", "characters", "whitespace"] = "default"
+    """How ROUGE splits text: ``default`` is rouge-score's (lowercased ``a-z0-9`` runs; any other script has no
+    tokens and scores 0); ``characters`` makes every non-space character a token (Chinese, Japanese);
+    ``whitespace`` makes every whitespace-separated run a token (other scripts that space their words)."""
 
 
 class ExperimentConfig(Section):

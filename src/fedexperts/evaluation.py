@@ -1,8 +1,11 @@
-"""Scores: exact match, ROUGE-L, greedy generation, and multiple-choice accuracy by log-likelihood.
+"""Scores: exact match, ROUGE, token F1, greedy generation, and multiple-choice accuracy by log-likelihood.
 
-Exact match only normalises whitespace (and, when asked, case): ExpertBench's personal conventions
-are about the surface form, so punctuation and casing must count. ROUGE-L is the lenient score
-(``rouge_score`` lowercases and drops punctuation).
+The text scores (text in, numbers out) live in :mod:`fedexperts.metrics`, torch-free: exact match
+and token F1 as in SQuAD (lowercased, punctuation and articles dropped), ROUGE-1/2/L from
+rouge-score with its Porter stemmer (``eval.rouge_stemmer``) and a choice of tokenizer for text not
+in Latin script (``eval.rouge_tokenizer``). Until the SQuAD metrics were added, exact match here
+normalised only whitespace (case and punctuation counted) and ROUGE-L was unstemmed; run records
+written then hold those numbers.
 
 Every forward runs under :func:`fedexperts.moe.precision.autocast_for`, as training does: float32
 trainables over a half-precision base meet in the base's dtype; a float32 model runs as it is.
@@ -10,38 +13,27 @@ trainables over a half-precision base meet in the base's dtype; a float32 model 
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Protocol
 
 import torch
-from rouge_score import rouge_scorer
 from torch import nn
 
+from fedexperts import metrics
+from fedexperts.metrics import RougeTokenizer
 from fedexperts.moe.precision import autocast_for
 from fedexperts.reporting.schema import Scores
 
 
-def normalize_text(text: str, *, ignore_case: bool = False) -> str:
-    """Unicode NFKC, surrounding whitespace removed, inner whitespace runs made one space."""
-    text = " ".join(unicodedata.normalize("NFKC", text).split())
-    return text.casefold() if ignore_case else text
+def exact_match(prediction: str, reference: str) -> bool:
+    """SQuAD exact match (see :func:`fedexperts.metrics.normalize_answer`)."""
+    return metrics.exact_match(prediction, reference)
 
 
-def exact_match(prediction: str, reference: str, *, ignore_case: bool = False) -> bool:
-    return normalize_text(prediction, ignore_case=ignore_case) == normalize_text(reference, ignore_case=ignore_case)
-
-
-@cache
-def _rouge() -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(["rougeL"])
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure of the longest common token subsequence."""
-    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
+def rouge_l(prediction: str, reference: str, *, stemmer: bool = True, tokenizer: RougeTokenizer = "default") -> float:
+    """ROUGE-L F-measure of the longest common token subsequence (rouge-score, stemmed by default)."""
+    return metrics.rouge_scores(prediction, reference, stemmer=stemmer, tokenizer=tokenizer).rouge_l
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -273,10 +265,13 @@ def instruction_scores(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     add_special_tokens: bool = False,
+    rouge_stemmer: bool = True,
+    rouge_tokenizer: RougeTokenizer = "default",
 ) -> Scores:
-    """Loss, exact match and ROUGE-L of greedy completions on ``data``.
+    """Loss and the text scores (:func:`fedexperts.metrics.text_scores`) of greedy completions on ``data``.
 
-    ``add_special_tokens`` must match how the prompts were tokenized for training (the template's choice).
+    ``add_special_tokens`` must match how the prompts were tokenized for training (the template's choice);
+    ``rouge_stemmer`` and ``rouge_tokenizer`` are ``eval.rouge_stemmer`` and ``eval.rouge_tokenizer``.
     """
     if not len(data):
         raise ValueError("no examples to evaluate")
@@ -294,10 +289,14 @@ def instruction_scores(
         )
     finally:
         model.train(was_training)
-    pairs = list(zip(predictions, data.references, strict=True))
+    text = metrics.text_scores(predictions, data.references, stemmer=rouge_stemmer, tokenizer=rouge_tokenizer)
     return Scores(
         loss=loss,
-        exact_match=sum(exact_match(p, r) for p, r in pairs) / len(pairs),
-        rouge_l=sum(rouge_l(p, r) for p, r in pairs) / len(pairs),
-        examples=len(pairs),
+        exact_match=text.exact_match,
+        rouge_l=text.rouge_l,
+        examples=len(predictions),
+        rouge_1=text.rouge_1,
+        rouge_2=text.rouge_2,
+        token_f1=text.token_f1,
+        accuracy=text.accuracy,
     )

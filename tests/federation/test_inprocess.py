@@ -11,8 +11,9 @@ from fedexperts.federation import client as client_module
 from fedexperts.federation import inprocess
 from fedexperts.federation.inprocess import run_experiment
 from fedexperts.federation.payload import encode
-from fedexperts.federation.server import RunError, sample_clients
+from fedexperts.federation.server import RunError, _eval_record, sample_clients
 from fedexperts.interface import Payload
+from fedexperts.reporting.schema import Scores
 
 VOLATILE = {"seconds", "peak_memory_bytes", "bytes_up"}
 
@@ -53,6 +54,14 @@ def test_enforced_different_sampling_takes_one_client_per_category_first():
     assert len(five) == 5 and {groups[ids.index(c)] for c in five} == {"a", "b", "c"}
 
 
+def test_the_server_copies_every_scores_field_a_reply_carries():
+    full = Scores(loss=1.0, exact_match=0.5, rouge_l=0.25, examples=2, rouge_1=0.5, rouge_2=0.0, token_f1=0.75)
+    metadata = {**{f"eval_{key}": value for key, value in full.as_dict().items()}, "union_loss": 2.0, "examples": 9}
+    assert _eval_record(metadata, "eval") == full.as_dict()  # accuracy was not sent: absent, not null
+    assert _eval_record(metadata, "union") == {"loss": 2.0}
+    assert _eval_record({"examples": 9}, "eval") is None
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -81,6 +90,7 @@ def test_two_rounds_of_each_baseline_end_to_end(micro_config, overrides):
         assert record["bytes_down"] == sum(e["bytes_down"] for e in record["clients"].values())
     for scores in final["clients"].values():
         assert scores["own"]["examples"] == 3 and scores["union"]["examples"] == 4
+        assert list(scores["own"]) == list(scores["union"]) == list(Scores.model_fields)  # every score recorded
         assert 0.0 <= scores["probes"] <= 1.0
     state = final_state(result.run_dir)
     if config.algorithm.name == "local":

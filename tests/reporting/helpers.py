@@ -10,8 +10,11 @@ from typing import Any
 CONFIG = '[model]\nname = "builtin"\n\n[algorithm]\nname = "fedavg"\n'
 
 
-def scores(rouge_l: float = 0.5, exact_match: float = 0.25, loss: float = 1.0, examples: int = 10) -> dict[str, Any]:
-    return {"loss": loss, "exact_match": exact_match, "rouge_l": rouge_l, "examples": examples}
+def scores(
+    rouge_l: float = 0.5, exact_match: float = 0.25, loss: float = 1.0, examples: int = 10, **later: float
+) -> dict[str, Any]:
+    """``later``: the optional fields (``rouge_1``, ``token_f1``...) that older runs lack."""
+    return {"loss": loss, "exact_match": exact_match, "rouge_l": rouge_l, "examples": examples, **later}
 
 
 def run_line(
@@ -101,8 +104,12 @@ def simple_run(
     probes: float | None = 0.5,
     bytes_down: int = 100,
     finished: bool = True,
+    later: Mapping[str, float] | None = None,
 ) -> Path:
-    """Three clients, one round per value of ``curve`` (every client evaluated at that ROUGE-L)."""
+    """Three clients, one round per value of ``curve`` (every client evaluated at that ROUGE-L).
+
+    ``later``: optional score fields every final own evaluation carries (none: an older run's record).
+    """
     clients = [str(index) for index in range(len(own_rouge_l))]
     lines: list[dict[str, Any]] = [run_line(clients, rounds=len(curve), seed=seed)]
     for number, value in enumerate(curve, start=1):
@@ -110,7 +117,9 @@ def simple_run(
         lines.append(round_line(number, parts))
     if finished:
         finals = {
-            client: client_final(own=scores(rouge_l=value), union=scores(rouge_l=value / 2), probes=probes)
+            client: client_final(
+                own=scores(rouge_l=value, **(later or {})), union=scores(rouge_l=value / 2), probes=probes
+            )
             for client, value in zip(clients, own_rouge_l, strict=True)
         }
         lines.append(final_line(finals))

@@ -70,6 +70,18 @@ def test_compare_groups(tmp_path):
     assert "the CIs do not overlap." in text
 
 
+def test_later_scores_are_compared_only_where_measured(tmp_path):
+    older = compare({"a": _group(tmp_path, "a", [0.5, 0.6])})
+    assert "personalized_token_f1" not in [metric.key for metric in older.metrics]
+    assert "token F1" not in comparison_markdown(older)
+    later = {"rouge_1": 0.75, "rouge_2": 0.125, "token_f1": 0.5, "accuracy": 0.25}
+    mixed = compare({"new": _group(tmp_path, "new", [0.5, 0.6], later=later), "old": _group(tmp_path, "old", [0.4])})
+    assert mixed.estimate("personalized_token_f1", "new").mean == pytest.approx(0.5)
+    assert mixed.estimate("personalized_token_f1", "old").n == 0
+    assert mixed.estimate("personalized_accuracy", "new").mean == pytest.approx(0.25)
+    assert "| personalized token F1 ↑ | 0.5000 ± 0.0000 | – |" in comparison_markdown(mixed)
+
+
 def test_overlapping_intervals(tmp_path):
     comparison = compare({"a": _group(tmp_path, "a", [0.5, 0.6, 0.7]), "b": _group(tmp_path, "b", [0.45, 0.55, 0.65])})
     verdict = comparison.verdict("personalized_rouge_l")

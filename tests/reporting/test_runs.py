@@ -67,6 +67,7 @@ def test_derived_numbers_by_hand(tmp_path):
     assert personalized.rouge_l == pytest.approx((0.3 + 0.5 + 0.7) / 3)
     assert personalized.exact_match == pytest.approx((0.2 + 0.4 + 0.3) / 3)
     assert personalized.count == 3
+    assert (personalized.rouge_1, personalized.token_f1, personalized.accuracy) == (None, None, None)  # older runs
     union = record.union
     assert union is not None and union.count == 2  # b has no union score
     assert union.rouge_l == pytest.approx(0.2)
@@ -265,3 +266,15 @@ def test_bad_config_names_the_file(tmp_path):
         load_run(directory)
     assert caught.value.path == directory / "config.toml"
     assert "config.toml" in str(caught.value) and "bad TOML" in str(caught.value)
+
+
+def test_later_scores_are_averaged_only_when_every_client_has_them():
+    from fedexperts.reporting.runs import mean_scores
+    from fedexperts.reporting.schema import Scores
+
+    new = [Scores(**scores(rouge_l=value, rouge_1=value, token_f1=1.0)) for value in (0.25, 0.75)]
+    mean = mean_scores(new)
+    assert mean is not None and mean.rouge_1 == pytest.approx(0.5) and mean.token_f1 == 1.0
+    assert mean.rouge_2 is None and mean.accuracy is None
+    mixed = mean_scores([*new, Scores(**scores())])
+    assert mixed is not None and mixed.rouge_l == pytest.approx(0.5) and mixed.rouge_1 is None

@@ -134,6 +134,35 @@ def test_several_mistakes_make_one_line_naming_the_first():
     assert str(caught.value) == "key 'seed' must be an integer, got a string (and 1 more problem)"
 
 
+NEW_SCORES = {"rouge_1": 0.5, "rouge_2": 0.125, "token_f1": 0.375, "accuracy": 0.0}
+
+
+def _final(own):
+    line = copy.deepcopy(SERVER_LINES[2])
+    line["clients"]["client-0"]["own"] = own
+    return line
+
+
+def test_scores_round_trip_with_and_without_the_later_fields():
+    old = _final(_scores(1.0))
+    record = parse_record(copy.deepcopy(old))
+    own = record.clients["client-0"].own
+    assert own is not None and (own.rouge_1, own.rouge_2, own.token_f1, own.accuracy) == (None,) * 4
+    assert json.dumps(dump(record)) == json.dumps(old)  # the absent fields stay absent
+    assert own.as_dict() == _scores(1.0)
+    new = _final({**_scores(1.0), **NEW_SCORES})
+    record = parse_record(copy.deepcopy(new))
+    assert json.dumps(dump(record)) == json.dumps(new)
+    own = record.clients["client-0"].own
+    assert own is not None and own.as_dict() == {**_scores(1.0), **NEW_SCORES}
+
+
+def test_later_scores_are_numbers_or_absent():
+    line = _final({**_scores(1.0), "token_f1": "high"})
+    with pytest.raises(RecordError, match=r"key 'clients\.client-0\.own\.token_f1' must be a number, got a string"):
+        parse_record(line)
+
+
 def test_one_scores_type_and_the_file_names():
     from fedexperts import evaluation
 

@@ -56,6 +56,19 @@ def test_report_files(tmp_path):
     assert '```toml\n[model]\nname = "builtin"' in summary
 
 
+def test_headline_shows_the_later_scores_when_measured(tmp_path):
+    old = report_markdown(load_run(simple_run(tmp_path / "old")))
+    assert "personalized score (mean over clients of each final model on its own test split): ROUGE-L 0.5000, " in old
+    assert "exact match 0.2500 (3 clients)" in old and "token F1" not in old
+    later = {"rouge_1": 0.75, "rouge_2": 0.125, "token_f1": 0.5, "accuracy": 0.25}
+    new = report_markdown(load_run(simple_run(tmp_path / "new", later=later)))
+    assert (
+        "ROUGE-L 0.5000, exact match 0.2500, ROUGE-1 0.7500, ROUGE-2 0.1250, token F1 0.5000, accuracy 0.2500 "
+        "(3 clients)" in new
+    )
+    assert "- union score (mean over clients, union test set): ROUGE-L 0.2500, exact match 0.2500 (3 clients)" in new
+
+
 def test_report_lists_failures_per_round(tmp_path):
     summary = report_markdown(load_run(_failing_run(tmp_path)))
     assert "- round 1: client b failed: CUDA out of memory at step 3" in summary

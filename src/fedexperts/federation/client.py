@@ -85,6 +85,8 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
             "max_new_tokens": config.eval.max_new_tokens,
             "batch_size": config.eval.batch_size,
             "add_special_tokens": setting.template.add_special_tokens,
+            "rouge_stemmer": config.eval.rouge_stemmer,
+            "rouge_tokenizer": config.eval.rouge_tokenizer,
         }
         with watch.phase("eval"):
             if task.evaluate:

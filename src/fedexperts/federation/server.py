@@ -125,11 +125,13 @@ class Transport(Protocol):
 
 
 def _eval_record(metadata: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:
-    """A reply's ``{prefix}_loss``, ``{prefix}_rouge_l``... as the fields of a ``Scores`` (validated with the entry)."""
-    keys = ("loss", "exact_match", "rouge_l", "examples")
+    """A reply's ``{prefix}_loss``, ``{prefix}_rouge_l``... as the fields of a ``Scores`` (validated with the entry).
+
+    Every field of ``Scores`` the reply carries is copied; the optional ones a client did not send stay absent.
+    """
     if f"{prefix}_loss" not in metadata:
         return None
-    return {key: metadata[f"{prefix}_{key}"] for key in keys if f"{prefix}_{key}" in metadata}
+    return {key: metadata[f"{prefix}_{key}"] for key in schema.Scores.model_fields if f"{prefix}_{key}" in metadata}
 
 
 class Federation:

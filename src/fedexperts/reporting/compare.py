@@ -41,6 +41,8 @@ class Metric:
     higher_is_better: bool
     value: Callable[[RunRecord], float | None]
     show: Callable[[float], str]
+    optional: bool = False
+    """Left out of a comparison in which no run has it (scores that older runs did not measure)."""
 
 
 def _personalized_rouge_l(run: RunRecord) -> float | None:
@@ -49,6 +51,16 @@ def _personalized_rouge_l(run: RunRecord) -> float | None:
 
 def _personalized_exact_match(run: RunRecord) -> float | None:
     return None if run.personalized is None else run.personalized.exact_match
+
+
+def _personalized(name: str) -> Callable[[RunRecord], float | None]:
+    """The personalized mean of an optional score (``None`` for runs that did not measure it)."""
+
+    def value(run: RunRecord) -> float | None:
+        scores = run.personalized
+        return None if scores is None else getattr(scores, name)
+
+    return value
 
 
 def _union_rouge_l(run: RunRecord) -> float | None:
@@ -67,6 +79,17 @@ def _optional_int(value: int | None) -> float | None:
 METRICS: tuple[Metric, ...] = (
     Metric("personalized_rouge_l", "personalized ROUGE-L", True, _personalized_rouge_l, fmt.score),
     Metric("personalized_exact_match", "personalized exact match", True, _personalized_exact_match, fmt.score),
+    Metric("personalized_rouge_1", "personalized ROUGE-1", True, _personalized("rouge_1"), fmt.score, optional=True),
+    Metric("personalized_rouge_2", "personalized ROUGE-2", True, _personalized("rouge_2"), fmt.score, optional=True),
+    Metric("personalized_token_f1", "personalized token F1", True, _personalized("token_f1"), fmt.score, optional=True),
+    Metric(
+        "personalized_accuracy",
+        "personalized label accuracy",
+        True,
+        _personalized("accuracy"),
+        fmt.score,
+        optional=True,
+    ),
     Metric("union_rouge_l", "union ROUGE-L", True, _union_rouge_l, fmt.score),
     Metric("probes", "probe accuracy", True, lambda run: run.probes, fmt.score),
     Metric("bytes_per_client_round", "bytes per client per round (down+up)", False, _bytes_per_client_round, fmt.size),
@@ -188,6 +211,11 @@ def compare(groups: Mapping[str, Sequence[RunRecord]], metrics: Sequence[Metric]
     if empty:
         raise ComparisonError(f"methods without runs: {', '.join(map(repr, empty))}")
     runs = {label: tuple(group) for label, group in groups.items()}
+    metrics = [
+        metric
+        for metric in metrics
+        if not metric.optional or any(metric.value(run) is not None for group in runs.values() for run in group)
+    ]
     estimates = {
         metric.key: {
             label: estimate([value for run in group if (value := metric.value(run)) is not None])

@@ -62,6 +62,11 @@ class MeanScores:
     exact_match: float
     rouge_l: float
     count: int
+    rouge_1: float | None = None
+    """The optional scores are ``None`` unless every averaged client measured them (older runs did not)."""
+    rouge_2: float | None = None
+    token_f1: float | None = None
+    accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,11 +135,20 @@ def mean_scores(scores: Iterable[Scores]) -> MeanScores | None:
     if not chosen:
         return None
     count = len(chosen)
+
+    def mean(name: str) -> float | None:
+        values = [getattr(score, name) for score in chosen]
+        return None if any(value is None for value in values) else math.fsum(values) / count
+
     return MeanScores(
         loss=math.fsum(score.loss for score in chosen) / count,
         exact_match=math.fsum(score.exact_match for score in chosen) / count,
         rouge_l=math.fsum(score.rouge_l for score in chosen) / count,
         count=count,
+        rouge_1=mean("rouge_1"),
+        rouge_2=mean("rouge_2"),
+        token_f1=mean("token_f1"),
+        accuracy=mean("accuracy"),
     )
 
 

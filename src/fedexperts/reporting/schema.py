@@ -58,16 +58,33 @@ class _Record(BaseModel):
 
 
 class Scores(_Record):
-    """One model's evaluation on one test set."""
+    """One model's evaluation on one test set.
+
+    Every text score is a mean over the examples of greedy completions against the references; the
+    definitions are in :mod:`fedexperts.metrics`. The fields after ``examples`` were added later and
+    are optional, so run files written before them still read (``None``: not measured).
+    """
 
     loss: Float
     """Mean next-token loss over the references' tokens (teacher forcing)."""
     exact_match: Float
+    """SQuAD exact match (lowercased, punctuation and articles dropped). Runs written before the
+    SQuAD metrics hold the earlier, stricter match here (only whitespace normalised)."""
     rouge_l: Float
+    """ROUGE-L F-measure (rouge-score, stemmed unless ``eval.rouge_stemmer=false``); the primary metric."""
     examples: Int
+    rouge_1: Float | None = None
+    """ROUGE-1 F-measure (unigrams), same tokenizer and stemming as ``rouge_l``."""
+    rouge_2: Float | None = None
+    """ROUGE-2 F-measure (bigrams), same tokenizer and stemming as ``rouge_l``."""
+    token_f1: Float | None = None
+    """SQuAD token F1 over the normalised bags of words."""
+    accuracy: Float | None = None
+    """Label accuracy: the prediction's normalised first line equals the normalised reference."""
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"loss": self.loss, "exact_match": self.exact_match, "rouge_l": self.rouge_l, "examples": self.examples}
+        """The measured fields by name (unmeasured ones left out), in field order."""
+        return {key: value for key, value in self.model_dump().items() if value is not None}
 
 
 class Parameters(_Record):

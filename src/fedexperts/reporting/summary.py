@@ -37,10 +37,18 @@ def _scores(scores: Scores | MeanScores | None) -> list[str]:
     return [fmt.score(scores.exact_match), fmt.score(scores.rouge_l), fmt.score(scores.loss)]
 
 
+_MORE_SCORES = (("ROUGE-1", "rouge_1"), ("ROUGE-2", "rouge_2"), ("token F1", "token_f1"), ("accuracy", "accuracy"))
+"""Shown after the headline's ROUGE-L and exact match when the run measured them."""
+
+
 def _headline(scores: MeanScores | None) -> str:
     if scores is None:
         return fmt.MISSING
-    return f"ROUGE-L {fmt.score(scores.rouge_l)}, exact match {fmt.score(scores.exact_match)} ({scores.count} clients)"
+    parts = [f"ROUGE-L {fmt.score(scores.rouge_l)}", f"exact match {fmt.score(scores.exact_match)}"]
+    parts += [
+        f"{label} {fmt.score(value)}" for label, key in _MORE_SCORES if (value := getattr(scores, key)) is not None
+    ]
+    return f"{', '.join(parts)} ({scores.count} clients)"
 
 
 def _what_ran(record: RunRecord) -> list[str]:
