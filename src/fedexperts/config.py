@@ -47,6 +47,15 @@ class DataConfig(Section):
     alpha: float = Field(0.5, gt=0)
     classes_per_client: int = Field(1, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    categories: list[str] | None = Field(None, min_length=1)
+    """Keep only rows of these categories, before partitioning (``None``: all). A category no row has is an error.
+    FLEx's Dolly splits: ``["closed_qa", "information_extraction", "classification", "summarization"]``."""
+    rows_per_client: int | None = Field(None, ge=1)
+    """Draw this many training rows per client, with replacement (FLEx's Dirichlet split: 1000). ``None``: the
+    rows are split among the clients, none repeated."""
+    test_per_category: int | None = Field(None, ge=1)
+    """Hold out this many rows of each category as the test set before the split (FLEx: 100); each client is
+    tested on the held-out rows of its categories. ``None``: ``test_fraction`` of each client's own rows."""
     max_length: int = Field(256, ge=8)
     skip_bad_rows: bool = False
     seed: int = 0

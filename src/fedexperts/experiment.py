@@ -19,7 +19,7 @@ from torch import nn
 from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
-from fedexperts.data.partition import Partition, PartitionSpec, Scheme
+from fedexperts.data.partition import Partition, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
 from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import DataError
@@ -103,14 +103,7 @@ def load_base(config: ExperimentConfig) -> LoadedModel:
 
 def federated_rows(config: ExperimentConfig) -> tuple[Partition, ExpertBench | None]:
     """Every client's raw train/test rows (in its own style on ExpertBench), and the bench if used."""
-    spec = PartitionSpec(
-        Scheme(config.data.scheme),
-        num_clients=config.federation.clients,
-        alpha=config.data.alpha,
-        classes_per_client=config.data.classes_per_client,
-        test_fraction=config.data.test_fraction,
-        seed=config.data.seed,
-    )
+    spec = spec_from_config(config.data, config.federation.clients)
     if config.data.source == EXPERTBENCH:
         from fedexperts.models.builtin import RECIPES
 
@@ -223,7 +216,11 @@ def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]
     parts, bench = rows
     union = None
     if config.eval.union_examples:
-        pooled = datasets.concatenate_datasets([split.test for split in parts.clients])
+        pooled = (  # held-out test rows are shared by clients: pool each row once
+            parts.held_out
+            if parts.held_out is not None
+            else datasets.concatenate_datasets([split.test for split in parts.clients])
+        )
         union = eval_set(pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed)
     probes: tuple[KnowledgeProbe, ...] = ()
     if bench is not None and config.eval.probes:
