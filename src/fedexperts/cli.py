@@ -152,8 +152,6 @@ def compare(
         return
     path, overrides = _config_and_overrides(args)
     preset = find_study(study) if study else None
-    if preset is not None:
-        overrides = [*preset.overrides, f"name={preset.name}", *overrides]
     names = [
         name.strip() for name in (algorithms or ",".join(preset.algorithms if preset else _DEFAULT_METHODS)).split(",")
     ]
@@ -165,10 +163,16 @@ def compare(
         raise FedExpertsError(f"--seeds must be comma-separated integers, got {seed_text!r}") from None
     if not names or not seed_values:
         raise FedExpertsError("--algorithms and --seeds must each name at least one value")
-    base = load_config(path, overrides)
+
+    def method(name: str) -> list[str]:
+        """A method's overrides: the study's (shared, then the method's own), the user's, then the method's name."""
+        study_overrides = [*preset.run_overrides(name), f"name={preset.name}"] if preset is not None else []
+        return [*study_overrides, *overrides, f"algorithm.name={name}"]
+
+    base = load_config(path, method(names[0]))
     folder = out or base.output_dir / base.name
     runs = [  # every run's config is validated before the first one starts
-        (name, seed, load_config(path, [*overrides, f"algorithm.name={name}", f"federation.seed={seed}"]))
+        (name, seed, load_config(path, [*method(name), f"federation.seed={seed}"]))
         for name in names
         for seed in seed_values
     ]
