@@ -141,3 +141,15 @@ def test_flex_runs_in_process_on_a_dolly_file_with_the_category_filter(micro_con
     kinds = [line["kind"] for line in result.records]
     assert kinds == ["run", "round", "round", "final"]
     assert all(entry["status"] == "ok" for record in result.records[1:3] for entry in record["clients"].values())
+
+
+def test_the_dolly_keys_round_trip_through_a_flower_run_config():
+    from fedexperts.federation.flower.runconfig import config_from_run_config, config_to_run_config
+
+    for overrides in (
+        [f"data.categories={list(PAPER)!r}".replace("'", '"'), "data.rows_per_client=1000", "data.test_per_category=9"],
+        [],
+    ):
+        config = load_config(None, overrides)
+        back = config_from_run_config(config_to_run_config(config))
+        assert back == config.model_copy(update={"output_dir": config.output_dir.resolve()})
