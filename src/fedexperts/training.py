@@ -198,9 +198,7 @@ def train_local(
                 loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
                 objective = loss
                 if router_logits:
-                    aux = load_balancing_loss(
-                        router_logits, batch.get("attention_mask"), settings.router_aux_loss
-                    )
+                    aux = load_balancing_loss(router_logits, batch.get("attention_mask"), settings.router_aux_loss)
                     objective = objective + settings.router_aux_loss_coef * aux
                 if proximal is not None:
                     objective = objective + proximal()
