@@ -130,8 +130,9 @@ def add_personal_lora(model: PreTrainedModel, *, rank: int, alpha: int, dropout:
     """Put LoRA adapters on every graft's personal experts and gate; the grafted weights stay as they are.
 
     The gate (an ``nn.Linear``) and module-per-expert personal experts get peft's LoRA layers (adapter
-    ``"default"``, see :data:`~fedexperts.moe.personal_lora.PERSONAL_ADAPTER`); fused personal experts get a :class:`~fedexperts.moe.personal_lora.FusedExpertLora`
-    child ``personal_lora`` on the block. Returns the names of the modules peft wrapped.
+    ``"default"``, see :data:`~fedexperts.moe.personal_lora.PERSONAL_ADAPTER`); fused personal experts
+    get a :class:`~fedexperts.moe.personal_lora.FusedExpertLora` child ``personal_lora`` on the block.
+    Returns the names of the modules peft wrapped.
     """
     attached = grafts(model)
     if not attached:

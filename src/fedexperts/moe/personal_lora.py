@@ -21,6 +21,8 @@ The module declares ``adapter_layer_names`` like a peft tuner layer, so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -56,9 +58,9 @@ class FusedExpertLora(nn.Module):
                 continue  # biases stay frozen, as peft's bias="none"
             count, rows, cols = weight.shape
             inputs, outputs = (rows, cols) if self.transposed else (cols, rows)
-            options = {"device": weight.device, "dtype": torch.float32}
-            self.lora_A[name] = nn.Parameter(torch.empty(count, rank, inputs, **options))
-            self.lora_B[name] = nn.Parameter(torch.empty(count, outputs, rank, **options))
+            device = weight.device
+            self.lora_A[name] = nn.Parameter(torch.empty(count, rank, inputs, device=device, dtype=torch.float32))
+            self.lora_B[name] = nn.Parameter(torch.empty(count, outputs, rank, device=device, dtype=torch.float32))
         self.reset()
 
     @torch.no_grad()
@@ -81,5 +83,6 @@ class FusedExpertLora(nn.Module):
     def forward(self, experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_e weights[:, e] * expert_e(hidden)`` with the deltas applied; ``hidden`` (T, H), ``weights`` (T, n)."""
         gate_up = self._project(experts, hidden, "gate_up_proj")
-        out = self._project(experts, experts._apply_gate(gate_up), "down_proj")  # (n, T, H)
+        activated = cast(Callable[[torch.Tensor], torch.Tensor], experts._apply_gate)(gate_up)
+        out = self._project(experts, activated, "down_proj")  # (n, T, H)
         return (out * weights.transpose(0, 1).unsqueeze(-1).to(out.dtype)).sum(dim=0)
