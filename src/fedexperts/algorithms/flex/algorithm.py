@@ -15,7 +15,7 @@ Where the paper is silent, the choices are: calibration uses the client's first
 ``calibration_batches`` training batches (or as many as hold ``calibration_tokens`` real tokens) with
 the received global LoRA applied and the grafts switched off (so ``Z`` is the pretrained layer), and
 the losses are Lu et al.'s sum of per-batch norms (``criterion``; ``pooled`` is one norm over all
-tokens); the gate gets a trainable bias started at the
+tokens); the gate gets a bias (``gate_bias``) started at the
 router's bias (zero for routers without one). Beyond the paper: ``top_n`` grafts the n best experts
 into the personal slots, ``refresh_every`` re-selects every K rounds (an expert whose choice did not
 change keeps its trained values; a newly chosen one starts from its pretrained copy), and
