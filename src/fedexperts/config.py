@@ -93,6 +93,15 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     router_aux_loss_coef: float = Field(0.0, ge=0)
+    router_aux_loss: Literal["auto", "pooled", "per-layer"] = "auto"
+    """How the load-balancing loss combines the MoE layers (used when ``router_aux_loss_coef > 0``).
+    ``pooled``: transformers' own ``load_balancing_loss_func`` (expert counts and router probabilities
+    pooled over every layer's real tokens, top-k counts not divided by k), so a model card's
+    ``router_aux_loss_coef`` means the same here; it needs every MoE layer to have the same expert count
+    and top-k. ``per-layer``: the mean over layers of each layer's ``E * sum_i f_i P_i`` with ``f`` divided
+    by top-k (fedexperts' only form before this option; sub-MoEs whose layers differ need it). ``auto``:
+    pooled when the layers agree, else per-layer. The default changed from per-layer to ``auto``; with the
+    default coefficient 0 nothing is computed, so default runs are unaffected."""
     gradient_checkpointing: bool = False
     bf16: bool = False
 
