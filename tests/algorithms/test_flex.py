@@ -243,5 +243,5 @@ def test_gate_bias_off_leaves_the_gate_without_a_bias(model_type, training):
 
 def test_personal_lora_options_need_lora_training():
     assert FlexOptions().personal_training == "full" and FlexOptions().gate_bias
-    with pytest.raises(ValidationError, match=r"personal_lora is set but flex\.personal_training is 'full'"):
+    with pytest.raises(ValidationError, match=r"personal_lora applies with flex\.personal_training=lora only"):
         FlexOptions(personal_lora={"rank": 4})

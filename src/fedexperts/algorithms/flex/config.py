@@ -50,10 +50,12 @@ class FlexOptions(Section):
 
     @model_validator(mode="after")
     def _one_calibration_size(self) -> FlexOptions:
-        if {"calibration_batches", "calibration_tokens"} <= self.model_fields_set and self.calibration_tokens:
+        # Compared with the defaults, not model_fields_set: a flat Flower run config carries every key.
+        default_batches = type(self).model_fields["calibration_batches"].default
+        if self.calibration_tokens is not None and self.calibration_batches != default_batches:
             raise ValueError("set flex.calibration_batches or flex.calibration_tokens, not both")
-        if "personal_lora" in self.model_fields_set and self.personal_training != "lora":
-            raise ValueError("flex.personal_lora is set but flex.personal_training is 'full', not 'lora'")
+        if self.personal_lora != PersonalLoraConfig() and self.personal_training != "lora":
+            raise ValueError("flex.personal_lora applies with flex.personal_training=lora only")
         return self
 
 
