@@ -36,7 +36,12 @@ def write_hub_jsonl(path, rows):
 
 HUB_ROWS = [
     {"question": "What is 2 + 2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"], "answer": 1},
-    {"question": "Capital of France?", "subject": "geography", "choices": ["Rome", "Oslo", "Paris", "Bern"], "answer": 2},
+    {
+        "question": "Capital of France?",
+        "subject": "geography",
+        "choices": ["Rome", "Oslo", "Paris", "Bern"],
+        "answer": 2,
+    },
     {"question": "3 * 3?", "subject": "elementary_mathematics", "choices": ["9", "6", "3", "1"], "answer": 0},
 ]
 
@@ -155,8 +160,8 @@ def test_missing_columns_files_and_folders(tmp_path):
     with pytest.raises(DataError, match="folder holds no MMLU test file"):
         load_mmlu(tmp_path / "empty")
     (tmp_path / "empty_test.csv").write_text("")
-    with pytest.raises(DataError, match="empty_test.csv: no questions"):
+    with pytest.raises(DataError, match=r"empty_test\.csv: no questions"):
         load_mmlu(tmp_path / "empty_test.csv")
     (tmp_path / "data.txt").write_text("x")
-    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
         load_mmlu(tmp_path / "data.txt")
