@@ -102,7 +102,7 @@ class EvalConfig(Section):
     """MMLU-format questions (a ``<subject>_test.csv`` file or folder of them, or the hub copy's Parquet/JSONL) scored
     in the final evaluation beside the probes, per subject and overall; see :mod:`fedexperts.data.mmlu`."""
     mmlu_examples: int | None = Field(20, ge=1)
-    """Questions per MMLU subject (a seeded subset, the same for every client; ``None``: all)."""
+    """Questions per MMLU subject (a seeded subset, the same for every client; ``None`` or a large number: all)."""
     batch_size: int = Field(16, ge=1)
     rouge_stemmer: bool = True
     """Porter-stem words before ROUGE (rouge-score's ``use_stemmer``, as FLEx's evaluation does): ``runs`` matches
