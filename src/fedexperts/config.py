@@ -116,6 +116,11 @@ class EvalConfig(Section):
     """Final evaluation of each client on this many examples pooled from every client's test split (0: skip)."""
     probes: int = Field(64, ge=0)
     """Knowledge probes per client in the final evaluation (ExpertBench only; 0: skip)."""
+    mmlu: Path | None = None
+    """MMLU-format questions (a ``<subject>_test.csv`` file or folder of them, or the hub copy's Parquet/JSONL) scored
+    in the final evaluation beside the probes, per subject and overall; see :mod:`fedexperts.data.mmlu`."""
+    mmlu_examples: int | None = Field(20, ge=1)
+    """Questions per MMLU subject (a seeded subset, the same for every client; ``None`` or a large number: all)."""
     batch_size: int = Field(16, ge=1)
     rouge_stemmer: bool = True
     """Porter-stem words before ROUGE (rouge-score's ``use_stemmer``, as FLEx's evaluation does): ``runs`` matches

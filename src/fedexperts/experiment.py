@@ -19,6 +19,7 @@ from torch import nn
 from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
+from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
 from fedexperts.data.partition import Partition, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
 from fedexperts.data.tokenize import tokenize_instructions
@@ -68,6 +69,8 @@ class Setting:
     clients: tuple[ClientData, ...]
     union: EvalSet | None
     probes: tuple[KnowledgeProbe, ...]
+    mmlu: tuple[MMLUQuestion, ...] = ()
+    """``eval.mmlu``'s questions (at most ``eval.mmlu_examples`` per subject), for the final evaluation."""
 
     @property
     def model(self) -> nn.Module:
@@ -211,7 +214,10 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
 
 
 def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]) -> Setting:
-    """``setting`` with the union test set and the knowledge probes, built from every client's test rows."""
+    """``setting`` with the union test set and the knowledge probes, built from every client's test rows.
+
+    With ``eval.mmlu``, also its questions (read here, so a missing or bad file fails before any round).
+    """
     config, tokenizer, template = setting.config, setting.tokenizer, setting.template
     parts, bench = rows
     union = None
@@ -229,4 +235,7 @@ def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]
             len(every), size=min(config.eval.probes, len(every)), replace=False
         )
         probes = tuple(every[int(index)] for index in sorted(chosen))
-    return replace(setting, union=union, probes=probes)
+    mmlu: tuple[MMLUQuestion, ...] = ()
+    if config.eval.mmlu is not None:
+        mmlu = load_mmlu(config.eval.mmlu, per_subject=config.eval.mmlu_examples, seed=config.data.seed)
+    return replace(setting, union=union, probes=probes, mmlu=mmlu)
