@@ -60,7 +60,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
         ),
         (
             ["algorithm.name=fedavg", "algorithm.scope=attention", "algorithm.lora.rank=4"],
-            r"algorithm\.lora is set but",
+            r"algorithm\.lora applies to scope attention-lora only",
         ),
         (["algorithm.scope=everything"], r"algorithm\.scope: .*FLEx keeps them frozen"),
         (

@@ -7,6 +7,7 @@ from torch import nn
 
 from fedexperts import evaluation
 from fedexperts.data.expertbench import ExpertBench
+from fedexperts.data.mmlu import MMLUQuestion
 from fedexperts.evaluation import (
     EvalSet,
     RoutingProfile,
@@ -15,6 +16,7 @@ from fedexperts.evaluation import (
     exact_match,
     generate,
     instruction_scores,
+    mmlu_scores,
     multiple_choice_accuracy,
     rouge_l,
     routing_profile,
@@ -135,6 +137,36 @@ def test_multiple_choice_picks_the_most_likely_choice(tokenizer):
     wrong = [Question("Question: x?\nAnswer:", (favourite, first, third), 2)]
     assert multiple_choice_accuracy(model, tokenizer, right + right) == 1.0
     assert multiple_choice_accuracy(model, tokenizer, right + wrong) == 0.5
+
+
+def test_mmlu_scores_per_subject_and_overall(monkeypatch, model, tokenizer):
+    questions = [
+        MMLUQuestion("anatomy", "Which bone is in the arm?", ("Femur", "Tibia", "Fibula", "Humerus"), 3),
+        MMLUQuestion("anatomy", "Where is the patella?", ("Knee", "Elbow", "Hip", "Wrist"), 0),
+        MMLUQuestion("virology", "What does a virus need?", ("Nothing", "A host", "Light", "Salt"), 1),
+    ]
+    model.train()
+    measured = mmlu_scores(model, tokenizer, questions, batch_size=5)  # the tiny random model, really scored
+    assert model.training  # put back as it was
+    assert set(measured.subjects) == {"anatomy", "virology"}
+    assert measured.overall in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert measured.subjects["anatomy"] in (0.0, 0.5, 1.0) and measured.subjects["virology"] in (0.0, 1.0)
+    assert measured.overall == pytest.approx((measured.subjects["anatomy"] * 2 + measured.subjects["virology"]) / 3)
+
+    letters = {question.prompt: question.choices[question.answer_index] for question in questions}
+
+    def prefers(model, tokenizer, pairs, **kwargs):  # the right letter is the likeliest continuation
+        return [0.0 if letters[prompt] == letter else -5.0 for prompt, letter in pairs]
+
+    monkeypatch.setattr(evaluation, "continuation_log_likelihoods", prefers)
+    forced = mmlu_scores(model, tokenizer, questions)
+    assert forced.overall == 1.0 and forced.subjects == {"anatomy": 1.0, "virology": 1.0}
+    letters[questions[0].prompt] = " A"  # now the model picks A where D is right
+    one_wrong = mmlu_scores(model, tokenizer, questions)
+    assert one_wrong.subjects == {"anatomy": 0.5, "virology": 1.0}
+    assert one_wrong.overall == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no questions"):
+        mmlu_scores(model, tokenizer, [])
 
 
 def test_routing_profile_counts_every_real_token(model):

@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -106,6 +107,37 @@ def test_load_balancing_loss_is_one_when_balanced_and_handles_sub_moes():
     first, second, _ = (layer.name for layer in moe_layers(model))
     select_experts(model, {first: [0, 1, 2], second: [1, 2, 3, 4, 5]})
     result = train_local(model, batches(model), TrainConfig(steps_per_round=2, router_aux_loss_coef=0.01))
+    assert math.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_pooled_load_balancing_loss_is_transformers_own(family, masked):
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2 * 5, 6, generator=generator) for _ in range(3)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    if masked:
+        mask[1, 2:] = 0
+    expected = module.load_balancing_loss_func(tuple(layers), 6, 2, mask if masked else None)
+    for formulation in ("pooled", "auto"):
+        got = load_balancing_loss([(logits, 2) for logits in layers], mask if masked else None, formulation)
+        torch.testing.assert_close(got, expected.float())
+    per_layer = load_balancing_loss([(logits, 2) for logits in layers], mask if masked else None, "per-layer")
+    assert not torch.allclose(per_layer, expected.float())
+
+
+def test_unequal_layers_fall_back_to_per_layer_or_are_refused():
+    layers = [(torch.randn(8, 4), 1), (torch.randn(8, 6), 1)]
+    per_layer = load_balancing_loss(layers, None, "per-layer")
+    torch.testing.assert_close(load_balancing_loss(layers, None, "auto"), per_layer)
+    with pytest.raises(FedExpertsError, match="router_aux_loss=pooled needs one expert count"):
+        load_balancing_loss(layers, None, "pooled")
+    assert TrainConfig().router_aux_loss == "auto"
+    model = tiny_model("olmoe")
+    result = train_local(
+        model, batches(model), TrainConfig(steps_per_round=2, router_aux_loss_coef=0.01, router_aux_loss="pooled")
+    )
     assert math.isfinite(result.loss)
 
 

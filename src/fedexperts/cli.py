@@ -152,8 +152,6 @@ def compare(
         return
     path, overrides = _config_and_overrides(args)
     preset = find_study(study) if study else None
-    if preset is not None:
-        overrides = [*preset.overrides, f"name={preset.name}", *overrides]
     names = [
         name.strip() for name in (algorithms or ",".join(preset.algorithms if preset else _DEFAULT_METHODS)).split(",")
     ]
@@ -165,10 +163,16 @@ def compare(
         raise FedExpertsError(f"--seeds must be comma-separated integers, got {seed_text!r}") from None
     if not names or not seed_values:
         raise FedExpertsError("--algorithms and --seeds must each name at least one value")
-    base = load_config(path, overrides)
+
+    def method(name: str) -> list[str]:
+        """A method's overrides: the study's (shared, then the method's own), the user's, then the method's name."""
+        study_overrides = [*preset.run_overrides(name), f"name={preset.name}"] if preset is not None else []
+        return [*study_overrides, *overrides, f"algorithm.name={name}"]
+
+    base = load_config(path, method(names[0]))
     folder = out or base.output_dir / base.name
     runs = [  # every run's config is validated before the first one starts
-        (name, seed, load_config(path, [*overrides, f"algorithm.name={name}", f"federation.seed={seed}"]))
+        (name, seed, load_config(path, [*method(name), f"federation.seed={seed}"]))
         for name in names
         for seed in seed_values
     ]
@@ -244,46 +248,70 @@ def _show_model_summary(path: Path) -> None:
     )
 
 
+def _data_default(key: str) -> Any:
+    """The default of ``data.KEY`` (``federation.clients`` for ``clients``), so ``partition`` and ``run`` agree."""
+    from fedexperts.config import DataConfig, FederationConfig
+
+    section = FederationConfig if key == "clients" else DataConfig
+    return section.model_fields[key].default
+
+
 @app.command()
 @user_errors
 def partition(
     source: str = typer.Argument(..., help="Local file or folder, hub dataset name, or 'expertbench'."),
     columns: str | None = typer.Option(None, help="Preset (dolly, alpaca) or field=column pairs; default: detect."),
     split: str = typer.Option("train", help="Split of a hub dataset."),
-    scheme: str = typer.Option("dirichlet", help="iid, dirichlet or pathological."),
-    clients: int = typer.Option(8, help="Number of clients."),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration (small: skewed)."),
-    classes_per_client: int = typer.Option(2, help="Pathological: categories per client."),
-    test_fraction: float = typer.Option(0.2, help="Share of each client's rows held out for testing."),
-    seed: int = typer.Option(0, help="Seed of the split (and of ExpertBench's items)."),
-    items: int = typer.Option(2000, help="ExpertBench: how many tasks to generate."),
+    scheme: str = typer.Option(_data_default("scheme"), help="iid, dirichlet or pathological."),
+    clients: int = typer.Option(_data_default("clients"), help="Number of clients."),
+    alpha: float = typer.Option(_data_default("alpha"), help="Dirichlet concentration (small: skewed)."),
+    classes_per_client: int = typer.Option(_data_default("classes_per_client"), help="Pathological: per client."),
+    test_fraction: float = typer.Option(_data_default("test_fraction"), help="Share of rows held out for testing."),
+    categories: str | None = typer.Option(None, help="Comma-separated categories to keep (default: all)."),
+    rows_per_client: int | None = typer.Option(None, help="Draw this many training rows per client, with replacement."),
+    test_per_category: int | None = typer.Option(None, help="Hold out this many test rows of each category."),
+    seed: int = typer.Option(_data_default("seed"), help="Seed of the split (and of ExpertBench's items)."),
+    items: int = typer.Option(_data_default("items"), help="ExpertBench: how many tasks to generate."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Drop rows with missing fields, and count them."),
     plot: Annotated[Path | None, typer.Option(help="Also save a bar chart of the partition as this PNG.")] = None,
 ) -> None:
-    """Split instruction data across clients by category and report counts per client (table, plot)."""
-    from fedexperts.data import PartitionSpec, Scheme, load_instructions, partition_table, plot_partition
+    """Split instruction data across clients by category and report counts per client (table, plot).
+
+    The defaults are ``fedexperts run``'s (``data.*`` and ``federation.clients``), and so is the split:
+    ExpertBench rows are rendered in each client's answer style, as a run sees them.
+    """
+    from fedexperts.config import build_config
+    from fedexperts.data import load_instructions, partition_table, plot_partition
     from fedexperts.data import partition as split_data
-    from fedexperts.data.expertbench import ExpertBench
+    from fedexperts.data.partition import Scheme, spec_from_config
 
     schemes = [option.value for option in Scheme]
     if scheme not in schemes:
         raise FedExpertsError(f"unknown scheme {scheme!r}; schemes: {', '.join(schemes)}")
+    chosen = [item.strip() for item in categories.split(",") if item.strip()] if categories is not None else None
+    data = {
+        "scheme": scheme,
+        "alpha": alpha,
+        "classes_per_client": classes_per_client,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "items": items,
+        "categories": chosen,
+        "rows_per_client": rows_per_client,
+        "test_per_category": test_per_category,
+    }
+    config = build_config({"data": data, "federation": {"clients": clients}})
+    spec = spec_from_config(config.data, clients)
     if source == "expertbench":
-        dataset = ExpertBench.from_seed().dataset(items, seed=seed)
+        from fedexperts.data.expertbench import ExpertBench
+        from fedexperts.models.builtin.recipe import RECIPES
+
+        result = ExpertBench.from_seed(RECIPES["default"].world_seed).federated(items, spec).partition
     else:
         loaded = load_instructions(source, columns=columns, split=split, skip_bad_rows=skip_bad_rows)
         if loaded.skipped:
             console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/], first: {loaded.skipped[0]}")
-        dataset = loaded.dataset
-    spec = PartitionSpec(
-        Scheme(scheme),
-        num_clients=clients,
-        alpha=alpha,
-        classes_per_client=classes_per_client,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
-    result = split_data(dataset, spec)
+        result = split_data(loaded.dataset, spec)
     console.print(partition_table(result))
     if plot is not None:
         console.print(f"plot: {plot_partition(result, plot)}")

@@ -47,6 +47,15 @@ class DataConfig(Section):
     alpha: float = Field(0.5, gt=0)
     classes_per_client: int = Field(1, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    categories: list[str] | None = Field(None, min_length=1)
+    """Keep only rows of these categories, before partitioning (``None``: all). A category no row has is an error.
+    FLEx's Dolly splits: ``["closed_qa", "information_extraction", "classification", "summarization"]``."""
+    rows_per_client: int | None = Field(None, ge=1)
+    """Draw this many training rows per client, with replacement (FLEx's Dirichlet split: 1000). ``None``: the
+    rows are split among the clients, none repeated."""
+    test_per_category: int | None = Field(None, ge=1)
+    """Hold out this many rows of each category as the test set before the split (FLEx: 100); each client is
+    tested on the held-out rows of its categories. ``None``: ``test_fraction`` of each client's own rows."""
     max_length: int = Field(256, ge=8)
     skip_bad_rows: bool = False
     seed: int = 0
@@ -84,6 +93,15 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     router_aux_loss_coef: float = Field(0.0, ge=0)
+    router_aux_loss: Literal["auto", "pooled", "per-layer"] = "auto"
+    """How the load-balancing loss combines the MoE layers (used when ``router_aux_loss_coef > 0``).
+    ``pooled``: transformers' own ``load_balancing_loss_func`` (expert counts and router probabilities
+    pooled over every layer's real tokens, top-k counts not divided by k), so a model card's
+    ``router_aux_loss_coef`` means the same here; it needs every MoE layer to have the same expert count
+    and top-k. ``per-layer``: the mean over layers of each layer's ``E * sum_i f_i P_i`` with ``f`` divided
+    by top-k (fedexperts' only form before this option; sub-MoEs whose layers differ need it). ``auto``:
+    pooled when the layers agree, else per-layer. The default changed from per-layer to ``auto``; with the
+    default coefficient 0 nothing is computed, so default runs are unaffected."""
     gradient_checkpointing: bool = False
     bf16: bool = False
 
@@ -98,6 +116,11 @@ class EvalConfig(Section):
     """Final evaluation of each client on this many examples pooled from every client's test split (0: skip)."""
     probes: int = Field(64, ge=0)
     """Knowledge probes per client in the final evaluation (ExpertBench only; 0: skip)."""
+    mmlu: Path | None = None
+    """MMLU-format questions (a ``<subject>_test.csv`` file or folder of them, or the hub copy's Parquet/JSONL) scored
+    in the final evaluation beside the probes, per subject and overall; see :mod:`fedexperts.data.mmlu`."""
+    mmlu_examples: int | None = Field(20, ge=1)
+    """Questions per MMLU subject (a seeded subset, the same for every client; ``None`` or a large number: all)."""
     batch_size: int = Field(16, ge=1)
     rouge_stemmer: bool = True
     """Porter-stem words before ROUGE (rouge-score's ``use_stemmer``, as FLEx's evaluation does): ``runs`` matches

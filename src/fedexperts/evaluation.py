@@ -1,5 +1,9 @@
 """Scores: exact match, ROUGE, token F1, greedy generation, and multiple-choice accuracy by log-likelihood.
 
+Multiple-choice questions (ExpertBench's knowledge probes, MMLU from ``eval.mmlu``) are scored by
+the summed log-probability of each choice's tokens after the prompt; the most likely choice is the
+answer (:func:`multiple_choice_accuracy`, :func:`mmlu_scores`).
+
 The text scores (text in, numbers out) live in :mod:`fedexperts.metrics`, torch-free: exact match
 and token F1 as in SQuAD (lowercased, punctuation and articles dropped), ROUGE-1/2/L from
 rouge-score with its Porter stemmer (``eval.rouge_stemmer``) and a choice of tokenizer for text not
@@ -23,7 +27,7 @@ from torch import nn
 from fedexperts import metrics
 from fedexperts.metrics import RougeTokenizer
 from fedexperts.moe.precision import autocast_for
-from fedexperts.reporting.schema import Scores
+from fedexperts.reporting.schema import MMLUScores, Scores
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -125,11 +129,12 @@ def continuation_log_likelihoods(
             attention_mask[index, : len(row)] = 1
         with autocast_for(model):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for index, (prompt, continuation) in enumerate(batch):
-            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1)
-            targets = torch.as_tensor(continuation, dtype=torch.long)
-            scores.append(float(log_probs[index, positions, targets].sum()))
+            # only the continuation's positions: a full-vocabulary softmax over long prompts (MMLU) would not fit
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1, device=logits.device)
+            log_probs = torch.log_softmax(logits[index, positions].float(), dim=-1)
+            targets = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
+            scores.append(float(log_probs.gather(-1, targets[:, None]).sum()))
     return scores
 
 
@@ -152,6 +157,33 @@ def multiple_choice_accuracy(model: Any, tokenizer: Any, questions: Sequence[Mul
         raise ValueError("no questions to score")
     predictions = choice_predictions(model, tokenizer, questions, **kwargs)
     return sum(p == q.answer_index for p, q in zip(predictions, questions, strict=True)) / len(questions)
+
+
+class SubjectQuestion(MultipleChoice, Protocol):
+    """A multiple-choice question of a named subject (:class:`fedexperts.data.mmlu.MMLUQuestion`)."""
+
+    @property
+    def subject(self) -> str: ...
+
+
+def mmlu_scores(model: Any, tokenizer: Any, questions: Sequence[SubjectQuestion], **kwargs: Any) -> MMLUScores:
+    """Accuracy over all ``questions`` and per subject, from one pass of :func:`choice_predictions`."""
+    if not questions:
+        raise ValueError("no questions to score")
+    was_training = model.training
+    model.eval()
+    try:
+        predictions = choice_predictions(model, tokenizer, questions, **kwargs)
+    finally:
+        model.train(was_training)
+    right: dict[str, list[bool]] = {}
+    for prediction, question in zip(predictions, questions, strict=True):
+        right.setdefault(question.subject, []).append(prediction == question.answer_index)
+    every = [flag for flags in right.values() for flag in flags]
+    return MMLUScores(
+        overall=sum(every) / len(every),
+        subjects={subject: sum(flags) / len(flags) for subject, flags in sorted(right.items())},
+    )
 
 
 @dataclass(frozen=True)

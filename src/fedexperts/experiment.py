@@ -19,7 +19,8 @@ from torch import nn
 from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
-from fedexperts.data.partition import Partition, PartitionSpec, Scheme
+from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
+from fedexperts.data.partition import Partition, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
 from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import DataError
@@ -68,6 +69,8 @@ class Setting:
     clients: tuple[ClientData, ...]
     union: EvalSet | None
     probes: tuple[KnowledgeProbe, ...]
+    mmlu: tuple[MMLUQuestion, ...] = ()
+    """``eval.mmlu``'s questions (at most ``eval.mmlu_examples`` per subject), for the final evaluation."""
 
     @property
     def model(self) -> nn.Module:
@@ -103,14 +106,7 @@ def load_base(config: ExperimentConfig) -> LoadedModel:
 
 def federated_rows(config: ExperimentConfig) -> tuple[Partition, ExpertBench | None]:
     """Every client's raw train/test rows (in its own style on ExpertBench), and the bench if used."""
-    spec = PartitionSpec(
-        Scheme(config.data.scheme),
-        num_clients=config.federation.clients,
-        alpha=config.data.alpha,
-        classes_per_client=config.data.classes_per_client,
-        test_fraction=config.data.test_fraction,
-        seed=config.data.seed,
-    )
+    spec = spec_from_config(config.data, config.federation.clients)
     if config.data.source == EXPERTBENCH:
         from fedexperts.models.builtin import RECIPES
 
@@ -218,12 +214,19 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
 
 
 def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]) -> Setting:
-    """``setting`` with the union test set and the knowledge probes, built from every client's test rows."""
+    """``setting`` with the union test set and the knowledge probes, built from every client's test rows.
+
+    With ``eval.mmlu``, also its questions (read here, so a missing or bad file fails before any round).
+    """
     config, tokenizer, template = setting.config, setting.tokenizer, setting.template
     parts, bench = rows
     union = None
     if config.eval.union_examples:
-        pooled = datasets.concatenate_datasets([split.test for split in parts.clients])
+        pooled = (  # held-out test rows are shared by clients: pool each row once
+            parts.held_out
+            if parts.held_out is not None
+            else datasets.concatenate_datasets([split.test for split in parts.clients])
+        )
         union = eval_set(pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed)
     probes: tuple[KnowledgeProbe, ...] = ()
     if bench is not None and config.eval.probes:
@@ -232,4 +235,7 @@ def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]
             len(every), size=min(config.eval.probes, len(every)), replace=False
         )
         probes = tuple(every[int(index)] for index in sorted(chosen))
-    return replace(setting, union=union, probes=probes)
+    mmlu: tuple[MMLUQuestion, ...] = ()
+    if config.eval.mmlu is not None:
+        mmlu = load_mmlu(config.eval.mmlu, per_subject=config.eval.mmlu_examples, seed=config.data.seed)
+    return replace(setting, union=union, probes=probes, mmlu=mmlu)

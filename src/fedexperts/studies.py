@@ -1,14 +1,18 @@
-"""Comparison presets that reproduce the FLEx and FedMoE papers' settings on ExpertBench.
+"""Comparison presets: the FLEx and FedMoE papers' settings on ExpertBench, and FLEx's own on Dolly.
 
 Each study is a set of config overrides, the methods compared and the seeds; ``fedexperts compare
 --study NAME`` runs it (data and partition fixed by ``data.seed``, methods and seeds varying the
-federation seed). Sizes are chosen so that one study finishes in well under an hour on 2 CPU
-cores with the built-in model; the papers' own scales are larger.
+federation seed). The ExpertBench sizes are chosen so that one study finishes in well under an hour
+on 2 CPU cores with the built-in model; the papers' own scales are larger.
+
+The ``flex-paper-*`` studies are the FLEx paper's (and its official scripts') settings as they are:
+Qwen1.5-MoE-A2.7B on Dolly-15k, for a GPU. ``model.name=...`` and ``data.source=FILE`` (a local
+``databricks-dolly-15k.jsonl``) override the model and the data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedexperts.errors import FedExpertsError
 
@@ -28,9 +32,46 @@ class Study:
     overrides: tuple[str, ...]
     algorithms: tuple[str, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Overrides for one method only (applied after ``overrides``): keys of one algorithm are errors in another."""
+
+    def run_overrides(self, algorithm: str) -> list[str]:
+        """The study's overrides of ``algorithm``'s runs: the shared ones, its own, then its name."""
+        return [*self.overrides, *self.method_overrides.get(algorithm, ()), f"algorithm.name={algorithm}"]
 
 
 _FLEX_METHODS = ("local", "fedavg", "fedprox", "dense", "flex")
+
+_PAPER_CATEGORIES = '["closed_qa", "information_extraction", "classification", "summarization"]'
+_FLEX_PAPER = (
+    'model.name="Qwen/Qwen1.5-MoE-A2.7B"',
+    "model.dtype=bfloat16",
+    'data.source="databricks/databricks-dolly-15k"',
+    f"data.categories={_PAPER_CATEGORIES}",
+    "data.test_per_category=100",
+    "data.max_length=512",
+    "federation.rounds=100",
+    "train.steps_per_round=5",
+    "train.batch_size=4",
+    "train.learning_rate=4e-5",
+    "train.min_learning_rate=1e-6",
+    "train.router_aux_loss_coef=0.001",
+    "eval.every=0",
+    "eval.max_new_tokens=256",
+    "eval.max_examples=400",
+    "eval.union_examples=400",
+    "eval.probes=0",
+    "algorithm.lora.rank=32",
+    "algorithm.lora.alpha=64",
+    "algorithm.lora.dropout=0.05",
+    'algorithm.lora.targets=["q_proj", "k_proj", "v_proj"]',
+)
+"""FLEx's official scripts: every key here is valid for each of :data:`_FLEX_PAPER_METHODS`."""
+_FLEX_PAPER_METHODS = ("local", "fedavg", "fedprox", "random-expert", "flex")
+"""What the FLEx paper compares that fedexperts has (not its FedAdagrad/FedAdam/FedYogi/SCAFFOLD rows:
+the first three are ``algorithm.server.rule`` of fedavg, SCAFFOLD is not implemented)."""
+_FLEX_PAPER_PER_METHOD: dict[str, tuple[str, ...]] = {"random-expert": ("algorithm.personal=true",)}
+"""The official random-experts baseline never averages the expert adapters."""
 _FEDMOE_METHODS = ("local", "fedavg", "dense", "flex", "random-moe", "fedmoe")
 
 STUDIES: dict[str, Study] = {
@@ -53,6 +94,33 @@ STUDIES: dict[str, Study] = {
             "FLEx's Dirichlet split over categories, alpha 1.0 (milder), 5 clients",
             (*_COMMON, "federation.clients=5", "data.scheme=dirichlet", "data.alpha=1.0"),
             _FLEX_METHODS,
+        ),
+        Study(
+            "flex-paper-pathological",
+            "FLEx paper: Qwen1.5-MoE-A2.7B on Dolly-15k, 4 clients each holding one of closed_qa, "
+            "information_extraction, classification, summarization (100 test rows each), 100 rounds (GPU)",
+            (*_FLEX_PAPER, "federation.clients=4", "data.scheme=pathological", "data.classes_per_client=1"),
+            _FLEX_PAPER_METHODS,
+            seeds=(0,),
+            method_overrides=_FLEX_PAPER_PER_METHOD,
+        ),
+        *(
+            Study(
+                name,
+                f"FLEx paper: Qwen1.5-MoE-A2.7B on Dolly-15k's four categories, 10 clients of 1000 rows drawn with "
+                f"replacement by Dirichlet alpha {alpha}, 100 test rows per category, 100 rounds (GPU)",
+                (
+                    *_FLEX_PAPER,
+                    "federation.clients=10",
+                    "data.scheme=dirichlet",
+                    f"data.alpha={alpha}",
+                    "data.rows_per_client=1000",
+                ),
+                _FLEX_PAPER_METHODS,
+                seeds=(0,),
+                method_overrides=_FLEX_PAPER_PER_METHOD,
+            )
+            for name, alpha in (("flex-paper-dirichlet", "0.5"), ("flex-paper-dirichlet-1.0", "1.0"))
         ),
         Study(
             "fedmoe-random",

@@ -7,9 +7,13 @@ proximal term (FedProx) and the router load-balancing loss. Forwards run under a
 half dtype of the frozen base (float32 trainables over a bf16 base, :mod:`fedexperts.moe.precision`)
 or, with ``train.bf16``, bf16 autocast over a float32 model.
 
-The load-balancing loss is computed here per MoE layer (Switch Transformers' ``E * sum_i f_i P_i``,
-top-k aware) because transformers' own version concatenates every layer's router logits and so
-cannot handle sub-MoEs whose layers hold different numbers of experts.
+The load-balancing loss (``train.router_aux_loss``) is computed here from the routers' captured logits,
+in two forms: transformers' own (``load_balancing_loss_func``: expert counts and probabilities pooled
+over the concatenated router logits of every layer), so that a model card's coefficient means the
+same, and a per-layer mean (Switch Transformers' ``E * sum_i f_i P_i`` per layer, ``f`` divided by
+top-k), which also handles sub-MoEs whose layers hold different numbers of experts, where the pooled
+form is undefined. ``auto`` picks the pooled form whenever every layer has the same expert count and
+top-k.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,25 +72,44 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
 
 
 def load_balancing_loss(
-    router_logits: Iterable[tuple[torch.Tensor, int]], attention_mask: torch.Tensor | None
+    router_logits: Iterable[tuple[torch.Tensor, int]],
+    attention_mask: torch.Tensor | None,
+    formulation: Literal["auto", "pooled", "per-layer"] = "per-layer",
 ) -> torch.Tensor:
-    """Mean over MoE layers of ``E * sum_i f_i * P_i`` on real tokens (each layer its own E and top-k).
+    """The router load-balancing loss on real tokens; ``router_logits`` holds ``(logits, top_k)`` per layer.
 
-    ``router_logits`` holds ``(logits, top_k)`` per layer.
+    ``per-layer``: the mean over MoE layers of ``E * sum_i f_i * P_i``, each layer with its own E and
+    top-k, ``f_i`` the fraction of top-k slots routed to expert i (so it sums to 1). ``pooled``:
+    transformers' ``load_balancing_loss_func``: ``f_i`` (top-k assignments per token, summing to k) and
+    ``P_i`` are averaged over every layer's real tokens together, then ``E * sum_i f_i * P_i`` once; it
+    needs one E and one top-k for all layers. ``auto``: pooled when the layers agree, else per-layer.
     """
-    losses = []
-    real = None if attention_mask is None else attention_mask.reshape(-1).bool()
-    for logits, top_k in router_logits:
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        if real is not None and real.numel() == flat.shape[0]:
-            flat = flat[real]
-        probabilities = flat.softmax(dim=-1)
-        chosen = probabilities.topk(min(top_k, flat.shape[-1]), dim=-1).indices
-        fraction = F.one_hot(chosen, flat.shape[-1]).float().sum(dim=1).mean(dim=0) / top_k
-        losses.append(flat.shape[-1] * (fraction * probabilities.mean(dim=0)).sum())
-    if not losses:
+    layers = [(logits.reshape(-1, logits.shape[-1]).float(), top_k) for logits, top_k in router_logits]
+    if not layers:
         raise FedExpertsError("router auxiliary loss asked for, but no router ran")
-    return torch.stack(losses).mean()
+    real = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    layers = [(flat[real] if real is not None and real.numel() == flat.shape[0] else flat, k) for flat, k in layers]
+    uniform = len({(flat.shape[-1], k) for flat, k in layers}) == 1
+    if formulation == "pooled" and not uniform:
+        shapes = sorted({(flat.shape[-1], k) for flat, k in layers})
+        raise FedExpertsError(
+            f"train.router_aux_loss=pooled needs one expert count and top-k in every MoE layer; they have "
+            f"(experts, top_k) {shapes} (use per-layer or auto)"
+        )
+    if formulation == "per-layer" or not uniform:
+        losses = []
+        for flat, top_k in layers:
+            probabilities = flat.softmax(dim=-1)
+            chosen = probabilities.topk(min(top_k, flat.shape[-1]), dim=-1).indices
+            fraction = F.one_hot(chosen, flat.shape[-1]).float().sum(dim=1).mean(dim=0) / top_k
+            losses.append(flat.shape[-1] * (fraction * probabilities.mean(dim=0)).sum())
+        return torch.stack(losses).mean()
+    experts, top_k = layers[0][0].shape[-1], layers[0][1]
+    pooled = torch.cat([flat for flat, _ in layers])
+    probabilities = pooled.softmax(dim=-1)
+    chosen = probabilities.topk(min(top_k, experts), dim=-1).indices
+    assignments = F.one_hot(chosen, experts).float().sum(dim=1).mean(dim=0)
+    return experts * (assignments * probabilities.mean(dim=0)).sum()
 
 
 @contextmanager
@@ -175,7 +198,7 @@ def train_local(
                 loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
                 objective = loss
                 if router_logits:
-                    aux = load_balancing_loss(router_logits, batch.get("attention_mask"))
+                    aux = load_balancing_loss(router_logits, batch.get("attention_mask"), settings.router_aux_loss)
                     objective = objective + settings.router_aux_loss_coef * aux
                 if proximal is not None:
                     objective = objective + proximal()

@@ -149,8 +149,8 @@ def test_dense_shares_every_weight_and_non_expert_scope_leaves_routed_experts_fr
 
 
 def test_misuse_is_reported():
-    with pytest.raises(ValidationError, match=r"algorithm\.lora is set but algorithm\.scope is 'attention'"):
-        FedAvgConfig(scope=SharedScope.ATTENTION, lora=LoraConfig())
+    with pytest.raises(ValidationError, match=r"algorithm\.lora applies to scope attention-lora only, not 'attention'"):
+        FedAvgConfig(scope=SharedScope.ATTENTION, lora=LoraConfig(rank=4))
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         FedProxConfig(mu=-1.0)
     algorithm = FedAvg()

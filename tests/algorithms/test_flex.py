@@ -190,3 +190,58 @@ def test_random_expert_baseline_trains_and_sends_only_the_chosen_rows():
         assert torch.equal(current[others], original[others]), name  # untouched rows stay bit-identical
         assert not torch.equal(current[expert], original[expert])
         torch.testing.assert_close(sent[f"{name}@expert={expert}"], current[expert])
+
+
+def numel(payload):
+    return sum(tensor.numel() for tensor in payload.tensors.values())
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
+def test_lora_personal_training_keeps_only_adapters_and_the_grafted_copy_frozen(model_type):
+    lora = {"rank": 2, "alpha": 4, "dropout": 0.05}
+    algorithm, model, pristine = prepared(model_type, personal_training="lora", personal_lora=lora)
+    start = algorithm.initial_global_state(model)
+    update, personal = client_round(algorithm, model, start, "a", seed=1)
+    kinds = parameter_kinds(model)
+    assert set(update.payload.tensors) == set(start)
+    assert all(kinds[name].kind is ParamKind.ATTENTION and kinds[name].adapter for name in start)
+    assert personal.tensors and all(kinds[name].adapter for name in personal.tensors)
+    assert {kinds[name].kind for name in personal.tensors} == {ParamKind.PERSONAL_EXPERT, ParamKind.PERSONAL_GATE}
+    assert all(tensor.dtype is torch.float32 for tensor in personal.tensors.values())
+    trained_b = [tensor for name, tensor in personal.tensors.items() if "lora_B" in name]
+    assert trained_b and all(tensor.abs().sum() > 0 for tensor in trained_b)  # B starts at zero
+    full, full_model, _ = prepared(model_type)
+    _, full_personal = client_round(full, full_model, full.initial_global_state(full_model), "a", seed=1)
+    assert numel(personal) < numel(full_personal) / 2
+    # the grafted copy and gate are bit-identical to the pretrained expert and router row
+    chosen = personal.metadata["grafted"]
+    for layer, original in zip(moe_layers(model), moe_layers(pristine), strict=True):
+        index = chosen[layer.name][0]
+        for tensor_name in layer.family.expert_tensors:
+            copied = layer.block.personal_experts.get_parameter(tensor_name)[0]
+            assert torch.equal(copied, original.experts.get_parameter(tensor_name)[index])
+        gate = layer.block.personal_gate
+        assert torch.equal(gate.weight[0], original.family.router_weight(original.router)[index])
+    # the next round starts from exactly the kept adapters, on copies of the saved choice
+    info = ClientInfo("a", 8)
+    algorithm.setup_client(model, algorithm.downlink(start, info), personal, local_data(model, "a", 1, 2))
+    current = dict(model.named_parameters())
+    assert all(torch.equal(current[name], tensor) for name, tensor in personal.tensors.items())
+    assert grafted_experts(model) == {name: tuple(experts) for name, experts in chosen.items()}
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("training", ["full", "lora"])
+def test_gate_bias_off_leaves_the_gate_without_a_bias(model_type, training):
+    algorithm, model, _ = prepared(model_type, gate_bias=False, personal_training=training)
+    assert all(layer.block.personal_gate.bias is None for layer in moe_layers(model))
+    assert not any("personal_gate" in name and name.endswith("bias") for name, _ in model.named_parameters())
+    update, personal = client_round(algorithm, model, algorithm.initial_global_state(model), "a", seed=1)
+    assert personal.tensors and all(torch.isfinite(t).all() for t in personal.tensors.values())
+    assert not any("personal" in name for name in update.payload.tensors)
+
+
+def test_personal_lora_options_need_lora_training():
+    assert FlexOptions().personal_training == "full" and FlexOptions().gate_bias
+    with pytest.raises(ValidationError, match=r"personal_lora applies with flex\.personal_training=lora only"):
+        FlexOptions(personal_lora={"rank": 4})

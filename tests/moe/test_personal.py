@@ -4,12 +4,16 @@ import torch
 from fedexperts.errors import SurgeryError
 from fedexperts.models import TINY_FAMILIES, tiny_model
 from fedexperts.moe import (
+    ParamKind,
+    add_personal_lora,
     graft_personal_experts,
     grafts,
     load_personal,
     moe_layers,
     one_expert_output,
+    parameter_kinds,
     personal_state_dict,
+    regraft,
     remove_personal_experts,
     run_experts,
     save_personal,
@@ -158,3 +162,26 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         save_personal(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_personal_lora_starts_as_the_plain_graft_trains_only_adapters_and_resets_on_regraft(model_type, batch_factory):
+    model = tiny_model(model_type)
+    batch = batch_factory(model)
+    graft_personal_experts(model, choices(model))
+    plain = logits(model, batch)
+    add_personal_lora(model, rank=2, alpha=4, dropout=0.0)
+    torch.testing.assert_close(logits(model, batch), plain)  # B starts at zero: the delta is zero
+    kinds = parameter_kinds(model)
+    adapters = {name for name, info in kinds.items() if info.adapter}
+    assert adapters and all(".personal_" in name and ".lora_" in name for name in adapters)
+    assert {kinds[name].kind for name in adapters} == {ParamKind.PERSONAL_EXPERT, ParamKind.PERSONAL_GATE}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in adapters and "lora_B" in name:
+                parameter.normal_()
+    assert not torch.allclose(logits(model, batch), plain, atol=1e-4)
+    regraft(model, choices(model))
+    torch.testing.assert_close(logits(model, batch), plain)
+    with pytest.raises(SurgeryError, match="already have LoRA"):
+        add_personal_lora(model, rank=2, alpha=4, dropout=0.0)

@@ -85,8 +85,10 @@ class ScopedSettings(AlgorithmSettings):
 
     @model_validator(mode="after")
     def _lora_needs_lora_scope(self) -> ScopedSettings:
-        if "lora" in self.model_fields_set and self.scope is not SharedScope.ATTENTION_LORA:
-            raise ValueError(f"algorithm.lora is set but algorithm.scope is {self.scope.value!r}, not attention-lora")
+        # Compared with the defaults, not model_fields_set: a config that went through a flat Flower
+        # run config carries every key, set or not.
+        if self.lora != LoraConfig() and self.scope is not SharedScope.ATTENTION_LORA:
+            raise ValueError(f"algorithm.lora applies to scope attention-lora only, not {self.scope.value!r}")
         return self
 
     @property

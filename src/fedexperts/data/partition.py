@@ -5,6 +5,12 @@ part is then split into train and test, per category, so that every category a c
 also in its test set when it has at least two rows of it. A ``row_id`` column records each row's
 place in the input, which makes disjointness and coverage checkable. Everything is a function of
 the seed.
+
+FLEx's Dolly splits need three more options: ``categories`` keeps only the listed categories;
+``test_per_category`` holds out that many rows of each category as the test set before the split
+(each client is tested on the held-out rows of the categories it trains on); ``rows_per_client``
+draws each client's training rows with replacement (Dirichlet: rows weighted by the client's
+Dirichlet share of their category, as the official ``dirichlet_dataset/split.py`` does).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -21,6 +28,9 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Part
 from rich.table import Table
 
 from fedexperts.errors import DataError
+
+if TYPE_CHECKING:
+    from fedexperts.config import DataConfig
 
 ROW_ID = "row_id"
 
@@ -44,6 +54,27 @@ class PartitionSpec:
     min_partition_size: int = 4
     """Dirichlet: redraw (up to 10 times) until every client has at least this many rows."""
     seed: int = 0
+    categories: tuple[str, ...] | None = None
+    """Keep only rows whose ``by`` value is listed (``None``: every row); a value no row has is an error."""
+    rows_per_client: int | None = None
+    """Draw this many training rows per client with replacement (``None``: split the rows, no repeats)."""
+    test_per_category: int | None = None
+    """Hold out this many rows of each category as the test set (``None``: ``test_fraction`` of each client's)."""
+
+
+def spec_from_config(data: DataConfig, clients: int) -> PartitionSpec:
+    """The partition an experiment's ``data`` section asks for (``run`` and ``partition`` share it)."""
+    return PartitionSpec(
+        Scheme(data.scheme),
+        num_clients=clients,
+        alpha=data.alpha,
+        classes_per_client=data.classes_per_client,
+        test_fraction=data.test_fraction,
+        seed=data.seed,
+        categories=tuple(data.categories) if data.categories is not None else None,
+        rows_per_client=data.rows_per_client,
+        test_per_category=data.test_per_category,
+    )
 
 
 @dataclass(frozen=True)
@@ -63,7 +94,12 @@ class Partition:
     clients: tuple[ClientSplit, ...]
     categories: tuple[str, ...]
     unassigned: int
-    """Rows no client received (pathological splits with fewer clients than categories)."""
+    """Rows no client received (pathological splits with fewer clients than categories, or rows never drawn)."""
+    held_out: datasets.Dataset | None = None
+    """The test rows held out per category before the split (``test_per_category`` or ``rows_per_client``);
+    each client's test rows are drawn from it. ``None``: each client's own rows were split."""
+    dropped: int = 0
+    """Rows left out by ``categories``."""
 
     def counts(self) -> list[Counter[str]]:
         """Per client: rows of each category, train and test together."""
@@ -116,11 +152,49 @@ def partition(dataset: datasets.Dataset, spec: PartitionSpec) -> Partition:
         raise DataError(f"test_fraction must be in [0, 1), got {spec.test_fraction}")
     if spec.by not in dataset.column_names:
         raise DataError(f"cannot partition by {spec.by!r}: the dataset's columns are {', '.join(dataset.column_names)}")
-    if len(dataset) < spec.num_clients:
-        raise DataError(f"{len(dataset)} rows cannot be split across {spec.num_clients} clients")
     if ROW_ID in dataset.column_names:  # a part of an earlier partition: number its rows afresh
         dataset = dataset.remove_columns(ROW_ID)
     indexed = dataset.add_column(ROW_ID, list(range(len(dataset))))
+    total = len(indexed)
+    if spec.categories is not None:
+        indexed = _keep_categories(indexed, spec)
+    if len(indexed) < spec.num_clients:
+        raise DataError(f"{len(indexed)} rows cannot be split across {spec.num_clients} clients")
+    kept = len(indexed)
+    categories = tuple(sorted(str(name) for name in indexed.unique(spec.by)))
+    rng = np.random.default_rng(spec.seed)
+    held_out = None
+    if spec.test_per_category is not None or spec.rows_per_client is not None:
+        indexed, held_out = _hold_out(indexed, spec, rng)
+    parts = _draw(indexed, spec, categories, rng) if spec.rows_per_client is not None else _split(indexed, spec)
+    if held_out is None:
+        clients = tuple(ClientSplit(client, *_train_test(part, spec, rng, client)) for client, part in enumerate(parts))
+    else:
+        clients = tuple(
+            ClientSplit(client, *_with_held_out(part, held_out, spec, client)) for client, part in enumerate(parts)
+        )
+    used = {row for client in clients for part in (client.train, client.test) for row in part[ROW_ID]}
+    return Partition(spec, clients, categories, unassigned=kept - len(used), held_out=held_out, dropped=total - kept)
+
+
+def _keep_categories(indexed: datasets.Dataset, spec: PartitionSpec) -> datasets.Dataset:
+    assert spec.categories is not None
+    present = sorted({str(name) for name in indexed.unique(spec.by)})
+    unknown = [name for name in spec.categories if name not in present]
+    if unknown:
+        raise DataError(
+            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}: no row has "
+            f"that {spec.by!r}; the data's categories are: {', '.join(present)}"
+        )
+    if not spec.categories:
+        raise DataError("categories is empty: list at least one category to keep")
+    wanted = set(spec.categories)
+    labels = indexed[spec.by]
+    return indexed.select([index for index, label in enumerate(labels) if str(label) in wanted])
+
+
+def _split(indexed: datasets.Dataset, spec: PartitionSpec) -> list[datasets.Dataset]:
+    """Disjoint client parts by flwr's partitioners."""
     if spec.scheme == Scheme.IID:
         indexed = indexed.shuffle(seed=spec.seed)  # flwr's IID partitioner takes contiguous shards
     partitioner = _partitioner(spec)
@@ -128,14 +202,74 @@ def partition(dataset: datasets.Dataset, spec: PartitionSpec) -> Partition:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # flwr warns on each Dirichlet redraw and on unused classes
-            parts = [partitioner.load_partition(client) for client in range(spec.num_clients)]
+            return [partitioner.load_partition(client) for client in range(spec.num_clients)]
     except ValueError as error:
         raise DataError(f"cannot make a {spec.scheme} partition with {spec}: {error}") from error
-    rng = np.random.default_rng(spec.seed)
-    clients = tuple(ClientSplit(client, *_train_test(part, spec, rng, client)) for client, part in enumerate(parts))
-    assigned = sum(client.size for client in clients)
-    categories = tuple(sorted(str(name) for name in dataset.unique(spec.by)))
-    return Partition(spec, clients, categories, unassigned=len(dataset) - assigned)
+
+
+def _hold_out(
+    indexed: datasets.Dataset, spec: PartitionSpec, rng: np.random.Generator
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the rows left to the clients, the test rows held out of each category)."""
+    labels = np.asarray([str(label) for label in indexed[spec.by]])
+    test: list[int] = []
+    for label in sorted(set(labels.tolist())):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        if spec.test_per_category is not None:
+            if len(rows) <= spec.test_per_category:
+                raise DataError(
+                    f"category {label!r} has {len(rows)} rows: holding out test_per_category="
+                    f"{spec.test_per_category} of them leaves none to train on"
+                )
+            take = spec.test_per_category
+        else:
+            take = min(max(round(len(rows) * spec.test_fraction), 1), len(rows) - 1) if len(rows) > 1 else 0
+        test.extend(rows[:take].tolist())
+    chosen = set(test)
+    return indexed.select([i for i in range(len(indexed)) if i not in chosen]), indexed.select(sorted(test))
+
+
+def _draw(
+    pool: datasets.Dataset, spec: PartitionSpec, categories: tuple[str, ...], rng: np.random.Generator
+) -> list[datasets.Dataset]:
+    """``rows_per_client`` rows per client, drawn with replacement, weighted per category by the scheme.
+
+    IID: every row alike. Dirichlet: a row weighs its category's share in the client's
+    Dirichlet(alpha) draw. Pathological: client ``i`` holds categories ``i, i+1, ...`` (cyclically,
+    ``classes_per_client`` of them), each row of those alike.
+    """
+    assert spec.rows_per_client is not None
+    position = {name: index for index, name in enumerate(categories)}
+    labels = np.asarray([position[str(label)] for label in pool[spec.by]])
+    count = len(categories)
+    if spec.scheme == Scheme.DIRICHLET:
+        shares = rng.dirichlet(np.full(count, spec.alpha), size=spec.num_clients)
+    elif spec.scheme == Scheme.PATHOLOGICAL:
+        shares = np.zeros((spec.num_clients, count))
+        for client in range(spec.num_clients):
+            for offset in range(min(spec.classes_per_client, count)):
+                shares[client, (client + offset) % count] = 1.0
+    else:
+        shares = np.ones((spec.num_clients, count))
+    parts = []
+    for client in range(spec.num_clients):
+        weights = shares[client][labels]
+        if weights.sum() <= 0:  # Dirichlet shares that underflow to zero
+            weights = np.ones(len(labels))
+        drawn = rng.choice(len(pool), size=spec.rows_per_client, replace=True, p=weights / weights.sum())
+        parts.append(pool.select(drawn.tolist()))
+    return parts
+
+
+def _with_held_out(
+    part: datasets.Dataset, held_out: datasets.Dataset, spec: PartitionSpec, client: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The client's rows for training and the held-out rows of the categories among them for testing."""
+    if len(part) == 0:
+        raise DataError(f"client {client} received no rows; use fewer clients or a larger alpha")
+    held = set(str(label) for label in part[spec.by])
+    labels = held_out[spec.by]
+    return part, held_out.select([index for index, label in enumerate(labels) if str(label) in held])
 
 
 def _train_test(
@@ -163,10 +297,15 @@ def partition_table(partition: Partition) -> Table:
         title += f", alpha {spec.alpha:g}"
     elif spec.scheme == Scheme.PATHOLOGICAL:
         title += f", {spec.classes_per_client} per client"
+    if spec.rows_per_client is not None:
+        title += f", {spec.rows_per_client} rows per client drawn with replacement"
+    if spec.test_per_category is not None:
+        title += f", {spec.test_per_category} test rows per category held out"
     table = Table(
         title=title,
         caption=f"heterogeneity (mean TV distance to the overall mix): {partition.heterogeneity():.3f}; "
-        f"unassigned rows: {partition.unassigned}",
+        f"unassigned rows: {partition.unassigned}"
+        + (f"; rows left out by category: {partition.dropped}" if partition.dropped else ""),
     )
     table.add_column("client", justify="right")
     for name in partition.categories:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fedexperts.data.tokenize import InstructionCollator
-from fedexperts.evaluation import Scores, instruction_scores, multiple_choice_accuracy, pad_token_id
+from fedexperts.evaluation import Scores, instruction_scores, mmlu_scores, multiple_choice_accuracy, pad_token_id
 from fedexperts.experiment import Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
 from fedexperts.federation.state import ClientStateStore
@@ -34,7 +34,7 @@ class ClientTask:
     union: bool = False
     """Also score it on the union test set (final evaluation)."""
     probes: bool = False
-    """Also score knowledge probes (final evaluation)."""
+    """Also score knowledge probes, and MMLU with ``eval.mmlu`` (final evaluation)."""
 
 
 def shuffled_batches(
@@ -97,6 +97,9 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                 )
             if task.probes and setting.probes:
                 metrics["probes"] = multiple_choice_accuracy(model, tokenizer, setting.probes)
+            if task.probes and setting.mmlu:
+                mmlu = mmlu_scores(model, tokenizer, setting.mmlu, batch_size=config.eval.batch_size)
+                metrics["mmlu"] = mmlu.model_dump()
         uplink = Payload({})
         if task.train:
             with watch.phase("train"):

@@ -278,6 +278,8 @@ class Federation:
         )
         if task.union or task.probes:
             entry.update(union=_eval_record(metadata, "union"), probes=metadata.get("probes"))
+            if "mmlu" in metadata:  # absent, not null, in runs without eval.mmlu
+                entry["mmlu"] = metadata["mmlu"]
         try:
             record = schema.validate(schema.ClientRound, entry)
         except schema.RecordError as error:
@@ -363,7 +365,14 @@ class Federation:
         tasks = [ClientTask(cid, final_round, train=False, evaluate=True, union=True, probes=True) for cid in self.ids]
         entries, _ = self._exchange(tasks, global_state)
         clients = {
-            cid: schema.ClientFinal(status=e.status, error=e.error, own=e.eval, union=e.union, probes=e.probes)
+            cid: schema.ClientFinal(
+                status=e.status,
+                error=e.error,
+                own=e.eval,
+                union=e.union,
+                probes=e.probes,
+                **({"mmlu": e.mmlu} if e.mmlu is not None else {}),
+            )
             for cid, e in entries.items()
         }
         seconds = time.perf_counter() - started

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedexperts.moe.families import family_for, moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_EXPERTS, PERSONAL_GATE
+from fedexperts.moe.personal_lora import PERSONAL_LORA
 
 NO_WEIGHT_DECAY = "_fedexperts_no_weight_decay"
 """Set to ``True`` on a parameter whose gradient-masked rows must not move (``algorithms.random_expert``)."""
@@ -34,6 +35,7 @@ class ParamKind(StrEnum):
     ROUTED_EXPERT = "routed_expert"
     SHARED_EXPERT = "shared_expert"
     PERSONAL_EXPERT = "personal_expert"
+    """A grafted personal expert; with personal LoRA its adapters are this kind's adapter tensors."""
     PERSONAL_GATE = "personal_gate"
     OTHER = "other"
     """Norms and anything else not named above."""
@@ -82,6 +84,7 @@ def _module_kinds(model: Any) -> dict[int, ParamKind]:
         for attr, kind in (
             (PERSONAL_EXPERTS, ParamKind.PERSONAL_EXPERT),
             (PERSONAL_GATE, ParamKind.PERSONAL_GATE),
+            (PERSONAL_LORA, ParamKind.PERSONAL_EXPERT),  # its tensors are adapters (adapter_layer_names)
         ):
             personal = getattr(moe.block, attr, None)
             if isinstance(personal, nn.Module):

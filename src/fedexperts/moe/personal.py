@@ -6,6 +6,10 @@ class, see :mod:`fedexperts.moe.experts`) and each gate row starts as the router
 it copies, so the gate opens as much as the router would have chosen that expert. The graft adds
 two children to the block, ``personal_experts`` and ``personal_gate``, and a forward hook; every
 original parameter keeps its name.
+
+:func:`add_personal_lora` switches a graft to LoRA training (FLEx's official way): the copied expert
+and gate stay frozen at their pretrained values and low-rank adapters on them train
+(:mod:`fedexperts.moe.personal_lora`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -26,7 +31,8 @@ from transformers import PreTrainedModel
 from fedexperts.atomic import save_tensors
 from fedexperts.errors import SurgeryError
 from fedexperts.moe.experts import check_expert_indices, copy_experts, run_experts
-from fedexperts.moe.families import MoELayer, moe_layer_by_name, moe_layers
+from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layer_by_name, moe_layers
+from fedexperts.moe.personal_lora import PERSONAL_ADAPTER, PERSONAL_LORA, FusedExpertLora
 
 PERSONAL_EXPERTS = "personal_experts"
 PERSONAL_GATE = "personal_gate"
@@ -107,7 +113,11 @@ def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
         # in bf16 anyway; without it they run in the masters' dtype instead of failing on mixed dtypes.
         flat = hidden.reshape(-1, hidden.shape[-1]).to(gate.weight.dtype)
         weights = torch.sigmoid(gate(flat))
-        personal = run_experts(layer, module.get_submodule(PERSONAL_EXPERTS), flat, weights).view_as(hidden)
+        experts = module.get_submodule(PERSONAL_EXPERTS)
+        lora = getattr(module, PERSONAL_LORA, None)
+        personal = (
+            run_experts(layer, experts, flat, weights) if lora is None else lora(experts, flat, weights)
+        ).view_as(hidden)
         main = output[0] if isinstance(output, tuple) else output
         combined = main + personal.to(main.dtype)
         return (combined, *output[1:]) if isinstance(output, tuple) else combined
@@ -116,13 +126,67 @@ def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
     setattr(block, _GRAFT_ATTRIBUTE, Graft(layer.name, tuple(chosen), gate_bias, handle, add_personal_output))
 
 
+def add_personal_lora(model: PreTrainedModel, *, rank: int, alpha: int, dropout: float) -> list[str]:
+    """Put LoRA adapters on every graft's personal experts and gate; the grafted weights stay as they are.
+
+    The gate (an ``nn.Linear``) and module-per-expert personal experts get peft's LoRA layers (adapter
+    ``"default"``, see :data:`~fedexperts.moe.personal_lora.PERSONAL_ADAPTER`); fused personal experts
+    get a :class:`~fedexperts.moe.personal_lora.FusedExpertLora` child ``personal_lora`` on the block.
+    Returns the names of the modules peft wrapped.
+    """
+    attached = grafts(model)
+    if not attached:
+        raise SurgeryError("the model has no personal experts to put LoRA on")
+    targets: list[str] = []
+    layers = moe_layer_by_name(model, attached)
+    for name in attached:
+        layer = layers[name]
+        block = layer.block
+        if getattr(block, PERSONAL_LORA, None) is not None or isinstance(
+            block.get_submodule(PERSONAL_GATE), peft.tuners.lora.LoraLayer
+        ):
+            raise SurgeryError(f"{name}: the personal experts already have LoRA")
+        targets.append(f"{name}.{PERSONAL_GATE}")
+        experts = block.get_submodule(PERSONAL_EXPERTS)
+        if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
+            prefix = f"{name}.{PERSONAL_EXPERTS}"
+            targets += [f"{prefix}.{key}" for key, sub in experts.named_modules() if isinstance(sub, nn.Linear)]
+        else:
+            block.add_module(PERSONAL_LORA, FusedExpertLora(experts, layer.family.expert_tensors, rank, alpha, dropout))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    peft.inject_adapter_in_model(config, model, adapter_name=PERSONAL_ADAPTER)
+    return targets
+
+
 @torch.no_grad()
-def regraft(model: PreTrainedModel, choices: Mapping[str, int | Sequence[int]]) -> dict[str, tuple[int, ...]]:
+def reset_personal_lora(block: nn.Module) -> None:
+    """Fresh personal adapters on one grafted block (zero delta); nothing when it has none."""
+    fused = getattr(block, PERSONAL_LORA, None)
+    if isinstance(fused, FusedExpertLora):
+        fused.reset()
+    for part in (PERSONAL_GATE, PERSONAL_EXPERTS):
+        for module in block.get_submodule(part).modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer) and PERSONAL_ADAPTER in module.lora_A:
+                module.reset_lora_parameters(PERSONAL_ADAPTER, True)
+
+
+def _base_key(key: str) -> str | None:
+    """A grafted module's state key without peft's segments; ``None`` for a LoRA adapter tensor."""
+    if ".lora_" in f".{key}":
+        return None
+    return key.replace("base_layer.", "")
+
+
+@torch.no_grad()
+def regraft(
+    model: PreTrainedModel, choices: Mapping[str, int | Sequence[int]], *, reset_adapters: bool = True
+) -> dict[str, tuple[int, ...]]:
     """Refill existing grafts in place with fresh copies of other routed experts (and their router rows).
 
     The personal modules keep their identity (and so their parameter names, roles and optimizer
     slots); only their values change. Used when one process serves many clients, each with its own
-    choice, and when a grafting choice is refreshed.
+    choice, and when a grafting choice is refreshed. With personal LoRA, the adapters are reset
+    (``reset_adapters``) or left for the caller to load (a client's saved adapters on its saved choice).
     """
     layers = moe_layer_by_name(model, choices)
     attached = grafts(model)
@@ -137,8 +201,12 @@ def regraft(model: PreTrainedModel, choices: Mapping[str, int | Sequence[int]]) 
         block = layers[name].block
         fresh = copy_experts(layers[name], chosen).state_dict()
         for key, tensor in block.get_submodule(PERSONAL_EXPERTS).state_dict().items():
-            tensor.copy_(fresh[key])
+            base_key = _base_key(key)
+            if base_key is not None:
+                tensor.copy_(fresh[base_key])
         _init_gate(layers[name], block.get_submodule(PERSONAL_GATE), chosen)
+        if reset_adapters:
+            reset_personal_lora(block)
         setattr(block, _GRAFT_ATTRIBUTE, replace(graft, experts=tuple(chosen)))
         done[name] = tuple(chosen)
     return done
@@ -181,6 +249,8 @@ def remove_personal_experts(model: PreTrainedModel, layer_names: Iterable[str] |
         graft.handle.remove()
         delattr(layer.block, PERSONAL_EXPERTS)
         delattr(layer.block, PERSONAL_GATE)
+        if hasattr(layer.block, PERSONAL_LORA):
+            delattr(layer.block, PERSONAL_LORA)
         delattr(layer.block, _GRAFT_ATTRIBUTE)
 
 
@@ -200,6 +270,10 @@ def save_personal(model: PreTrainedModel, path: str | Path) -> Path:
     attached = grafts(model)
     if not attached:
         raise SurgeryError("the model has no personal experts to save")
+    if any(_base_key(key) != key for key in personal_state_dict(model)) or any(
+        hasattr(model.get_submodule(name), PERSONAL_LORA) for name in attached
+    ):
+        raise SurgeryError("saving personal experts trained with LoRA to a file is not supported yet")
     layout = {name: {"experts": list(g.experts), "gate_bias": g.gate_bias} for name, g in attached.items()}
     return save_tensors(path, personal_state_dict(model), {_METADATA_KEY: json.dumps(layout)})
 

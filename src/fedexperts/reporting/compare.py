@@ -92,6 +92,7 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("union_rouge_l", "union ROUGE-L", True, _union_rouge_l, fmt.score),
     Metric("probes", "probe accuracy", True, lambda run: run.probes, fmt.score),
+    Metric("mmlu", "MMLU accuracy", True, lambda run: run.mmlu, fmt.score, optional=True),
     Metric("bytes_per_client_round", "bytes per client per round (down+up)", False, _bytes_per_client_round, fmt.size),
     Metric("peak_memory_bytes", "peak memory", False, lambda run: _optional_int(run.peak_memory_bytes), fmt.size),
     Metric(

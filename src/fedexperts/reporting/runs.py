@@ -204,6 +204,23 @@ class RunRecord:
         return math.fsum(values) / len(values) if values else None
 
     @property
+    def mmlu(self) -> float | None:
+        """Mean over clients of the final models' overall MMLU accuracy (``None`` without ``eval.mmlu``)."""
+        if self.final is None:
+            return None
+        values = [client.mmlu.overall for client in self.final.clients.values() if client.mmlu is not None]
+        return math.fsum(values) / len(values) if values else None
+
+    @property
+    def mmlu_subjects(self) -> dict[str, float]:
+        """Per MMLU subject, the mean over the clients that scored it (empty without ``eval.mmlu``)."""
+        scored: dict[str, list[float]] = {}
+        for client in self.final.clients.values() if self.final is not None else ():
+            for subject, value in (client.mmlu.subjects if client.mmlu is not None else {}).items():
+                scored.setdefault(subject, []).append(value)
+        return {subject: math.fsum(values) / len(values) for subject, values in sorted(scored.items())}
+
+    @property
     def bytes_per_round(self) -> Traffic | None:
         """Mean over rounds of the round totals."""
         if not self.rounds:

@@ -8,9 +8,10 @@ is an error naming it, not a silently missing number.
 
 *Absent is not null.* Fields with a default may be absent: a client that failed before reporting
 writes no ``train_loss``, ``eval``, ``peak_memory_bytes`` or ``seconds.setup``, and only final
-evaluations carry ``union`` and ``probes``. :func:`dump` leaves out the fields the writer never set,
-so the files hold exactly the keys the server meant. Integers accept integral floats (``10.0``);
-client ids in ``clients`` and ``sampled`` accept integers (turned into the strings JSON keys use).
+evaluations carry ``union``, ``probes`` and (with ``eval.mmlu``) ``mmlu``. :func:`dump` leaves out
+the fields the writer never set, so the files hold exactly the keys the server meant. Integers
+accept integral floats (``10.0``); client ids in ``clients`` and ``sampled`` accept integers
+(turned into the strings JSON keys use).
 
 Torch-free on purpose: reading a run directory must not load the training stack.
 """
@@ -87,6 +88,15 @@ class Scores(_Record):
         return {key: value for key, value in self.model_dump().items() if value is not None}
 
 
+class MMLUScores(_Record):
+    """Accuracy on MMLU-format multiple-choice questions (``eval.mmlu``), by log-likelihood of the answer letter."""
+
+    overall: Float
+    """Over every question scored (so subjects weigh by their question count, as the original MMLU code)."""
+    subjects: dict[str, Float]
+    """Per subject, as named by the files (``abstract_algebra``)."""
+
+
 class Parameters(_Record):
     total: Int
     trainable: Int
@@ -141,6 +151,7 @@ class ClientRound(_Record):
     seconds: ClientSeconds
     union: Scores | None = None
     probes: Float | None = None
+    mmlu: MMLUScores | None = None
 
 
 class RoundSeconds(_Record):
@@ -176,6 +187,8 @@ class ClientFinal(_Record):
     """``None`` when the client's final evaluation failed."""
     union: Scores | None = None
     probes: Float | None = None
+    mmlu: MMLUScores | None = None
+    """Only in runs with ``eval.mmlu`` (absent in older run files)."""
 
 
 class FinalRecord(_Record):

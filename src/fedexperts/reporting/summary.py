@@ -90,6 +90,11 @@ def _final_section(record: RunRecord) -> list[str]:
         )
     union_mean = _scores(record.union)[:2]
     rows.append(["**mean**", *_scores(record.personalized), "", *union_mean, fmt.score(record.probes)])
+    if record.mmlu is not None:  # runs with eval.mmlu: its overall accuracy beside the probes
+        header.append("MMLU")
+        for row, final in zip(rows, record.final.clients.values(), strict=False):
+            row.append(fmt.score(None if final.mmlu is None else final.mmlu.overall))
+        rows[-1].append(fmt.score(record.mmlu))
     lines += _table(header, rows)
     missing = [client for client in record.info.clients if client not in record.final.clients]
     if missing:
@@ -101,9 +106,17 @@ def _final_section(record: RunRecord) -> list[str]:
         "- union score (mean over clients, union test set): " + _headline(record.union),
         "- probe accuracy (mean over clients): "
         + (fmt.score(record.probes) if record.probes is not None else "– (no probes)"),
-        "",
     ]
-    return lines
+    if record.mmlu is not None:
+        subjects = record.mmlu_subjects
+        lines += [
+            f"- MMLU accuracy (mean over clients; zero-shot, {len(subjects)} subjects): {fmt.score(record.mmlu)}",
+            "",
+            "MMLU accuracy per subject (mean over clients):",
+            "",
+            *_table(["subject", "accuracy"], [[fmt.markdown_cell(name), fmt.score(v)] for name, v in subjects.items()]),
+        ]
+    return [*lines, ""]
 
 
 def _rounds_section(record: RunRecord) -> list[str]:

@@ -1,5 +1,6 @@
 import pytest
 
+from fedexperts.algorithms.registry import algorithm_names
 from fedexperts.config import ConfigError, load_config
 from fedexperts.federation.flower.runconfig import config_from_run_config, config_to_run_config
 
@@ -24,6 +25,22 @@ def test_every_config_key_round_trips_through_a_flat_flower_run_config():
     back = config_from_run_config(flat)
     expected = config.model_copy(update={"output_dir": config.output_dir.resolve()})
     assert back == expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        *([f"algorithm.name={name}"] for name in algorithm_names()),
+        ["algorithm.name=fedavg", 'algorithm.scope="non-expert"'],
+        ["algorithm.flex.calibration_tokens=512"],
+        ["algorithm.flex.personal_training=lora", "algorithm.flex.personal_lora.rank=4"],
+    ],
+)
+def test_each_algorithm_round_trips_with_every_key_present(overrides):
+    """A flat run config carries every key, set or not: no validator may read "was this key given"."""
+    config = load_config(None, overrides)
+    back = config_from_run_config(config_to_run_config(config))
+    assert back == config.model_copy(update={"output_dir": config.output_dir.resolve()})
 
 
 def test_a_run_config_override_is_validated_like_any_config():

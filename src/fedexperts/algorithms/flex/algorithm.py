@@ -6,13 +6,16 @@ reconstructs the full layer's output on its calibration tokens (:mod:`fedexperts
 and grafts a copy of the best one as its personal expert, joined through a sigmoid gate that
 starts as that expert's router row (:mod:`fedexperts.moe.personal`). The client trains its
 personal experts, gates and the shared parameters (attention LoRA by default); only the shared
-parameters are sent and averaged, personal experts and gates never leave the client.
+parameters are sent and averaged, personal experts and gates never leave the client. With
+``personal_training="lora"`` (the official code's way) the grafted copies and gates stay frozen and
+LoRA adapters on them are what trains and stays personal; ``gate_bias=False`` gives the gate no bias
+(as the official gate).
 
 Where the paper is silent, the choices are: calibration uses the client's first
 ``calibration_batches`` training batches (or as many as hold ``calibration_tokens`` real tokens) with
 the received global LoRA applied and the grafts switched off (so ``Z`` is the pretrained layer), and
 the losses are Lu et al.'s sum of per-batch norms (``criterion``; ``pooled`` is one norm over all
-tokens); the gate gets a trainable bias started at the
+tokens); the gate gets a bias (``gate_bias``) started at the
 router's bias (zero for routers without one). Beyond the paper: ``top_n`` grafts the n best experts
 into the personal slots, ``refresh_every`` re-selects every K rounds (an expert whose choice did not
 change keeps its trained values; a newly chosen one starts from its pretrained copy), and
@@ -42,20 +45,31 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.interface import ClientContext, LocalData, Payload
 from fedexperts.moe.families import moe_layers, unwrap_model
 from fedexperts.moe.params import ParamKind, Role, RoleRules
-from fedexperts.moe.personal import graft_personal_experts, grafts, regraft, set_grafted_experts, suspended_grafts
+from fedexperts.moe.personal import (
+    add_personal_lora,
+    graft_personal_experts,
+    grafts,
+    regraft,
+    set_grafted_experts,
+    suspended_grafts,
+)
 from fedexperts.moe.selection import reconstruction_losses
 
 GRAFTED_KEY = "grafted"
 SELECTED_ROUND_KEY = "selected_round"
 
 
-def flex_rules(scope: SharedScope, *, share_gate: bool) -> RoleRules:
-    """The scope's parameters are shared; personal experts (and gates unless shared) are personal."""
+def flex_rules(scope: SharedScope, *, share_gate: bool, lora: bool = False) -> RoleRules:
+    """The scope's parameters are shared; personal experts (and gates unless shared) are personal.
+
+    With ``lora`` the grafted weights stay frozen and their LoRA adapters take those roles instead.
+    """
     shared = scope_rules(scope)
-    base = dict(shared.base)
-    base[ParamKind.PERSONAL_EXPERT] = Role.PERSONAL
-    base[ParamKind.PERSONAL_GATE] = Role.SHARED if share_gate else Role.PERSONAL
-    return RoleRules(base=base, adapters=dict(shared.adapters))
+    base, adapters = dict(shared.base), dict(shared.adapters)
+    trained = adapters if lora else base
+    trained[ParamKind.PERSONAL_EXPERT] = Role.PERSONAL
+    trained[ParamKind.PERSONAL_GATE] = Role.SHARED if share_gate else Role.PERSONAL
+    return RoleRules(base=base, adapters=adapters)
 
 
 @dataclass
@@ -70,13 +84,15 @@ class FLEx(BaseAlgorithm):
     def __init__(self, config: FlexConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
         config = config or FlexConfig()
         options = config.flex
-        rules = flex_rules(config.scope, share_gate=options.share_gate)
+        self.personal_lora = options.personal_lora if options.personal_training == "lora" else None
+        rules = flex_rules(config.scope, share_gate=options.share_gate, lora=self.personal_lora is not None)
         super().__init__(rules, lora=config.lora_or_none, server=config.server)
         self.top_n = options.top_n
         self.refresh_every = options.refresh_every
         self.calibration_batches = options.calibration_batches
         self.calibration_tokens = options.calibration_tokens
         self.criterion = options.criterion
+        self.gate_bias = options.gate_bias
 
     def prepare(self, model: nn.Module) -> None:
         base = unwrap_model(model)
@@ -84,7 +100,12 @@ class FLEx(BaseAlgorithm):
         too_few = [layer.name for layer in layers if layer.num_experts < self.top_n]
         if too_few:
             raise FedExpertsError(f"flex: top_n={self.top_n} exceeds the experts of {too_few[0]}")
-        graft_personal_experts(base, {layer.name: list(range(self.top_n)) for layer in layers})
+        graft_personal_experts(
+            base, {layer.name: list(range(self.top_n)) for layer in layers}, gate_bias=self.gate_bias
+        )
+        if self.personal_lora is not None:
+            lora = self.personal_lora
+            add_personal_lora(base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
         super().prepare(model)
 
     def setup_client(
@@ -93,8 +114,12 @@ class FLEx(BaseAlgorithm):
         self._load_shared_and_personal(model, received, personal)
         base = cast(PreTrainedModel, unwrap_model(model))
         context = FLExContext(data.client, model, received, data.round)
-        if personal is not None:
+        if personal is not None and self.personal_lora is not None:
+            # only the adapters were kept: the frozen copies are refilled from the pretrained experts
+            regraft(base, personal.metadata[GRAFTED_KEY], reset_adapters=False)
+        elif personal is not None:
             set_grafted_experts(base, personal.metadata[GRAFTED_KEY])
+        if personal is not None:
             context.selected_round = int(personal.metadata.get(SELECTED_ROUND_KEY, 1))
         if data.batches is None:
             return context  # nothing to calibrate on (sizing on the meta device): the placeholder slots stay

@@ -9,6 +9,15 @@ from pydantic import Field, field_validator, model_validator
 from fedexperts.algorithms.settings import FederatedSettings, Section, SharedScope
 
 
+class PersonalLoraConfig(Section):
+    """LoRA on the personal experts and gates (``flex.personal_training="lora"``). The official FLEx code
+    uses its one peft config for attention and the grafts: r=32, alpha=64, dropout 0.05 in its scripts."""
+
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class FlexOptions(Section):
     top_n: int = Field(1, ge=1)
     """Experts grafted into each layer's personal slots (the paper: 1)."""
@@ -24,6 +33,15 @@ class FlexOptions(Section):
     """Score on the client's first training batches until this many real (attention-mask) tokens are
     seen; the batch that reaches it is used whole, and a client with fewer uses all it has. ``None``:
     ``calibration_batches`` batches. Lu et al.'s default is 128 x 2048 = 262144 tokens."""
+    gate_bias: bool = True
+    """The personal gate has a bias, started at the router's bias for the grafted expert (zero for
+    routers without one). The official gate is a bias-free linear (``false``)."""
+    personal_training: Literal["full", "lora"] = "full"
+    """How the personal experts and gates train: ``full`` (every weight of the grafted copy and gate) or
+    ``lora`` (the official code's way: the grafted copy and gate stay frozen at their pretrained values
+    and LoRA adapters on their projections train; the personal state holds only the adapters)."""
+    personal_lora: PersonalLoraConfig = Field(default_factory=PersonalLoraConfig)
+    """Used when ``personal_training`` is ``lora``."""
     criterion: Literal["pooled", "per-batch"] = "per-batch"
     """How the calibration batches' reconstruction errors combine (:mod:`fedexperts.moe.selection`):
     ``per-batch`` sums one Frobenius norm per batch in float64, Lu et al.'s expert-pruning criterion that
@@ -32,8 +50,12 @@ class FlexOptions(Section):
 
     @model_validator(mode="after")
     def _one_calibration_size(self) -> FlexOptions:
-        if {"calibration_batches", "calibration_tokens"} <= self.model_fields_set and self.calibration_tokens:
+        # Compared with the defaults, not model_fields_set: a flat Flower run config carries every key.
+        default_batches = type(self).model_fields["calibration_batches"].default
+        if self.calibration_tokens is not None and self.calibration_batches != default_batches:
             raise ValueError("set flex.calibration_batches or flex.calibration_tokens, not both")
+        if self.personal_lora != PersonalLoraConfig() and self.personal_training != "lora":
+            raise ValueError("flex.personal_lora applies with flex.personal_training=lora only")
         return self
 
 

@@ -1,0 +1,47 @@
+"""Every preset study validates for every one of its methods (configs only: no model is loaded)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from fedexperts.cli import app
+from fedexperts.config import load_config
+from fedexperts.studies import STUDIES
+
+CASES = [(study, method) for study in STUDIES.values() for method in study.algorithms]
+
+
+@pytest.mark.parametrize("study, method", CASES, ids=lambda value: getattr(value, "name", value))
+def test_every_study_validates_for_each_of_its_methods(study, method):
+    config = load_config(None, [*study.run_overrides(method), f"name={study.name}"])
+    assert config.algorithm.name == method
+
+
+@pytest.mark.parametrize("name", ["flex-paper-pathological", "flex-paper-dirichlet", "flex-paper-dirichlet-1.0"])
+def test_the_flex_paper_presets_carry_the_papers_settings(name):
+    study = STUDIES[name]
+    flex = load_config(None, study.run_overrides("flex"))
+    assert flex.model.name == "Qwen/Qwen1.5-MoE-A2.7B" and flex.model.dtype == "bfloat16"
+    assert flex.data.source == "databricks/databricks-dolly-15k"
+    assert flex.data.categories == ["closed_qa", "information_extraction", "classification", "summarization"]
+    assert flex.data.test_per_category == 100 and flex.data.max_length == 512
+    lora = flex.algorithm.lora
+    assert (lora.rank, lora.alpha, lora.dropout, lora.targets) == (32, 64, 0.05, ["q_proj", "k_proj", "v_proj"])
+    train = flex.train
+    assert (train.steps_per_round, train.batch_size, train.learning_rate, train.min_learning_rate) == (5, 4, 4e-5, 1e-6)
+    assert train.router_aux_loss_coef == 0.001 and flex.federation.rounds == 100 and flex.eval.max_new_tokens == 256
+    if name == "flex-paper-pathological":
+        assert (flex.federation.clients, flex.data.scheme, flex.data.classes_per_client) == (4, "pathological", 1)
+    else:
+        assert (flex.federation.clients, flex.data.scheme, flex.data.rows_per_client) == (10, "dirichlet", 1000)
+        assert flex.data.alpha == (0.5 if name == "flex-paper-dirichlet" else 1.0)
+    baseline = load_config(None, study.run_overrides("random-expert"))
+    assert baseline.algorithm.personal is True  # type: ignore[union-attr]
+    local = load_config(None, [*study.run_overrides("local"), "model.name=/models/qwen", "data.source=dolly.jsonl"])
+    assert (local.model.name, local.data.source) == ("/models/qwen", "dolly.jsonl")
+
+
+def test_the_paper_presets_are_listed():
+    result = CliRunner().invoke(app, ["compare", "--list-studies"])
+    assert result.exit_code == 0, result.output
+    assert "flex-paper-pathological" in result.output and "flex-paper-dirichlet" in result.output
+    assert "random-expert" in result.output
