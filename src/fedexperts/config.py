@@ -7,6 +7,7 @@ problem, naming the dotted key and what is allowed, so the CLI can print them wi
 from __future__ import annotations
 
 import tomllib
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,12 +200,13 @@ def list_valued_keys() -> dict[str, Any]:
     return keys
 
 
-def _allowed_keys() -> list[str]:
-    """Every dotted key an override may set: the sections' keys and every algorithm's."""
+@cache
+def _allowed_keys() -> tuple[str, ...]:
+    """Every dotted key an override may set: the sections' keys and every algorithm's (the schemas are fixed)."""
     keys = [key for key in dotted_keys(ExperimentConfig) if key != "algorithm"]
     for config in CONFIGS:
         keys.extend(f"algorithm.{key}" for key in dotted_keys(config) if f"algorithm.{key}" not in keys)
-    return keys
+    return tuple(keys)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -222,9 +224,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Validate a config mapping after applying dotted overrides."""
     merged: dict[str, Any] = {key: value for key, value in data.items()}
+    allowed = _allowed_keys()
     for override in overrides or []:
         path, value = parse_override(override)
-        allowed = _allowed_keys()
         if ".".join(path) not in allowed:
             raise ConfigError(f"override {'.'.join(path)!r}: unknown key; keys are: {', '.join(allowed)}")
         node = merged
