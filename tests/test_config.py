@@ -108,3 +108,12 @@ def test_override_values_are_read_as_toml():
     assert parse_override("a=true") == (["a"], True)
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])
     assert parse_override("a=hello world") == (["a"], "hello world")
+
+
+def test_the_validation_split_defaults_by_whether_the_algorithm_decides_on_it():
+    assert load_config(None, []).validation_fraction == 0.0  # flex decides nothing on validation scores
+    assert load_config(None, ["algorithm.name=fedmoe"]).validation_fraction == 0.1
+    assert load_config(None, ["algorithm.name=random-moe"]).validation_fraction == 0.1  # the same rows as FedMoE
+    assert load_config(None, ["algorithm.name=fedmoe", "data.validation_fraction=0.2"]).validation_fraction == 0.2
+    with pytest.raises(ConfigError, match=r"data\.validation_fraction is 0 but algorithm 'fedmoe' decides"):
+        load_config(None, ["algorithm.name=fedmoe", "data.validation_fraction=0"])

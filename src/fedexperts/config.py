@@ -38,6 +38,10 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
+DEFAULT_VALIDATION_FRACTION = 0.1
+"""``data.validation_fraction`` for algorithms that decide on validation scores, when not given."""
+
+
 class DataConfig(Section):
     source: str = "expertbench"
     """``expertbench``, a local JSON/JSONL/CSV/Parquet file or folder, or a hub dataset name."""
@@ -57,6 +61,11 @@ class DataConfig(Section):
     test_per_category: int | None = Field(None, ge=1)
     """Hold out this many rows of each category as the test set before the split (FLEx: 100); each client is
     tested on the held-out rows of its categories. ``None``: ``test_fraction`` of each client's own rows."""
+    validation_fraction: float | None = Field(None, ge=0, lt=1)
+    """Share of each client's training rows held out as its validation split (at least one row when above 0),
+    scored before training every round; selection, recommendation and early-stopping decisions read it, never
+    the test rows. ``None``: 0.1 for algorithms that decide on validation scores (FedMoE, randomMoE, so both
+    train on the same rows), else 0 (no split)."""
     max_length: int = Field(256, ge=8)
     skip_bad_rows: bool = False
     seed: int = 0
@@ -164,7 +173,19 @@ class ExperimentConfig(Section):
                 f"({self.federation.min_clients}): a round could never succeed"
             )
         self.algorithm.check_clients(self.federation.clients)
+        if self.data.validation_fraction == 0 and self.algorithm.decides_on_validation:
+            raise ValueError(
+                f"data.validation_fraction is 0 but algorithm {self.algorithm.name!r} decides on validation "
+                "scores: give it a validation split (e.g. 0.1), or leave the key out for the default"
+            )
         return self
+
+    @property
+    def validation_fraction(self) -> float:
+        """``data.validation_fraction`` resolved (its ``None`` default depends on the algorithm)."""
+        if self.data.validation_fraction is not None:
+            return self.data.validation_fraction
+        return DEFAULT_VALIDATION_FRACTION if self.algorithm.decides_on_validation else 0.0
 
 
 def _describe(error: ErrorDetails) -> str:

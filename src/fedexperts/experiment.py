@@ -20,7 +20,7 @@ from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
 from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
-from fedexperts.data.partition import Partition, spec_from_config
+from fedexperts.data.partition import Partition, hold_out_validation, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
 from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import DataError
@@ -52,6 +52,8 @@ class ClientData:
     test: EvalSet
     categories: dict[str, int]
     """Training rows per category (empty when the data has no categories)."""
+    validation: EvalSet | None = None
+    """Rows held out of the client's training data (``data.validation_fraction``) for decisions; ``None``: none."""
 
     @property
     def num_examples(self) -> int:
@@ -165,7 +167,9 @@ def build_setting(
     """
     loaded = loaded or load_base(config)
     torch.manual_seed(config.federation.seed)  # LoRA and other initialisations inside prepare
-    algorithm = build_algorithm(config.algorithm, client_ids=client_ids(config.federation.clients))
+    algorithm = build_algorithm(
+        config.algorithm, client_ids=client_ids(config.federation.clients), seed=config.federation.seed
+    )
     algorithm.prepare(loaded.model)
     template = prompt_template(loaded.tokenizer)
     base = Setting(config, loaded, algorithm, template, (), None, ())
@@ -196,7 +200,23 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
                 f"{ids[split.client]} has {len(split.train)} training and {len(split.test)} test rows; "
                 "every client needs both (use fewer clients, more data.items or a larger data.test_fraction)"
             )
-        train = tokenize_instructions(split.train, tokenizer, max_length=config.data.max_length, template=template.kind)
+        train_split, validation_split = hold_out_validation(
+            split.train,
+            config.validation_fraction,
+            derived_seed(config.data.seed, split.client, 2),
+            client=ids[split.client],
+        )
+        train = tokenize_instructions(train_split, tokenizer, max_length=config.data.max_length, template=template.kind)
+        validation = None
+        if validation_split is not None:
+            validation = eval_set(
+                validation_split,
+                tokenizer,
+                template,
+                config,
+                config.eval.max_examples,
+                derived_seed(config.data.seed, split.client, 3),
+            )
         test = eval_set(
             split.test,
             tokenizer,
@@ -207,9 +227,9 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
         )
         train_rows = token_rows(train.dataset)
         categories = (
-            Counter(str(name) for name in split.train["category"]) if "category" in split.train.column_names else {}
+            Counter(str(name) for name in train_split["category"]) if "category" in train_split.column_names else {}
         )
-        clients.append(ClientData(ids[split.client], split.client, train_rows, test, dict(categories)))
+        clients.append(ClientData(ids[split.client], split.client, train_rows, test, dict(categories), validation))
     return replace(setting, clients=tuple(clients))
 
 

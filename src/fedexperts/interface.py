@@ -89,6 +89,9 @@ class ClientContext:
     """The model the client trains and evaluates (FedMoE: a view of its sub-MoE)."""
     received: Payload
     round: int = 1
+    idle: bool = False
+    """The algorithm has nothing for this client this round (a FedMoE budget client waiting for stage 1): the
+    runtime neither evaluates nor trains it, and replies with its uplink."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,10 @@ class Algorithm(Protocol):
 
     def server_state(self) -> Payload:
         """What the server checkpoints besides the global state."""
+        ...
+
+    def finish(self) -> None:
+        """After the last round, before the final evaluation (again on a resumed run: it must be idempotent)."""
         ...
 
     def load_server_state(self, state: Payload) -> None: ...

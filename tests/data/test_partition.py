@@ -127,3 +127,17 @@ def test_partition_command_reports_a_local_file_and_saves_the_plot(tmp_path):
     result = runner.invoke(app, ["partition", str(source), "--scheme", "random"])
     assert result.exit_code == 2
     assert "unknown scheme 'random'" in result.output
+
+
+def test_a_validation_split_is_held_out_of_the_training_rows():
+    from fedexperts.data.partition import hold_out_validation
+
+    rows = datasets.Dataset.from_dict({"row_id": list(range(20))})
+    rest, held = hold_out_validation(rows, 0.1, seed=3, client="c")
+    assert len(held) == 2 and len(rest) == 18
+    assert set(held["row_id"]).isdisjoint(rest["row_id"]) and len(set(held["row_id"]) | set(rest["row_id"])) == 20
+    assert hold_out_validation(rows, 0.1, seed=3, client="c")[1]["row_id"] == held["row_id"]  # seeded
+    assert len(hold_out_validation(rows.select(range(3)), 0.01, seed=0, client="c")[1]) == 1  # at least one row
+    assert hold_out_validation(rows, 0.0, seed=0, client="c") == (rows, None)
+    with pytest.raises(DataError, match=r"c has 1 training rows: data\.validation_fraction = 0\.5 leaves none"):
+        hold_out_validation(rows.select([0]), 0.5, seed=0, client="c")

@@ -195,6 +195,9 @@ class BaseAlgorithm:
     def load_server_state(self, state: Payload) -> None:
         self.server.load_state(state.tensors)
 
+    def finish(self) -> None:
+        """After the last round, before the final evaluation: nothing to settle by default."""
+
     def check_update(self, update: Payload, global_state: State, client: ClientInfo) -> None:
         """Refuse (``PayloadError``) an update whose keys, shapes, dtypes or values the server cannot average."""
         validate_update(update, global_state, sender=client.client_id)

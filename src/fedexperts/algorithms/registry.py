@@ -72,10 +72,11 @@ def owners(key: str) -> list[str]:
     return found
 
 
-def build_algorithm(config: AlgorithmSettings, *, client_ids: Sequence[str] | None = None) -> Algorithm:
+def build_algorithm(config: AlgorithmSettings, *, client_ids: Sequence[str] | None = None, seed: int = 0) -> Algorithm:
     """The algorithm ``config`` describes; ``client_ids`` (the federation's clients, in order) give
-    per-client settings their owners (FedMoE's budgets); without them (``fedexperts plan``) none."""
+    per-client settings their owners (FedMoE's budgets); without them (``fedexperts plan``) none.
+    ``seed`` is the federation's (``federation.seed``), for algorithms that draw at random (randomMoE)."""
     module, _, attribute = type(config).builder.partition(":")
     constructor: Any = getattr(importlib.import_module(module), attribute)
-    algorithm: Algorithm = constructor(config, client_ids=client_ids)
+    algorithm: Algorithm = constructor(config, client_ids=client_ids, seed=seed)
     return algorithm

@@ -70,7 +70,10 @@ class AlgorithmSettings(Section):
 
     name: str
     builder: ClassVar[str]
-    """``"module:callable"`` taking ``(config, client_ids=...)`` and returning the algorithm (imported on use)."""
+    """``"module:callable"``: ``(config, client_ids=..., seed=...)`` -> the algorithm (imported on use)."""
+    decides_on_validation: ClassVar[bool] = False
+    """The algorithm's server reads clients' validation scores to decide (FedMoE's recommendation): the run
+    holds out a validation split of each client's training rows (``data.validation_fraction``)."""
 
     def check_clients(self, clients: int) -> None:
         """Refuse (``ValueError``) settings that do not fit a federation of ``clients`` clients."""

@@ -289,6 +289,29 @@ def _train_test(
     return part.select(train), part.select(sorted(test))
 
 
+def hold_out_validation(
+    train: datasets.Dataset, fraction: float, seed: int, *, client: str
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """``(training rows, validation rows)``: a seeded ``fraction`` of ``train`` (at least one row) held out.
+
+    The split is made after the partition, so a validation split changes no client's test rows. Rows
+    drawn with replacement (``rows_per_client``) can repeat across the two, as they repeat within one.
+    ``fraction`` 0: no validation split (``None``).
+    """
+    if fraction <= 0:
+        return train, None
+    take = max(round(len(train) * fraction), 1)
+    if take >= len(train):
+        raise DataError(
+            f"{client} has {len(train)} training rows: data.validation_fraction = {fraction} leaves none to "
+            "train on (use fewer clients, more data or a smaller validation_fraction)"
+        )
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = sorted(int(index) for index in order[:take])
+    rest = sorted(int(index) for index in order[take:])
+    return train.select(rest), train.select(held)
+
+
 def partition_table(partition: Partition) -> Table:
     """A rich table: rows per client and category, train/test sizes, and the heterogeneity."""
     spec = partition.spec

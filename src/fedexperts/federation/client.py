@@ -30,7 +30,9 @@ class ClientTask:
     """1-based round; the final evaluation uses ``rounds + 1``."""
     train: bool = True
     evaluate: bool = True
-    """Score the client's model on its own test split before it trains."""
+    """Score the client's model on its own test split before it trains (reported, never decided on)."""
+    validate: bool = False
+    """Score it on its validation split before it trains (what the algorithm's decisions read)."""
     union: bool = False
     """Also score it on the union test set (final evaluation)."""
     probes: bool = False
@@ -89,7 +91,11 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
             "rouge_tokenizer": config.eval.rouge_tokenizer,
         }
         with watch.phase("eval"):
-            if task.evaluate:
+            if task.validate and client.validation is not None and not context.idle:
+                metrics.update(
+                    _scores("val", instruction_scores(model, tokenizer, client.validation, **evaluate_options))
+                )
+            if task.evaluate and not context.idle:
                 metrics.update(_scores("eval", instruction_scores(model, tokenizer, client.test, **evaluate_options)))
             if task.union and setting.union is not None:
                 metrics.update(
@@ -101,7 +107,9 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                 mmlu = mmlu_scores(model, tokenizer, setting.mmlu, batch_size=config.eval.batch_size)
                 metrics["mmlu"] = mmlu.model_dump()
         uplink = Payload({})
-        if task.train:
+        if task.train and context.idle:
+            uplink = algorithm.uplink(context)  # the algorithm's reply that the client sat the round out
+        elif task.train:
             with watch.phase("train"):
                 batches = shuffled_batches(
                     client.train,

@@ -268,6 +268,7 @@ class Federation:
         entry.update(
             train_loss=metadata.get("train_loss"),
             eval=_eval_record(metadata, "eval"),
+            validation=_eval_record(metadata, "val"),
             peak_memory_bytes=metadata.get("peak_memory_bytes", 0),
             seconds={
                 "setup": metadata.get("seconds_setup", 0.0),
@@ -307,6 +308,7 @@ class Federation:
         for round_number in range(done + 1, federation.rounds + 1):
             global_state = self._round(round_number, global_state)
         if not self._record_path("final").exists():
+            self.algorithm.finish()
             self._final(global_state)
         return self._write_metrics()
 
@@ -323,7 +325,8 @@ class Federation:
         )
         every = self.config.eval.every
         evaluate = every > 0 and (round_number - 1) % every == 0
-        tasks = [ClientTask(client_id, round_number, evaluate=evaluate) for client_id in sampled]
+        validate = self.config.validation_fraction > 0
+        tasks = [ClientTask(client_id, round_number, evaluate=evaluate, validate=validate) for client_id in sampled]
         entries, updates = self._exchange(tasks, global_state)
         if len(updates) < federation.min_successful:
             problems = "; ".join(f"{cid}: {e.error}" for cid, e in entries.items() if e.error)

@@ -146,6 +146,8 @@ class ClientRound(_Record):
     train_loss: Float | None = None
     eval: Scores | None = None
     """Measured before the client trained in this round."""
+    validation: Scores | None = None
+    """On the client's validation rows, before it trained (runs with a validation split; what decisions read)."""
     peak_memory_bytes: Int | None = None
     """``None`` when the client did not report it (e.g. it failed)."""
     seconds: ClientSeconds

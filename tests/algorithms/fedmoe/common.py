@@ -21,14 +21,21 @@ def _budgets(budgets, settings):
     return list(budgets)
 
 
+MECHANICS = {"warmup_rounds": 0, "wait_for_stage_1": False}
+"""Settings of the mechanics tests: profiling measures at once and budget clients never wait (the paper's schedule,
+the config's default, has its own tests)."""
+
+
 def fedmoe(budgets=None, *, server=None, **settings):
     """``FedMoE`` with ``budgets`` by client id (``None``: ``budget_fraction``) and other ``fedmoe`` settings."""
+    settings = {**MECHANICS, **settings}
     client_ids = _budgets(budgets, settings)
     config = FedMoEConfig(server=server or ServerConfig(), fedmoe=FedMoEOptions(**settings))
     return FedMoE(config, client_ids=client_ids)
 
 
 def random_moe(budgets=None, **settings):
+    settings = {**MECHANICS, **settings}
     client_ids = _budgets(budgets, settings)
     return RandomMoE(RandomMoEConfig(fedmoe=RandomMoEOptions(**settings)), client_ids=client_ids)
 

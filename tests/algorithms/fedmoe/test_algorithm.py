@@ -326,10 +326,37 @@ def test_random_moe_draws_the_sizes_fedmoe_chooses(sizes):
 def test_the_registry_builds_both_from_their_configs():
     config = load_config(None, ["algorithm.name=random-moe", "algorithm.fedmoe.seed=4", "federation.clients=3"])
     algorithm = build_algorithm(config.algorithm, client_ids=["c0", "c1", "c2"])
-    assert algorithm.name == "random-moe" and algorithm.seed == 4 and not algorithm.recommends
+    assert algorithm.name == "random-moe" and algorithm.seed == (0, 4) and not algorithm.recommends
     assert algorithm.schedule.full_budget_clients == {"c0", "c2"}  # full_budget_every = 2
     plain = build_algorithm(load_config(None, ["algorithm.name=fedmoe"]).algorithm)  # fedexperts plan: no ids
     assert plain.recommends and plain.schedule.budgets is None and not plain.schedule.full_budget_clients
     everything = load_config(None, ["algorithm.name=fedmoe", "algorithm.scope=everything"]).algorithm
     with pytest.raises(FedExpertsError, match="scope 'everything'"):
         build_algorithm(everything)
+
+
+def test_random_moe_draws_from_the_federation_seed():
+    def structures(federation_seed):
+        settings = ["algorithm.fedmoe.full_budget_every=3", "algorithm.fedmoe.wait_for_stage_1=false"]
+        config = load_config(None, ["algorithm.name=random-moe", "federation.clients=3", *settings])
+        algorithm = build_algorithm(config.algorithm, client_ids=["c0", "c1", "c2"], seed=federation_seed)
+        algorithm.prepare(tiny_model("olmoe"))
+        algorithm.assign("c0", per_layer(*range(8)), activation=activation(0, 1), category="x")
+        return [algorithm.structure_of(client) for client in ("c1", "c2")]
+
+    assert structures(0) == structures(0)
+    assert structures(0) != structures(1)  # every federation seed its own random sub-MoEs
+
+
+def test_budgets_can_count_the_training_state_of_what_trains():
+    weights, training = fedmoe(budget_fraction=1.0), fedmoe(budget_fraction=1.0, budget_counts="training")
+    model = tiny_model("olmoe")
+    weights.prepare(model)
+    training.prepare(tiny_model("olmoe"))
+    a, b = weights.layout, training.layout
+    assert a.expert_elements == b.expert_elements and all(size > 0 for size in a.expert_elements)
+    assert a.expert_bytes == [4 * n for n in a.expert_elements]  # float32 masters of the held rows
+    assert b.expert_bytes == [16 * n for n in a.expert_elements]  # + gradient + two AdamW moments
+    trained_dense = sum(model.get_parameter(name).numel() for name in a.dense)
+    assert b.dense_bytes - a.dense_bytes == 12 * trained_dense
+    assert a.float32_bytes(a.full) == 4 * sum(t.numel() for t in [*model.parameters(), *model.buffers()])

@@ -51,13 +51,26 @@ class Interrupt(BaseException):
 
 
 def test_fedmoe_end_to_end_and_resumed_mid_round(micro_config, micro_budgets, monkeypatch):
-    overrides = ("algorithm.name=fedmoe", micro_budgets, "algorithm.fedmoe.patience=1", *CHEAP_FINAL)
+    overrides = (
+        "algorithm.name=fedmoe",
+        micro_budgets,
+        "algorithm.fedmoe.patience=1",
+        "algorithm.fedmoe.warmup_rounds=0",
+        "federation.rounds=3",
+        *CHEAP_FINAL,
+    )
     reference = run_experiment(micro_config(*overrides, "name=reference"))
-    _, first, second, final = reference.records
-    assert all(entry["status"] == "ok" for record in (first, second) for entry in record["clients"].values())
-    profile, mid, small = (first["clients"][f"client-{i}"]["bytes_down"] for i in range(3))
-    assert profile < small < mid  # round 1: the full-budget client gets the dense part only
-    assert second["clients"]["client-0"]["bytes_down"] > mid  # then its whole model
+    _, first, second, third, final = reference.records
+    records = (first, second, third)
+    assert all(entry["status"] == "ok" for record in records for entry in record["clients"].values())
+    profile, waiting, _ = (first["clients"][f"client-{i}"]["bytes_down"] for i in range(3))
+    # round 1 is stage 1: the full-budget client measures on the full MoE (dense part sent), the others wait
+    assert waiting < 1000 < profile
+    assert all(first["clients"][f"client-{i}"].get("train_loss") is None for i in (1, 2))
+    full, mid, small = (second["clients"][f"client-{i}"]["bytes_down"] for i in range(3))
+    assert profile < small < mid < full  # stage 2: every client its sub-MoE, the measured one the whole model
+    # every training client scored its validation rows, what the recommendation reads
+    assert all(third["clients"][f"client-{i}"]["validation"]["examples"] > 0 for i in range(3))
     assert all(scores["own"] is not None for scores in final["clients"].values())
     tensors, metadata = checkpoint(reference.run_dir)
     clients = json.loads(metadata["fedexperts"])["server"]["clients"]
@@ -91,3 +104,58 @@ def test_random_moe_end_to_end(micro_config, micro_budgets):
     assert kinds == ["run", "round", "round", "final"]
     for record in result.records[1:3]:
         assert all(entry["status"] == "ok" for entry in record["clients"].values())
+
+
+def test_no_structure_decision_reads_a_test_row(micro_config, micro_budgets, monkeypatch):
+    """Test rows poisoned (references replaced, tokens reversed): the test scores change, no structure does."""
+    from dataclasses import replace
+
+    from fedexperts import experiment
+
+    overrides = (
+        "algorithm.name=fedmoe",
+        micro_budgets,
+        "algorithm.fedmoe.patience=1",
+        "algorithm.fedmoe.warmup_rounds=0",
+        "federation.rounds=4",
+        *CHEAP_FINAL,
+    )
+    clean = run_experiment(micro_config(*overrides, "name=clean"))
+    real = experiment.with_clients
+
+    def poisoned(setting, wanted, rows):
+        built = real(setting, wanted, rows)
+        bad = []
+        for client in built.clients:
+            rows = tuple({"input_ids": row["input_ids"][::-1], "labels": row["labels"]} for row in client.test.rows)
+            test = replace(client.test, references=("zebra quartz",) * len(client.test), rows=rows)
+            bad.append(replace(client, test=test))
+        return replace(built, clients=tuple(bad))
+
+    real_scores, noise = (
+        client_module.instruction_scores,
+        iter(torch.rand(1000, generator=torch.Generator().manual_seed(0))),
+    )
+
+    def scores(model, tokenizer, data, **options):  # poisoned rows score at random (the micro model scores 0)
+        measured = real_scores(model, tokenizer, data, **options)
+        if data.references and data.references[0] == "zebra quartz":
+            return measured.model_copy(update={"rouge_l": float(next(noise))})
+        return measured
+
+    monkeypatch.setattr(experiment, "with_clients", poisoned)
+    monkeypatch.setattr(client_module, "instruction_scores", scores)
+    dirty = run_experiment(micro_config(*overrides, "name=poisoned"))
+
+    def structures(result):
+        _tensors, metadata = checkpoint(result.run_dir)
+        clients = json.loads(metadata["fedexperts"])["server"]["clients"]
+        return {cid: (record["structure"], record["recommendation"]) for cid, record in clients.items()}
+
+    def test_scores(result):
+        return [e["eval"]["rouge_l"] for r in result.records[1:-1] for e in r["clients"].values() if e.get("eval")]
+
+    assert test_scores(clean) != test_scores(dirty)
+    assert structures(clean) == structures(dirty)
+    validation = [[e.get("validation") for e in r["clients"].values()] for r in clean.records[1:-1]]
+    assert validation == [[e.get("validation") for e in r["clients"].values()] for r in dirty.records[1:-1]]

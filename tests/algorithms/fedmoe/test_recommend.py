@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedexperts.algorithms.fedmoe.recommend import Action, RecommendationState, recommend
+from fedexperts.algorithms.fedmoe.recommend import Action, RecommendationState, copies, recommend
 from fedexperts.errors import FedExpertsError
 
 
@@ -144,3 +144,31 @@ def test_schedule_round_trips_through_json():
     assert restored.observe(0.4, NEW, never).structure == OLD
     with pytest.raises(FedExpertsError, match="patience"):
         RecommendationState(patience=0)
+
+
+def test_recommend_sizes_by_the_total_and_ranks_across_layers():
+    activations = {
+        "me": vectors([1, 0, 0], [1, 0, 0]),
+        "n": vectors([0.7, 0.2, 0.1], [0.1, 0.6, 0.3]),
+    }
+    current = {"me": [[0], [0]], "n": [[0, 1, 2], [0]]}
+    # n holds 4 experts in all, me 2: add the 2 best-estimated ones wherever they are (both in layer 1),
+    # not n's per-layer counts (which would have grown layer 0)
+    assert recommend("me", activations, current, top_k_neighbours=1, min_experts=[1, 1]) == [[0], [0, 1, 2]]
+    # shrinking: drop the lowest-estimated experts across layers, never below a layer's minimum
+    current = {"me": [[0, 1, 2], [0, 1, 2]], "n": [[0], [0, 1]]}
+    assert recommend("me", activations, current, top_k_neighbours=1, min_experts=[1, 1]) == [[0], [1, 2]]
+
+
+def test_copies_are_estimates_from_each_other_or_from_the_same_clients():
+    origins = {"a": ("m",), "b": ("m",), "c": ("m", "n")}
+    assert copies("a", "m", origins) and copies("m", "a", origins) and copies("a", "b", origins)
+    assert not copies("a", "c", origins) and not copies("m", "n", origins)
+
+
+def test_abandoning_a_trial_reverts_and_freezes():
+    state = RecommendationState(patience=1)
+    state.observe(0.5, [[0]], lambda: [[0, 1]])
+    assert state.observe(0.5, [[0]], lambda: [[0, 1]]).action is Action.ADJUST
+    assert state.abandon_trial() == [[0]] and state.frozen and state.best == 0.5
+    assert state.abandon_trial() is None

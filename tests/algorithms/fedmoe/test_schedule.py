@@ -162,13 +162,13 @@ def test_a_recommendation_is_shrunk_to_the_budget_dropping_what_the_client_ranks
 
 
 def test_random_schedules_never_recommend_and_draw_the_searched_sizes():
-    planned = recommending(3, seed=1)
+    planned = recommending(3, seed=(0, 1))
     assert not planned.recommends
     for _ in range(4):
         assert scored(planned, "a", 0.5) == [[0]]
-    drawn, searched = schedule({"big": 180, "mid": 150}, seed=7), schedule({"big": 180, "mid": 150})
+    drawn, searched = schedule({"big": 180, "mid": 150}, seed=(0, 7)), schedule({"big": 180, "mid": 150})
     assert [len(layer) for layer in drawn.structure_of("mid")] == [len(layer) for layer in searched.structure_of("mid")]
-    assert drawn.structure_of("mid") == schedule({"big": 180, "mid": 150}, seed=7).structure_of("mid")
+    assert drawn.structure_of("mid") == schedule({"big": 180, "mid": 150}, seed=(0, 7)).structure_of("mid")
 
 
 def test_assign_checks_the_layout_and_the_budget():
@@ -203,3 +203,62 @@ def test_the_server_state_round_trips_through_tensors_and_json():
         assert restored.plan(client).structure == planned.plan(client).structure
     assert records_from_state({}, {}, 2) == {}
     assert records_to_state({}) == ({}, {})
+
+
+# -- the paper's schedule ----------------------------------------------------------------------------
+
+
+def test_budget_clients_wait_for_stage_1_then_start_from_their_categorys_estimate():
+    planned = schedule({"big": 180, "mid": 150}, warmup_rounds=1, wait_for_stage_1=True)
+    assert planned.profilers == ["big"] and not planned.stage_1_done
+    for measure in (False, True):  # the warm-up round, then the measuring round
+        plans = {"big": planned.plan("big"), "mid": planned.plan("mid")}
+        assert plans == {"big": Plan(Phase.PROFILE, measure=measure), "mid": Plan(Phase.WAIT)}
+        big = Reply("big", 6, "x", activation=P_BIG if measure else None)
+        planned.observe([big, Reply("mid", 2, "x")], plans)
+        assert planned.clients["mid"].structure is None  # a waiting client trains nothing and is given nothing
+    assert planned.stage_1_done
+    first = planned.plan("mid")
+    estimate = estimate_activation([(planned.clients["big"].activation, 6)])
+    assert (first.phase, first.source, first.origin) == (Phase.TRAIN, Source.CATEGORY, ("big",))
+    assert first.structure == choice(estimate, 150)
+    planned.observe([Reply("mid", 2, "x", score=0.5)], {"mid": first})
+    assert planned.clients["mid"].origin == ("big",)
+    assert planned.state()[1]["mid"]["origin"] == ["big"]
+
+
+def test_without_profilers_stage_1_is_done_at_once_and_the_prior_is_used():
+    planned = schedule({"a": 150, "b": 130}, wait_for_stage_1=True)
+    assert planned.stage_1_done and planned.plan("a").source is Source.PRIOR
+
+
+def test_a_trial_no_evaluation_judged_is_reverted_before_the_final_evaluation():
+    planned = recommending(3)
+    scored(planned, "a", 0.5)
+    assert scored(planned, "a", 0.5) == [[0, 1, 2]]  # a trial set in the last round
+    planned.finish()
+    record = planned.clients["a"]
+    assert planned.structure_of("a") == [[0]] and record.recommendation.frozen
+    assert record.recommendation.previous is None and record.recommendation.best == 0.5
+    planned.finish()  # idempotent (a resumed run calls it again)
+    assert planned.structure_of("a") == [[0]]
+
+
+def test_a_waiting_client_gets_a_sub_moe_for_the_final_evaluation():
+    planned = schedule({"big": 180, "mid": 150}, warmup_rounds=3, wait_for_stage_1=True)
+    assert planned.plan("mid").phase is Phase.WAIT
+    planned.finish()  # the run ended inside stage 1
+    assert planned.plan("mid").phase is Phase.TRAIN
+
+
+def test_clients_whose_p_copies_anothers_are_not_its_neighbours():
+    planned = Schedule(budgets={"m": 4, "copy": 3, "other": 4}, patience=1, top_k_neighbours=1)
+    planned.prepare(ONE_LAYER)
+    p_m = [torch.tensor([1.0, 0.5, 0.02, 0.01])]
+    planned.assign("m", [[0, 1, 2, 3]], activation=p_m)
+    planned.assign("copy", [[0]], activation=p_m)  # cosine 1 with m: m would be its only neighbour
+    planned.assign("other", [[0, 1]], activation=[torch.tensor([1.0, 0.2, 0.1, 0.0])])
+    planned.clients["copy"].origin = ("m",)
+    scored(planned, "copy", 0.5)
+    # stale: the neighbour is "other" (2 experts: add one), not "m" (4 experts: would add three)
+    assert scored(planned, "copy", 0.5) == [[0, 1]]

@@ -22,7 +22,11 @@ class FedAvg(BaseAlgorithm):
     name = "fedavg"
 
     def __init__(
-        self, config: FedAvgConfig | FedProxConfig | None = None, *, client_ids: Sequence[str] | None = None
+        self,
+        config: FedAvgConfig | FedProxConfig | None = None,
+        *,
+        client_ids: Sequence[str] | None = None,
+        seed: int = 0,
     ) -> None:
         config = config or FedAvgConfig()
         super().__init__(scope_rules(config.scope), lora=config.lora_or_none, server=config.server)
@@ -32,7 +36,9 @@ class FedAvg(BaseAlgorithm):
 class FedProx(FedAvg):
     name = "fedprox"
 
-    def __init__(self, config: FedProxConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, config: FedProxConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
         config = config or FedProxConfig()
         super().__init__(config)
         self.mu = config.mu
@@ -54,7 +60,9 @@ class MoEAsDense(BaseAlgorithm):
 
     name = "dense"
 
-    def __init__(self, config: DenseConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, config: DenseConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
         config = config or DenseConfig()
         super().__init__(scope_rules(SharedScope.EVERYTHING), server=config.server)
         self.scope = SharedScope.EVERYTHING

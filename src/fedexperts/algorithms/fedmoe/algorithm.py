@@ -55,7 +55,9 @@ HELD_KEY = "fedmoe_held"
 """Metadata: ``{MoE layer name: sorted global indices}`` of the experts whose rows travel."""
 MEASURE_KEY = "fedmoe_measure"
 CATEGORY_KEY = "fedmoe_category"
-SCORE_KEY = "eval_rouge_l"
+SCORE_KEY = "val_rouge_l"
+"""The reply metric the recommendation reads: ROUGE-L on the client's validation rows (never its test rows)."""
+REPORT_KEY = "report"
 ACTIVATION_PREFIX = "activation/"
 """Uplink tensors ``activation/<MoE layer name>``: a profiling client's measured ``p``."""
 
@@ -94,7 +96,9 @@ class FedMoE(BaseAlgorithm):
 
     name = "fedmoe"
 
-    def __init__(self, config: FedMoEConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, config: FedMoEConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
         config = config or FedMoEConfig()
         if config.scope is SharedScope.EVERYTHING:
             raise FedExpertsError(
@@ -106,12 +110,13 @@ class FedMoE(BaseAlgorithm):
         self.measure_examples = config.fedmoe.measure_examples
         self.layout = Layout()
         """The model's MoE layers and expert-row tensors (set by :meth:`prepare`)."""
+        self.budget_counts = config.fedmoe.budget_counts
         self.schedule = Schedule.from_options(
-            config.fedmoe, client_ids, name=self.name, seed=self._random_seed(config.fedmoe)
+            config.fedmoe, client_ids, name=self.name, seed=self._random_seed(config.fedmoe, seed)
         )
 
-    def _random_seed(self, options: FedMoEOptions) -> int | None:
-        """``None``: sub-MoEs chosen by activation, then recommended (randomMoE: its seed)."""
+    def _random_seed(self, options: FedMoEOptions, seed: int) -> tuple[int, ...] | None:
+        """``None``: sub-MoEs chosen by activation, then recommended (randomMoE: its draws' seed)."""
         return None
 
     # -- once per process --------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class FedMoE(BaseAlgorithm):
         copies of its held rows (:func:`~fedexperts.algorithms.fedmoe.views.load_rows`).
         """
         base = unwrap_model(model)
-        self.layout = layout_of(base, moe_layers(base), self.roles, self.name)
+        self.layout = layout_of(base, moe_layers(base), self.roles, self.name, counts=self.budget_counts)
         params = dict(base.named_parameters())
         for name in self.layout.rows:
             params[name].requires_grad_(False)
@@ -183,6 +188,8 @@ class FedMoE(BaseAlgorithm):
         plan = self.schedule.plan(client.client_id)
         tensors = {name: global_state[name] for name in self.layout.dense}
         metadata: dict[str, Any] = {PHASE_KEY: plan.phase.value, CLIENT_KEY: client.client_id}
+        if plan.phase is Phase.WAIT:
+            return Payload({}, metadata)
         if plan.structure is not None:
             tensors.update(held_rows(global_state, self.layout, plan.structure))
             metadata[HELD_KEY] = self.layout.held(plan.structure)
@@ -203,13 +210,15 @@ class FedMoE(BaseAlgorithm):
         client_id = str(metadata.get(CLIENT_KEY) or data.client.client_id)
         category = majority_category(data.categories)
         base = unwrap_model(model)
+        if phase is Phase.WAIT:
+            return FedMoEContext(data.client, model, received, data.round, idle=True, phase=phase, category=category)
         if phase is Phase.PROFILE:
             load_dense(base, received, self.layout, self.name)
             activation = None
             if metadata.get(MEASURE_KEY) and data.batches is not None:
                 activation = measure_activation(base, data.batches(), self.measure_examples)
             return FedMoEContext(
-                data.client, model, received, data.round, phase, activation=activation, category=category
+                data.client, model, received, data.round, phase=phase, activation=activation, category=category
             )
         held = metadata.get(HELD_KEY)
         if not isinstance(held, dict) or set(held) != set(self.layout.layer_names):
@@ -219,7 +228,9 @@ class FedMoE(BaseAlgorithm):
         view = sub_moe_view(base, self.layout.held(structure))
         load_dense(view, received, self.layout, self.name)
         load_rows(view, received, self.layout, self.name)
-        return FedMoEContext(data.client, view, received, data.round, phase, structure=structure, category=category)
+        return FedMoEContext(
+            data.client, view, received, data.round, phase=phase, structure=structure, category=category
+        )
 
     def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
         return None
@@ -228,10 +239,17 @@ class FedMoE(BaseAlgorithm):
         """The dense tensors, and the held experts' rows (stage 2) or the measured ``p`` (profiling)."""
         if not isinstance(context, FedMoEContext):
             raise FedExpertsError(f"{self.name}: uplink of {context.client.client_id} without setup_client")
-        tensors = dense_tensors(context.model, self.layout)
         metadata: dict[str, Any] = {EXAMPLES_KEY: context.client.num_examples, PHASE_KEY: context.phase.value}
         if context.category is not None:
             metadata[CATEGORY_KEY] = context.category
+        if context.phase is Phase.WAIT:
+            return Payload({}, metadata)
+        tensors = dense_tensors(context.model, self.layout)
+        structure = context.structure if context.structure is not None else self.layout.full
+        metadata[REPORT_KEY] = {
+            "experts": sum(len(layer) for layer in structure),
+            "paper_bytes": self.layout.float32_bytes(structure),
+        }
         if context.structure is not None:
             tensors.update(sent_rows(context.model, self.layout, context.structure, self.name))
             metadata[HELD_KEY] = self.layout.held(context.structure)
@@ -252,6 +270,9 @@ class FedMoE(BaseAlgorithm):
         phase = update.metadata.get(PHASE_KEY)
         if phase != plan.phase.value:
             raise PayloadError(f"{sender}: replies to a {phase!r} step but was sent a {plan.phase.value!r} one")
+        if plan.phase is Phase.WAIT:
+            validate_update(update, {}, sender=sender)
+            return
         expected: dict[str, torch.Tensor] = {name: global_state[name] for name in self.layout.dense}
         if plan.structure is not None:
             if update.metadata.get(HELD_KEY) != self.layout.held(plan.structure):
@@ -277,13 +298,18 @@ class FedMoE(BaseAlgorithm):
         global_state = {name: tensor.detach().cpu() for name, tensor in global_state.items()}  # averages are on CPU
         plans = {update.client.client_id: self.schedule.plan(update.client.client_id) for update in updates}
         layout = self.layout
-        expert_updates = [self._expert_update(update, plans[update.client.client_id]) for update in updates]
+        trained = [update for update in updates if plans[update.client.client_id].phase is not Phase.WAIT]
+        expert_updates = [self._expert_update(update, plans[update.client.client_id]) for update in trained]
         averaged = aggregate_fedmoe(
             {name: global_state[name] for name in layout.dense},
             {name: global_state[name] for name in layout.rows},
             expert_updates,
         )
-        stepped = keep_unheld_rows(global_state, self.server.step(global_state, averaged), expert_updates, layout.rows)
+        stepped = (
+            keep_unheld_rows(global_state, self.server.step(global_state, averaged), expert_updates, layout.rows)
+            if expert_updates
+            else dict(global_state)
+        )
         self.schedule.observe([self._reply(update) for update in updates], plans)
         return stepped
 
@@ -311,6 +337,10 @@ class FedMoE(BaseAlgorithm):
             float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None,
         )
 
+    def finish(self) -> None:
+        """Revert structures still under trial (:meth:`Schedule.finish`) before the final evaluation."""
+        self.schedule.finish()
+
     def server_state(self) -> Payload:
         """Server-optimizer moments, every client's ``p`` (tensors) and the rest of its record (JSON)."""
         tensors = {f"optimizer/{key}": value for key, value in self.server.state().items()}
@@ -331,15 +361,17 @@ class RandomMoE(FedMoE):
 
     name = "random-moe"
 
-    def __init__(self, config: RandomMoEConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
-        super().__init__(config or RandomMoEConfig(), client_ids=client_ids)
+    def __init__(
+        self, config: RandomMoEConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
+        super().__init__(config or RandomMoEConfig(), client_ids=client_ids, seed=seed)
 
-    def _random_seed(self, options: FedMoEOptions) -> int | None:
-        """The seed of the random sub-MoEs (drawn per ``(seed, client)``)."""
-        return options.seed if isinstance(options, RandomMoEOptions) else 0
+    def _random_seed(self, options: FedMoEOptions, seed: int) -> tuple[int, ...] | None:
+        """The random sub-MoEs' seed: ``(federation.seed, algorithm.fedmoe.seed)``, drawn per client."""
+        return (seed, options.seed if isinstance(options, RandomMoEOptions) else 0)
 
     @property
-    def seed(self) -> int:
+    def seed(self) -> tuple[int, ...]:
         seed = self.schedule.seed
         assert seed is not None
         return seed

@@ -17,8 +17,18 @@ class FedMoEOptions(Section):
     full_budget_every: int = Field(2, ge=0)
     """Without ``budgets``: clients 0, n, 2n, ... can hold the full model (they measure expert activation for
     everyone; the others get ``budget_fraction``). 0: every client gets ``budget_fraction``."""
-    warmup_rounds: int = Field(0, ge=0)
-    """Rounds of LoRA training on the full MoE a profiling client does before it measures expert activation."""
+    warmup_rounds: int = Field(5, ge=0)
+    """Stage 1: rounds of LoRA training on the full MoE a profiling client does before its measuring round (the
+    paper: about 5, so ``p`` reflects the task rather than the pretrained router)."""
+    wait_for_stage_1: bool = True
+    """The paper's order: a budget client sampled before stage 1 has finished (every client whose budget holds the
+    full model has measured ``p``) sits the round out, then starts from its category's estimate. ``False``: it
+    trains a provisional sub-MoE from the best ``p`` the server has (the federation's, else a uniform prior),
+    re-chosen when a better estimate arrives (the paper does not say what such a client does)."""
+    budget_counts: Literal["weights", "training"] = "weights"
+    """What a memory budget holds. ``weights``: the sub-MoE's weights, frozen ones in the checkpoint's dtype and
+    trained ones (held experts' rows, the shared scope) as float32 masters. ``training``: also a float32 gradient
+    and AdamW's two float32 moments per trained parameter (the paper's M is a device's memory)."""
     patience: int = Field(2, ge=1)
     """Evaluations without improvement before a client is recommended a new structure."""
     top_k_neighbours: int = Field(2, ge=1)
@@ -29,12 +39,14 @@ class FedMoEOptions(Section):
 
 class RandomMoEOptions(FedMoEOptions):
     seed: int = 0
-    """Seed of the random sub-MoEs."""
+    """Offset of the random sub-MoEs' seed: each client's draw is seeded by ``(federation.seed, seed, client)``,
+    so every federation seed draws its own sub-MoEs."""
 
 
 class FedMoEConfig(FederatedSettings):
     name: Literal["fedmoe"] = "fedmoe"
     builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.algorithm:FedMoE"
+    decides_on_validation: ClassVar[bool] = True
     fedmoe: FedMoEOptions = Field(default_factory=FedMoEOptions)
 
     def check_clients(self, clients: int) -> None:

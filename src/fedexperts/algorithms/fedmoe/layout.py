@@ -28,13 +28,24 @@ class Layout:
     dense: list[str] = field(default_factory=list)
     """The shared tensors every client trains whole (the scope: attention LoRA by default)."""
     dense_bytes: int = 0
+    """What the dense part costs a client under the budget's counting (``algorithm.fedmoe.budget_counts``)."""
     expert_bytes: list[int] = field(default_factory=list)
-    """Bytes of one routed expert of each MoE layer (its rows of every expert-row tensor)."""
+    """What one routed expert of each MoE layer (its rows of every expert-row tensor) costs a client, likewise."""
+    dense_elements: int = 0
+    """Elements of every dense tensor (parameters and buffers), trained or frozen."""
+    expert_elements: list[int] = field(default_factory=list)
+    """Elements of one routed expert of each MoE layer."""
 
     def memory(self, structure: Sequence[Collection[int]]) -> int:
         """Bytes of a sub-MoE: the dense part plus its experts' rows."""
         sizes = self.expert_bytes
         return self.dense_bytes + sum(len(kept) * size for kept, size in zip(structure, sizes, strict=True))
+
+    def float32_bytes(self, structure: Sequence[Collection[int]]) -> int:
+        """Bytes of a sub-MoE's every weight in float32: one direction of a round as the FedMoE paper counts it."""
+        sizes = self.expert_elements
+        experts = sum(len(kept) * size for kept, size in zip(structure, sizes, strict=True))
+        return 4 * (self.dense_elements + experts)
 
     @property
     def full(self) -> Structure:

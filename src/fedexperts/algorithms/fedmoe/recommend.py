@@ -25,6 +25,15 @@ def _flattened(client: str, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([normalised(v, f"client {client!r}, layer {i}") for i, v in enumerate(vectors)])
 
 
+def copies(first: str, second: str, origins: Mapping[str, tuple[str, ...]]) -> bool:
+    """Whether two clients' ``p`` are copies: one was estimated from the other, or both from the same clients.
+
+    ``origins`` maps a client to the clients its ``p`` was estimated from (empty or absent: its own).
+    """
+    one, other = origins.get(first) or (first,), origins.get(second) or (second,)
+    return first in other or second in one or set(one) == set(other)
+
+
 def _round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
@@ -39,18 +48,21 @@ def recommend(
 ) -> list[list[int]]:
     """A new structure for ``client`` (sorted global indices per layer) from similar clients.
 
-    ``activations`` holds every client's per-layer activation over the *global* experts (zeros
-    for experts a client does not hold; each layer normalised here), ``current`` every client's
-    kept experts. Reading of the paper's global expert recommendation:
+    ``activations`` holds the candidate clients' per-layer activation over the *global* experts
+    (zeros for experts a client does not hold; each layer normalised here; the caller leaves out
+    clients whose ``p`` is a copy of ``client``'s), ``current`` every client's kept experts. The
+    paper's global expert recommendation, as read here:
 
     * similarity: cosine between the client's concatenated per-layer vectors and each other
       client's; the ``top_k_neighbours`` most similar are its neighbours (ties by client id);
     * estimate: the client's activation of every expert is the mean of the neighbours' weighted
       by their similarity (non-negative, since activations are; a plain mean if all are zero);
-    * size: per layer the target count is the neighbours' mean kept count rounded half up,
-      clamped to ``[min_experts[l], layer size]``;
-    * change: below the target, add the highest-estimated experts the client lacks; above it,
-      drop its lowest-estimated ones (ties: add lower indices first, drop higher ones first).
+    * size: ``n`` = the neighbours' mean total expert count (over all layers, rounded half up)
+      minus the client's own;
+    * change, ranked globally across layers by the estimate: ``n > 0`` adds the ``n``
+      highest-estimated experts the client lacks, ``n < 0`` drops its ``-n`` lowest-estimated ones,
+      never below a layer's ``min_experts`` (ties: add lower layers and indices first, drop higher
+      ones first).
     """
     if top_k_neighbours < 1:
         raise FedExpertsError(f"top_k_neighbours must be at least 1, got {top_k_neighbours}")
@@ -82,25 +94,38 @@ def recommend(
         weights = [1.0] * len(neighbours)
     total = sum(weights)
 
-    structure: list[list[int]] = []
-    for layer, size in enumerate(layer_sizes):
-        estimate = sum(
+    estimate = [
+        sum(
             normalised(activations[name][layer], f"client {name!r}, layer {layer}") * (weight / total)
             for name, weight in zip(neighbours, weights, strict=True)
         )
-        assert isinstance(estimate, torch.Tensor)
-        score = estimate.tolist()
-        mean_count = sum(len(current[name][layer]) for name in neighbours) / len(neighbours)
-        goal = min(max(_round_half_up(mean_count), int(min_experts[layer])), size)
-        held = {int(i) for i in current[client][layer]}
-        if len(held) < goal:
-            candidates = sorted((i for i in range(size) if i not in held), key=lambda i: (-score[i], i))
-            held.update(candidates[: goal - len(held)])
-        elif len(held) > goal:
-            ranked = sorted(held, key=lambda i: (score[i], -i))
-            held.difference_update(ranked[: len(held) - goal])
-        structure.append(sorted(held))
-    return structure
+        for layer in range(len(layer_sizes))
+    ]
+    score = [
+        vector.tolist() if isinstance(vector, torch.Tensor) else [0.0] * size
+        for vector, size in zip(estimate, layer_sizes, strict=True)
+    ]
+    held = [{int(i) for i in current[client][layer]} for layer in range(len(layer_sizes))]
+    mean_total = sum(sum(len(layer) for layer in current[name]) for name in neighbours) / len(neighbours)
+    change = _round_half_up(mean_total) - sum(len(layer) for layer in held)
+    if change > 0:
+        lacking = [(layer, i) for layer, size in enumerate(layer_sizes) for i in range(size) if i not in held[layer]]
+        lacking.sort(key=lambda item: (-score[item[0]][item[1]], item[0], item[1]))
+        for layer, expert in lacking[:change]:
+            held[layer].add(expert)
+    elif change < 0:
+        ranked = sorted(
+            ((layer, i) for layer, experts in enumerate(held) for i in experts),
+            key=lambda item: (score[item[0]][item[1]], -item[0], -item[1]),
+        )
+        dropped = 0
+        for layer, expert in ranked:
+            if dropped == -change:
+                break
+            if len(held[layer]) > int(min_experts[layer]):
+                held[layer].discard(expert)
+                dropped += 1
+    return [sorted(layer) for layer in held]
 
 
 class Action(StrEnum):
@@ -180,6 +205,14 @@ class RecommendationState:
             return Decision(Action.KEEP)
         self.previous, self.best_before_trial = now, self.best
         return Decision(Action.ADJUST, proposal)
+
+    def abandon_trial(self) -> list[list[int]] | None:
+        """End a trial no evaluation will judge (training is over): the structure to go back to, or ``None``."""
+        reverted = self.previous
+        if reverted is not None:
+            self.previous, self.frozen = None, True
+            self.best, self.best_before_trial = self.best_before_trial, None
+        return reverted
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -23,6 +23,8 @@ class Phase(StrEnum):
     """LoRA on the full MoE with frozen pretrained experts (and, when asked, measuring ``p``)."""
     TRAIN = "train"
     """Stage 2: the client's sub-MoE."""
+    WAIT = "wait"
+    """A budget client sampled before stage 1 has finished: it sits the round out (nothing sent, nothing trained)."""
 
 
 class Source(StrEnum):
@@ -56,6 +58,9 @@ class ClientRecord:
     structure: Structure | None = None
     recommended: bool = False
     """The recommendation has changed the structure (stage-1 re-choices stop)."""
+    origin: tuple[str, ...] = ()
+    """The clients whose measured ``p`` this client's was estimated from (empty: measured itself, or the prior):
+    a client and those it copies are not each other's neighbours in the recommendation."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Plan:
     source: Source | None = None
     activation: list[torch.Tensor] | None = None
     measure: bool = False
+    origin: tuple[str, ...] = ()
+    """The clients whose measured ``p`` gave ``activation`` (an estimate); empty otherwise."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class Reply:
     activation: list[torch.Tensor] | None = None
     """The measured ``p`` of every MoE layer (``None`` unless a profiling client sent all of them)."""
     score: float | None = None
-    """Its validation score before training (``eval_rouge_l``), for the recommendation."""
+    """Its validation score before training (``val_rouge_l``, never a test score), for the recommendation."""
 
 
 def records_to_state(records: Mapping[str, ClientRecord]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,6 +107,7 @@ def records_to_state(records: Mapping[str, ClientRecord]) -> tuple[dict[str, tor
             "recommended": record.recommended,
             "recommendation": record.recommendation.to_json(),
             "activation": record.activation is not None,
+            "origin": list(record.origin),
         }
     return tensors, clients
 
@@ -123,5 +131,6 @@ def records_from_state(
             source=None if saved.get("source") is None else Source(saved["source"]),
             structure=None if structure is None else [[int(i) for i in layer] for layer in structure],
             recommended=bool(saved.get("recommended", False)),
+            origin=tuple(str(each) for each in saved.get("origin", ())),
         )
     return records

@@ -1,12 +1,15 @@
 """FedMoE's server-side planning: budgets, each client's next step, stage-1 choices and recommendations.
 
 A :class:`Schedule` is the server's knowledge of the federation (one :class:`ClientRecord` per
-client) and the rules that turn it into plans: a client whose budget holds the full model profiles
-(and measures ``p`` after ``warmup_rounds``), any other trains the sub-MoE :func:`choose_sub_moe`
-picks from the best ``p`` the server has for it (measured, its category's, the federation's, or the
-uniform prior). After every round :meth:`Schedule.observe` records the replies, runs the
-recommendation (FedMoE) and re-chooses provisional sub-MoEs. Model-free: it sees the model only
-as a :class:`Layout`, and replies only as :class:`Reply` records.
+client) and the rules that turn it into plans. Stage 1: a client whose budget holds the full model
+profiles (``warmup_rounds`` of LoRA on the full MoE, then a measuring round). Stage 2: any other
+client trains the sub-MoE :func:`choose_sub_moe` picks from the best ``p`` the server has for it
+(its category's, else the federation's, else the uniform prior); with ``wait_for_stage_1`` it sits
+out the rounds before every profiling client has measured, so it starts from the finished
+estimate. After every round :meth:`Schedule.observe` records the replies, runs the recommendation
+(FedMoE) on the clients' validation scores and re-chooses provisional sub-MoEs; :meth:`finish`
+reverts trials no evaluation judged. Model-free: it sees the model only as a :class:`Layout`, and
+replies only as :class:`Reply` records.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from fedexperts.algorithms.fedmoe.activation import estimate_activation, normalised_layers, uniform_prior
 from fedexperts.algorithms.fedmoe.config import FedMoEOptions
 from fedexperts.algorithms.fedmoe.layout import Layout, Structure
-from fedexperts.algorithms.fedmoe.recommend import Action, RecommendationState, recommend
+from fedexperts.algorithms.fedmoe.recommend import Action, RecommendationState, copies, recommend
 from fedexperts.algorithms.fedmoe.records import (
     PROVISIONAL,
     RANK,
@@ -63,8 +66,9 @@ def client_budgets(options: FedMoEOptions, client_ids: Sequence[str] | None) -> 
 class Schedule:
     """The server's records of every client and the plans they give (see the module docstring).
 
-    ``seed`` ``None``: FedMoE (sub-MoEs chosen by activation, then recommended). An integer:
-    randomMoE (seeded random sub-MoEs of the sizes the search picks, no recommendation).
+    ``seed`` ``None``: FedMoE (sub-MoEs chosen by activation, then recommended). A sequence of
+    integers: randomMoE (random sub-MoEs of the sizes the search picks, drawn per client from a
+    generator seeded by ``(*seed, client)``; no recommendation).
     """
 
     def __init__(
@@ -77,7 +81,8 @@ class Schedule:
         warmup_rounds: int = 0,
         patience: int = 2,
         top_k_neighbours: int = 2,
-        seed: int | None = None,
+        wait_for_stage_1: bool = False,
+        seed: Sequence[int] | None = None,
     ) -> None:
         bad = {client: size for client, size in (budgets or {}).items() if int(size) <= 0}
         if bad:
@@ -90,17 +95,20 @@ class Schedule:
         self.warmup_rounds = warmup_rounds
         self.patience = patience
         self.top_k_neighbours = top_k_neighbours
-        self.seed = seed
+        self.wait_for_stage_1 = wait_for_stage_1
+        self.seed = None if seed is None else tuple(int(part) for part in seed)
         self.layout = Layout()
         self.full_bytes = 0
         """The full model's bytes (set by :meth:`prepare`)."""
         self.min_bytes = 0
         """The smallest sub-MoE's bytes: the dense part and top-k experts per layer (set by :meth:`prepare`)."""
         self.clients: dict[str, ClientRecord] = {}
+        self.training_over = False
+        """Set by :meth:`finish`: the final evaluation gives a still-waiting client its best sub-MoE."""
 
     @classmethod
     def from_options(
-        cls, options: FedMoEOptions, client_ids: Sequence[str] | None, *, name: str, seed: int | None = None
+        cls, options: FedMoEOptions, client_ids: Sequence[str] | None, *, name: str, seed: Sequence[int] | None = None
     ) -> Schedule:
         budgets, full_budget_clients = client_budgets(options, client_ids)
         return cls(
@@ -111,6 +119,7 @@ class Schedule:
             warmup_rounds=options.warmup_rounds,
             patience=options.patience,
             top_k_neighbours=options.top_k_neighbours,
+            wait_for_stage_1=options.wait_for_stage_1,
             seed=seed,
         )
 
@@ -169,15 +178,31 @@ class Schedule:
 
     # -- plans -------------------------------------------------------------------------------------
     def plan(self, client_id: str) -> Plan:
-        """The client's next step: profile the full model, or train its sub-MoE (read-only)."""
+        """The client's next step: profile the full model, wait for stage 1, or train its sub-MoE (read-only)."""
         record = self.clients.get(client_id)
         if record is not None and record.structure is not None:
             return Plan(Phase.TRAIN, record.structure, record.source, record.activation)
         if self.budget(client_id) >= self.full_bytes:
             done = record.profiles if record is not None else 0
             return Plan(Phase.PROFILE, measure=done >= self.warmup_rounds)
-        activation, source = self._estimate(client_id, record.category if record is not None else None)
-        return Plan(Phase.TRAIN, self._choose(client_id, activation), source, activation)
+        if self.wait_for_stage_1 and not self.stage_1_done and not self.training_over:
+            return Plan(Phase.WAIT)
+        activation, source, origin = self._estimate(client_id, record.category if record is not None else None)
+        return Plan(Phase.TRAIN, self._choose(client_id, activation), source, activation, origin=origin)
+
+    @property
+    def profilers(self) -> list[str]:
+        """The clients whose budget holds the full model (they profile in stage 1)."""
+        if self.budgets is None:
+            return sorted(self.full_budget_clients)
+        return sorted(client for client, budget in self.budgets.items() if budget >= self.full_bytes)
+
+    @property
+    def stage_1_done(self) -> bool:
+        """Every profiling client has measured ``p`` (trivially so when none can)."""
+        return all(
+            client in self.clients and self.clients[client].source is Source.MEASURED for client in self.profilers
+        )
 
     def structure_of(self, client_id: str) -> Structure | None:
         """The sub-MoE the client's next downlink carries (``None``: it profiles the full model)."""
@@ -188,21 +213,19 @@ class Schedule:
         """Where the client's next sub-MoE came from (``None``: it profiles)."""
         return self.plan(client_id).source
 
-    def _estimate(self, client_id: str, category: str | None) -> tuple[list[torch.Tensor], Source]:
-        """The best stage-1 ``p`` the server has for a client that cannot measure, and its source."""
-        measured: list[tuple[list[torch.Tensor], int, str | None]] = [
-            (record.activation, record.examples, record.category)
+    def _estimate(self, client_id: str, category: str | None) -> tuple[list[torch.Tensor], Source, tuple[str, ...]]:
+        """The best stage-1 ``p`` the server has for a client that cannot measure, its source and origin."""
+        measured = [
+            (cid, record)
             for cid, record in sorted(self.clients.items())
             if cid != client_id and record.source is Source.MEASURED and record.activation is not None
         ]
-        same = [
-            (vectors, examples) for vectors, examples, kind in measured if category is not None and kind == category
-        ]
-        if same:
-            return estimate_activation(same), Source.CATEGORY
-        if measured:
-            return estimate_activation([(vectors, examples) for vectors, examples, _ in measured]), Source.FEDERATION
-        return uniform_prior(self.layout.num_experts), Source.PRIOR
+        same = [(cid, record) for cid, record in measured if category is not None and record.category == category]
+        for chosen, source in ((same, Source.CATEGORY), (measured, Source.FEDERATION)):
+            if chosen:
+                pairs = [(record.activation, record.examples) for _cid, record in chosen if record.activation]
+                return estimate_activation(pairs), source, tuple(cid for cid, _record in chosen)
+        return uniform_prior(self.layout.num_experts), Source.PRIOR, ()
 
     def _choose(self, client_id: str, activation: Sequence[torch.Tensor]) -> Structure:
         """Stage 1: the largest coverage threshold whose sub-MoE fits the client's budget."""
@@ -219,8 +242,8 @@ class Schedule:
         chosen = [list(kept) for kept in choice.kept]
         if self.seed is None:
             return chosen
-        # randomMoE: per layer, as many experts as the search chose, drawn with a seed of (seed, client)
-        draw = np.random.SeedSequence([self.seed, zlib.crc32(client_id.encode())]).generate_state(1)[0]
+        # randomMoE: per layer, as many experts as the search chose, drawn with a seed of (*seed, client)
+        draw = np.random.SeedSequence([*self.seed, zlib.crc32(client_id.encode())]).generate_state(1)[0]
         return random_sub_moe(self.layout.num_experts, [len(kept) for kept in chosen], int(draw))
 
     # -- records -----------------------------------------------------------------------------------
@@ -279,9 +302,10 @@ class Schedule:
                     record.activation = normalised_layers(reply.activation)
                     record.source = Source.MEASURED
                     record.structure = self._choose(client_id, record.activation)
-            elif record.structure is None:  # its first sub-MoE (chosen at its downlink) is now on record
+            elif plan.phase is Phase.TRAIN and record.structure is None:  # its first sub-MoE is now on record
                 record.structure, record.source = plan.structure, plan.source
                 record.activation = None if plan.activation is None else normalised_layers(plan.activation)
+                record.origin = plan.origin
 
     # -- stage 2 -----------------------------------------------------------------------------------
     def _recommend(self, replies: Sequence[Reply], plans: Mapping[str, Plan]) -> None:
@@ -292,6 +316,7 @@ class Schedule:
             for cid, r in sorted(self.clients.items())
             if cid in current and r.activation is not None and r.source is not Source.PRIOR
         }
+        origins = {cid: self.clients[cid].origin for cid in pool}
         for reply in sorted(replies, key=lambda r: r.client_id):
             client_id = reply.client_id
             plan, record = plans[client_id], self.clients[client_id]
@@ -300,21 +325,28 @@ class Schedule:
             if client_id not in pool or record.structure != plan.structure:
                 continue
             decision = record.recommendation.observe(
-                reply.score, plan.structure, partial(self._propose, client_id, pool, current)
+                reply.score, plan.structure, partial(self._propose, client_id, pool, current, origins)
             )
             if decision.action is not Action.KEEP and decision.structure is not None:
                 record.structure = [sorted(layer) for layer in decision.structure]
                 record.recommended = True
 
     def _propose(
-        self, client_id: str, pool: Mapping[str, list[torch.Tensor]], current: Mapping[str, Structure]
+        self,
+        client_id: str,
+        pool: Mapping[str, list[torch.Tensor]],
+        current: Mapping[str, Structure],
+        origins: Mapping[str, tuple[str, ...]],
     ) -> Structure:
-        if len(pool) < 2:
+        peers = {
+            cid: vectors for cid, vectors in pool.items() if cid == client_id or not copies(cid, client_id, origins)
+        }
+        if len(peers) < 2:
             return current[client_id]
         proposal = recommend(
             client_id,
-            pool,
-            {cid: current[cid] for cid in pool},
+            peers,
+            {cid: current[cid] for cid in peers},
             top_k_neighbours=self.top_k_neighbours,
             min_experts=self.layout.top_k,
         )
@@ -338,12 +370,20 @@ class Schedule:
         for client_id, record in sorted(self.clients.items()):
             if record.structure is None or record.recommended or record.source not in PROVISIONAL:
                 continue
-            activation, source = self._estimate(client_id, record.category)
+            activation, source, origin = self._estimate(client_id, record.category)
             assert record.source is not None
             if RANK[source] > RANK[record.source]:
-                record.activation, record.source = activation, source
+                record.activation, record.source, record.origin = activation, source, origin
                 record.structure = self._choose(client_id, activation)
                 record.recommendation = RecommendationState(self.patience)
+
+    def finish(self) -> None:
+        """After the last round: a structure still under trial was never judged, so it is reverted (and frozen)."""
+        self.training_over = True
+        for _client_id, record in sorted(self.clients.items()):
+            reverted = record.recommendation.abandon_trial()
+            if reverted is not None:
+                record.structure = reverted
 
     # -- checkpoint --------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -94,11 +94,26 @@ def refuse_module_per_expert(layers: Sequence[MoELayer], name: str) -> None:
         )
 
 
-def layout_of(model: nn.Module, layers: Sequence[MoELayer], roles: Mapping[str, Role], name: str) -> Layout:
+FLOAT32_BYTES = 4
+TRAINING_STATE_BYTES = 12
+"""Per trained parameter besides its float32 master: a float32 gradient and AdamW's two float32 moments."""
+
+
+def layout_of(
+    model: nn.Module,
+    layers: Sequence[MoELayer],
+    roles: Mapping[str, Role],
+    name: str,
+    *,
+    counts: Literal["weights", "training"] = "weights",
+) -> Layout:
     """The expert-row tensors (one row per expert: fused experts, router rows) and the dense shared ones.
 
     ``layers`` are the model's MoE layers (:func:`moe_layers`), ``roles`` the prepared roles; every
-    shared router or expert parameter must be an expert-row tensor.
+    shared router or expert parameter must be an expert-row tensor. Sizes follow ``counts``
+    (``algorithm.fedmoe.budget_counts``): a client trains float32 masters of its held experts' rows
+    and of the shared dense tensors and keeps the frozen rest in the checkpoint's dtype; ``training``
+    adds a gradient and two AdamW moments per trained parameter.
     """
     base = unwrap_model(model)
     params = dict(base.named_parameters())
@@ -118,15 +133,26 @@ def layout_of(model: nn.Module, layers: Sequence[MoELayer], roles: Mapping[str, 
     ]
     if stray:
         raise FedExpertsError(f"{name}: router/expert parameters without one row per expert: {stray[:3]}")
-    dense_bytes, expert_bytes = expert_and_dense_bytes(base)
+    dense = [each for each in shared if each not in rows]
+    expert_elements = [0] * len(layers)
+    for each, position in rows.items():
+        expert_elements[position] += params[each].numel() // layers[position].num_experts
+    tensors = [*params.items(), *base.named_buffers()]
+    dense_elements = sum(tensor.numel() for each, tensor in tensors if each not in rows)
+    dense_bytes = sum(_tensor_bytes(tensor) for each, tensor in tensors if each not in rows)
+    per_trained = FLOAT32_BYTES + (TRAINING_STATE_BYTES if counts == "training" else 0)
+    if counts == "training":
+        dense_bytes += TRAINING_STATE_BYTES * sum(params[each].numel() for each in dense)
     return Layout(
         layer_names=[layer.name for layer in layers],
         num_experts=[layer.num_experts for layer in layers],
         top_k=[layer.top_k for layer in layers],
         rows=rows,
-        dense=[each for each in shared if each not in rows],
+        dense=dense,
         dense_bytes=dense_bytes,
-        expert_bytes=expert_bytes,
+        expert_bytes=[per_trained * elements for elements in expert_elements],
+        dense_elements=dense_elements,
+        expert_elements=expert_elements,
     )
 
 

@@ -81,7 +81,9 @@ class FLExContext(ClientContext):
 class FLEx(BaseAlgorithm):
     name = "flex"
 
-    def __init__(self, config: FlexConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, config: FlexConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
         config = config or FlexConfig()
         options = config.flex
         self.personal_lora = options.personal_lora if options.personal_training == "lora" else None

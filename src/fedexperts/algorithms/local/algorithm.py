@@ -13,7 +13,9 @@ from fedexperts.moe.params import Role
 class LocalOnly(BaseAlgorithm):
     name = "local"
 
-    def __init__(self, config: LocalConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, config: LocalConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
         config = config or LocalConfig()
         super().__init__(scope_rules(config.scope, Role.PERSONAL), lora=config.lora_or_none)
 

@@ -38,7 +38,9 @@ class RandomExpert(BaseAlgorithm):
 
     name = "random-expert"
 
-    def __init__(self, config: RandomExpertConfig | None = None, *, client_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, config: RandomExpertConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
+    ) -> None:
         config = config or RandomExpertConfig()
         rules = scope_rules(SharedScope.ATTENTION_LORA)
         shared = RoleRules(base={ParamKind.ROUTED_EXPERT: Role.SHARED}, adapters=dict(rules.adapters))
