@@ -27,6 +27,8 @@ State = dict[str, torch.Tensor]
 
 EXAMPLES_KEY = "examples"
 """Reply metadata: the client's training example count (the aggregation weight)."""
+REPORT_KEY = "report"
+"""Reply metadata: a flat JSON object of what the algorithm reports of the client's step (the run record keeps it)."""
 
 
 class PayloadError(FedExpertsError):

@@ -28,6 +28,7 @@ from fedexperts.experiment import client_ids
 from fedexperts.federation.client import ClientTask
 from fedexperts.federation.state import CheckpointStore
 from fedexperts.interface import (
+    REPORT_KEY,
     Algorithm,
     ClientInfo,
     ClientUpdate,
@@ -277,6 +278,8 @@ class Federation:
                 "total": delivery.seconds,
             },
         )
+        if isinstance(metadata.get(REPORT_KEY), dict):  # absent, not null, when the algorithm reports nothing
+            entry["report"] = metadata[REPORT_KEY]
         if task.union or task.probes:
             entry.update(union=_eval_record(metadata, "union"), probes=metadata.get("probes"))
             if "mmlu" in metadata:  # absent, not null, in runs without eval.mmlu

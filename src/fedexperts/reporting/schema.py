@@ -154,6 +154,9 @@ class ClientRound(_Record):
     union: Scores | None = None
     probes: Float | None = None
     mmlu: MMLUScores | None = None
+    report: dict[str, Int | Float | Text] | None = None
+    """What the algorithm reported of the step (FedMoE: ``experts`` held and ``paper_bytes``, one direction's
+    bytes as its paper counts them: the whole sub-MoE in float32); absent when it reported nothing."""
 
 
 class RoundSeconds(_Record):

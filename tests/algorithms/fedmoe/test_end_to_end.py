@@ -69,6 +69,10 @@ def test_fedmoe_end_to_end_and_resumed_mid_round(micro_config, micro_budgets, mo
     assert all(first["clients"][f"client-{i}"].get("train_loss") is None for i in (1, 2))
     full, mid, small = (second["clients"][f"client-{i}"]["bytes_down"] for i in range(3))
     assert profile < small < mid < full  # stage 2: every client its sub-MoE, the measured one the whole model
+    # stage 2's bytes as the paper counts them (the whole sub-MoE in float32), recorded beside those sent
+    reports = [third["clients"][f"client-{i}"]["report"] for i in range(3)]
+    assert reports[0]["paper_bytes"] > reports[1]["paper_bytes"] > reports[2]["paper_bytes"]
+    assert reports[0]["experts"] > reports[1]["experts"] > reports[2]["experts"]
     # every training client scored its validation rows, what the recommendation reads
     assert all(third["clients"][f"client-{i}"]["validation"]["examples"] > 0 for i in range(3))
     assert all(scores["own"] is not None for scores in final["clients"].values())

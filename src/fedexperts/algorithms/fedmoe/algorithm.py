@@ -36,6 +36,7 @@ from fedexperts.algorithms.settings import SharedScope
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import (
     EXAMPLES_KEY,
+    REPORT_KEY,
     ClientContext,
     ClientInfo,
     ClientUpdate,
@@ -57,7 +58,6 @@ MEASURE_KEY = "fedmoe_measure"
 CATEGORY_KEY = "fedmoe_category"
 SCORE_KEY = "val_rouge_l"
 """The reply metric the recommendation reads: ROUGE-L on the client's validation rows (never its test rows)."""
-REPORT_KEY = "report"
 ACTIVATION_PREFIX = "activation/"
 """Uplink tensors ``activation/<MoE layer name>``: a profiling client's measured ``p``."""
 
