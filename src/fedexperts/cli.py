@@ -185,7 +185,8 @@ def compare(
             run_experiment(config, run_dir, resume=(run_dir / CONFIG_FILE).exists(), on_round=_print_round)
             write_report(run_dir)
         groups.setdefault(name, []).append(load_run(run_dir))
-    comparison = compare_runs(groups)
+    pairs = [pair for pair in (preset.pairs if preset else ()) if all(name in groups for name in pair)]
+    comparison = compare_runs(groups, pairs=pairs)
     console.print(comparison_table(comparison))
     console.print(f"wrote {', '.join(str(p) for p in write_comparison(folder, comparison))}")
 
@@ -193,7 +194,9 @@ def compare(
 @app.command()
 @user_errors
 def pretrain(
-    recipe: str = typer.Option("default", help="default (the built-in base model) or micro (seconds, for tests)."),
+    recipe: str = typer.Option(
+        "default", help="default (the built-in base model), experts32 (32 experts per layer) or micro (for tests)."
+    ),
     output: Annotated[Path | None, typer.Option(help="Write the checkpoint here instead of the cache folder.")] = None,
     force: bool = typer.Option(False, "--force", help="Train again even if this recipe is already built."),
     threads: int | None = typer.Option(None, help="CPU threads for torch (default: every available core)."),

@@ -32,7 +32,8 @@ class ConfigError(FedExpertsError):
 
 class ModelConfig(Section):
     name: str = "builtin"
-    """``builtin`` (the pretrained ExpertBench MoE), a local folder, or a hub name."""
+    """``builtin`` (the pretrained ExpertBench MoE; ``builtin:experts32`` its 32-expert variant), a local folder,
+    or a hub name."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
     trust_remote_code: bool = False

@@ -90,12 +90,12 @@ class Setting:
 
 
 def load_base(config: ExperimentConfig) -> LoadedModel:
-    """The base model: ``builtin`` is the pretrained ExpertBench MoE (built on first use)."""
+    """The base model: ``builtin`` (or ``builtin:RECIPE``) is a pretrained ExpertBench MoE (built on first use)."""
     source: Any = config.model.name
-    if source == BUILTIN_MODEL:
+    if source == BUILTIN_MODEL or source.startswith(f"{BUILTIN_MODEL}:"):
         from fedexperts.models.builtin import default_model_path
 
-        source = default_model_path()
+        source = default_model_path(source.partition(":")[2] or "default")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_model(
         source,

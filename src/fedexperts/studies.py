@@ -34,6 +34,8 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)
     method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Overrides for one method only (applied after ``overrides``): keys of one algorithm are errors in another."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """Methods whose difference the comparison reports paired by seed (``(a, b)``: ``a - b``)."""
 
     def run_overrides(self, algorithm: str) -> list[str]:
         """The study's overrides of ``algorithm``'s runs: the shared ones, its own, then its name."""

@@ -166,6 +166,8 @@ class Comparison:
     metrics: tuple[Metric, ...]
     estimates: dict[str, dict[str, Estimate]]
     """Metric key, then method label."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """Methods whose difference is reported paired by seed (``(a, b)``: ``a - b``)."""
 
     def metric(self, key: str) -> Metric:
         for metric in self.metrics:
@@ -198,14 +200,30 @@ class Comparison:
             overlap = abs(first.mean - second.mean) <= first.ci + second.ci
         return Verdict(metric, ranked[0], ranked[1], overlap, tied)
 
+    def paired(self, key: str, first: str, second: str) -> Estimate:
+        """``first - second`` on one metric, seed by seed over the seeds both have: mean and CI of the differences.
+
+        Runs of one seed share the data, partition and initialisation, so the paired interval is the one
+        that tells two methods apart (the per-method intervals also carry the seeds' spread).
+        """
+        metric = self.metric(key)
+        one = {run.info.seed: metric.value(run) for run in self.runs[first]}
+        other = {run.info.seed: metric.value(run) for run in self.runs[second]}
+        shared = sorted(seed for seed in one.keys() & other.keys() if one[seed] is not None and other[seed] is not None)
+        return estimate([float(one[seed]) - float(other[seed]) for seed in shared])  # type: ignore[arg-type]
+
     def duplicate_seeds(self, label: str) -> list[int]:
         """Seeds that occur more than once in a group (usually the same run loaded twice)."""
         counts = Counter(run.info.seed for run in self.runs[label])
         return sorted(seed for seed, times in counts.items() if times > 1)
 
 
-def compare(groups: Mapping[str, Sequence[RunRecord]], metrics: Sequence[Metric] = METRICS) -> Comparison:
-    """Estimate every metric for every method (group label) over its seeds."""
+def compare(
+    groups: Mapping[str, Sequence[RunRecord]],
+    metrics: Sequence[Metric] = METRICS,
+    pairs: Sequence[tuple[str, str]] = (),
+) -> Comparison:
+    """Estimate every metric for every method (group label) over its seeds, and the ``pairs``' paired differences."""
     if not groups:
         raise ComparisonError("nothing to compare: no groups of runs")
     empty = [label for label, runs in groups.items() if not runs]
@@ -224,7 +242,10 @@ def compare(groups: Mapping[str, Sequence[RunRecord]], metrics: Sequence[Metric]
         }
         for metric in metrics
     }
-    return Comparison(tuple(runs), runs, tuple(metrics), estimates)
+    unknown = [label for pair in pairs for label in pair if label not in runs]
+    if unknown:
+        raise ComparisonError(f"paired methods without runs: {', '.join(map(repr, unknown))}")
+    return Comparison(tuple(runs), runs, tuple(metrics), estimates, tuple((a, b) for a, b in pairs))
 
 
 def _cell(comparison: Comparison, metric: Metric, label: str) -> str:
@@ -268,6 +289,23 @@ def verdict_line(comparison: Comparison, verdict: Verdict) -> str:
     return f"{head} {best}; {runner_up}; {outcome}."
 
 
+def paired_line(comparison: Comparison, metric: Metric, first: str, second: str) -> str:
+    """One sentence: the mean per-seed difference, its 95% interval and whether the interval excludes 0."""
+    item = comparison.paired(metric.key, first, second)
+    head = f"{metric.label}:"
+    if item.mean is None:
+        return f"{head} no seed has both values."
+    if item.ci is None:
+        return f"{head} {item.mean:+.4g} (one seed: no interval)."
+    low, high = item.mean - item.ci, item.mean + item.ci
+    better = (item.mean > 0) == metric.higher_is_better
+    if low <= 0 <= high:
+        outcome = "the interval contains 0: no difference is shown"
+    else:
+        outcome = f"the interval excludes 0: {first if better else second} is better"
+    return f"{head} {item.mean:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}] over {item.n} seeds; {outcome}."
+
+
 def comparison_markdown(comparison: Comparison) -> str:
     """``comparison.md``: the table of mean ± CI per metric and method, then the best method per metric."""
     labels = comparison.labels
@@ -288,6 +326,9 @@ def comparison_markdown(comparison: Comparison) -> str:
         lines.append(f"| {metric.label} {arrow} | {cells} |")
     lines += ["", "## Best method per metric", ""]
     lines += [f"- {verdict_line(comparison, comparison.verdict(metric.key))}" for metric in comparison.metrics]
+    for first, second in comparison.pairs:
+        lines += ["", f"## {first} − {second}, paired by seed", ""]
+        lines += [f"- {paired_line(comparison, metric, first, second)}" for metric in comparison.metrics]
     notes = [
         f"- {label}: seeds occurring more than once: {', '.join(map(str, seeds))}"
         for label in labels

@@ -74,8 +74,11 @@ RECIPES: dict[str, Recipe] = {
         eval_per_category=4,
         eval_styles=1,
     ),
+    "experts32": Recipe(name="experts32", num_experts=32, expert_size=32),
 }
-"""``default`` is the base model every command finds (built on first use); ``micro`` trains in seconds, for tests."""
+"""``default`` is the base model every command finds (built on first use); ``micro`` trains in seconds, for tests;
+``experts32`` is ``default`` with 32 narrower experts per layer (the same expert parameters in all), as in FedMoE's
+Switch-base-32, where which sub-MoE a client holds can matter. ``model.name = "builtin:experts32"`` selects one."""
 
 
 def resolve_recipe(recipe: Recipe | str) -> Recipe:
