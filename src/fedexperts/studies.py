@@ -74,7 +74,6 @@ _FLEX_PAPER_METHODS = ("local", "fedavg", "fedprox", "random-expert", "flex")
 the first three are ``algorithm.server.rule`` of fedavg, SCAFFOLD is not implemented)."""
 _FLEX_PAPER_PER_METHOD: dict[str, tuple[str, ...]] = {"random-expert": ("algorithm.personal=true",)}
 """The official random-experts baseline never averages the expert adapters."""
-_FEDMOE_METHODS = ("local", "fedavg", "dense", "flex", "random-moe", "fedmoe")
 
 STUDIES: dict[str, Study] = {
     study.name: study
@@ -125,32 +124,29 @@ STUDIES: dict[str, Study] = {
             for name, alpha in (("flex-paper-dirichlet", "0.5"), ("flex-paper-dirichlet-1.0", "1.0"))
         ),
         Study(
-            "fedmoe-random",
-            "FedMoE's heterogeneous tasks: 10 clients, one category each, 5 sampled per round at random",
+            "fedmoe-experts32",
+            "FedMoE's setting where the sub-MoE matters: the 32-expert built-in model, 10 clients of one category "
+            "each, half of them with a 0.4 memory budget, 5 sampled per round, 12 rounds (2 of warm-up)",
             (
-                *_COMMON,
+                'model.name="builtin:experts32"',
                 "federation.clients=10",
                 "data.items=2000",
                 "data.scheme=pathological",
                 "data.classes_per_client=1",
                 "federation.fraction=0.5",
-                "federation.sampling=random",
+                "federation.rounds=12",
+                "train.steps_per_round=5",
+                "eval.every=0",
+                "eval.max_examples=24",
+                "eval.union_examples=40",
+                "eval.probes=48",
+                "algorithm.fedmoe.budget_fraction=0.4",
+                "algorithm.fedmoe.full_budget_every=2",
+                "algorithm.fedmoe.warmup_rounds=2",
             ),
-            _FEDMOE_METHODS,
-        ),
-        Study(
-            "fedmoe-distinct",
-            "FedMoE's heterogeneous tasks with enforced-different sampling: the 5 sampled clients differ in category",
-            (
-                *_COMMON,
-                "federation.clients=10",
-                "data.items=2000",
-                "data.scheme=pathological",
-                "data.classes_per_client=1",
-                "federation.fraction=0.5",
-                "federation.sampling=distinct",
-            ),
-            _FEDMOE_METHODS,
+            ("random-moe", "fedmoe"),
+            seeds=(0, 1, 2, 3, 4),
+            pairs=(("fedmoe", "random-moe"),),
         ),
     )
 }

@@ -134,3 +134,30 @@ def test_nothing_to_compare(tmp_path):
         compare({})
     with pytest.raises(ComparisonError, match="'empty'"):
         compare({"empty": []})
+
+
+def test_paired_differences_by_seed_tell_apart_what_the_per_method_intervals_cannot(tmp_path):
+    # both methods swing with the seed (0.2 .. 0.6) but a beats b by 0.02 on every seed
+    comparison = compare(
+        {
+            "a": _group(tmp_path, "a", [0.22, 0.62, 0.42]),
+            "b": _group(tmp_path, "b", [0.20, 0.60, 0.40]),
+        },
+        pairs=[("a", "b")],
+    )
+    assert comparison.verdict("personalized_rouge_l").overlap is True
+    paired = comparison.paired("personalized_rouge_l", "a", "b")
+    assert paired.n == 3 and paired.mean == pytest.approx(0.02) and paired.ci == pytest.approx(0.0, abs=1e-9)
+    text = comparison_markdown(comparison)
+    assert "## a − b, paired by seed" in text
+    assert "the interval excludes 0: a is better" in text
+    with pytest.raises(ComparisonError, match="paired methods without runs: 'c'"):
+        compare({"a": comparison.runs["a"]}, pairs=[("a", "c")])
+
+
+def test_a_paired_interval_containing_zero_says_so(tmp_path):
+    comparison = compare(
+        {"a": _group(tmp_path, "a", [0.3, 0.5, 0.4]), "b": _group(tmp_path, "b", [0.4, 0.4, 0.4])},
+        pairs=[("a", "b")],
+    )
+    assert "the interval contains 0: no difference is shown" in comparison_markdown(comparison)

@@ -33,35 +33,48 @@ and each expert row over the replies that hold it (:func:`~.aggregate.aggregate_
 applies the server optimizer; a row no sampled client held keeps its value under every server rule
 (its optimizer moments still decay).
 
-**Stage 1 and a client's first round** (every round stays downlink -> client step -> uplink ->
-aggregate). A client's memory budget is its entry of ``budgets``, else the full model's bytes for
-the ``full_budget_clients``, else ``budget_fraction`` of the full model's bytes (weights, LoRA and
-buffers, as :func:`~.views.expert_and_dense_bytes` counts them).
+**Stage 1, before any budget client trains** (every round stays downlink -> client step -> uplink
+-> aggregate). A client's memory budget is its entry of ``budgets``, else the full model's bytes for
+the ``full_budget_clients``, else ``budget_fraction`` of the full model's bytes. What a budget holds
+is ``budget_counts``: ``weights`` (frozen tensors in the checkpoint's dtype, trained ones, the held
+experts' rows and the shared scope, as float32 masters) or ``training`` (also a float32 gradient and
+two AdamW moments per trained parameter: the paper's M is a device's memory).
 
-* A client whose budget holds the full model *profiles*: its steps are LoRA-on-the-full-MoE steps
-  (the dense part only; the pretrained experts stay frozen, nothing of them is sent). The first
-  ``warmup_rounds`` of them only train; in the next one the client measures the activation ``p``
-  of every expert (``RoutingRecorder`` over its first ``measure_examples`` training rows,
-  before it trains) and sends ``p`` as tensors with its reply. The server then chooses its sub-MoE
-  with :func:`~.search.choose_sub_moe`; since the whole model fits, that is the whole model.
+* A client whose budget holds the full model *profiles*: ``warmup_rounds`` (default 5, the paper's
+  "about 5") of LoRA on the full MoE with the pretrained experts frozen (the dense part only
+  travels), then one measuring round: it measures the activation ``p`` of every expert
+  (``RoutingRecorder`` over its first ``measure_examples`` training rows, before it trains) and
+  sends ``p`` with its reply. The server then chooses its sub-MoE with
+  :func:`~.search.choose_sub_moe`; since the whole model fits, that is the whole model.
 * A client whose budget is smaller cannot run the full model, so its ``p`` is estimated
   (:func:`~.activation.estimate_activation`) from the measured ``p`` of the clients of its category
-  (its majority category, which clients report with every reply), weighted by their data. The
-  server learns a client's category only from its first reply, so that first round uses a
-  provisional estimate: the mean of every measured client, or, while no client has measured, the
-  uniform prior (every expert alike: the search then keeps the lowest-indexed experts). After each
-  round a provisional sub-MoE is re-chosen when a better estimate exists (prior -> every measured
-  client -> the client's category), until the recommendation has changed it.
+  (its majority category, reported with every reply), weighted by their data, else of every
+  measured client, else the uniform prior. With ``wait_for_stage_1`` (the default: the paper's
+  order) such a client sampled before every profiling client has measured *sits the round out*
+  (it is sent nothing and trains nothing; :attr:`~fedexperts.interface.ClientContext.idle`), so
+  it starts from the finished estimate. ``wait_for_stage_1 = false`` (the paper does not say what
+  such a client does) trains provisional sub-MoEs instead, re-chosen when a better estimate exists
+  (prior -> every measured client -> its category) until the recommendation has changed them.
 
-With every budget below the full model (e.g. a uniform ``budget_fraction`` < 1) no client can
-measure and every sub-MoE comes from the uniform prior; a warning says so.
+With every budget below the full model no client can measure, stage 1 is empty and every sub-MoE
+comes from the uniform prior; a warning says so.
 
-**Stage 2 recommendation.** The score is the client's ``eval_rouge_l``, measured before it
-trains; rounds without it are skipped. After ``patience`` scores without improvement the server
-proposes :func:`~.recommend.recommend`'s structure (neighbours by cosine similarity of the clients'
-stage-1 ``p``; clients with only the prior take no part), shrunk if needed to the client's budget
-by dropping the added experts its own ``p`` ranks lowest, and sends it from the next round; the
-next score keeps it or reverts to the old one for good (:class:`~.recommend.RecommendationState`).
+**Stage 2 recommendation, on validation rows.** The score is the client's ``val_rouge_l``: ROUGE-L
+on the validation rows it holds out of its training data (``data.validation_fraction``, 0.1 by
+default for FedMoE and randomMoE), measured before it trains. Test rows are only ever reported.
+After ``patience`` scores without improvement the server proposes :func:`~.recommend.recommend`'s
+structure: neighbours by cosine similarity of the clients' stage-1 ``p`` (clients with only the
+prior take no part, and a client and those whose ``p`` is a copy of its own, estimated from it or
+from the same clients, are not each other's neighbours); ``n`` = the neighbours' mean total expert
+count minus the client's; the ``n`` best (or ``-n`` worst) experts by the similarity-weighted
+``p`` ranked across all layers are added (dropped). The proposal is shrunk if needed to the
+client's budget by dropping the added experts its own ``p`` ranks lowest and sent from the next
+round; the next score keeps it or reverts to the old one for good
+(:class:`~.recommend.RecommendationState`). A trial still unjudged after the last round is
+reverted before the final evaluation (:meth:`~.algorithm.FedMoE.finish`).
+
+**Communication** is recorded as sent (exact wire bytes) and, in each client's ``report``, as the
+paper counts it: ``paper_bytes``, the whole sub-MoE in float32, per direction and round.
 
 **The client model.** One base model is shared by every client of a process. A stage-2 client
 trains a pruned *view* of it: ``copy.deepcopy`` with a memo that maps every parameter, buffer and
@@ -74,8 +87,10 @@ the base model), while the base model's experts, routers and config are never to
 always sees the pretrained experts. What a client step knows (its phase, held experts, measured
 ``p`` and category) is in its :class:`~.algorithm.FedMoEContext`, never on the shared object.
 
-**randomMoE** (:class:`~.algorithm.RandomMoE`): the same stages, but each sub-MoE is a seeded random
-choice of exactly the sizes FedMoE's search picks, and there is no recommendation.
+**randomMoE** (:class:`~.algorithm.RandomMoE`): the same stages and validation split, but each sub-MoE
+is a random choice of exactly the sizes FedMoE's search picks, drawn per client from
+``(federation.seed, algorithm.fedmoe.seed, client)`` (so every federation seed draws its own), and
+there is no recommendation.
 
 All server knowledge (each client's ``p`` and its source, structure, category, example count,
 profiling count and recommendation state) is in ``FedMoE.server_state()``, as tensors and JSON.
