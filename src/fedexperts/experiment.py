@@ -76,10 +76,9 @@ class ClientModels:
 
     def model_for(self, algorithm: Algorithm, shared: nn.Module, received: Payload) -> nn.Module:
         """The shared base, or the sub-MoE this downlink's experts make, loaded and prepared."""
-        keep = algorithm.client_experts(received) if self.folder is not None else None
-        if keep is None:
+        keep = None if self.folder is None else algorithm.client_experts(received)
+        if self.folder is None or keep is None:
             return shared
-        assert self.folder is not None
         model = load_sub_moe(
             self.folder, keep, dtype=self.dtype, device=self.device, experts_implementation=self.experts_implementation
         )

@@ -133,7 +133,10 @@ class Algorithm(Protocol):
     def setup_client(
         self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
     ) -> ClientContext:
-        """Load the received and the client's kept tensors; return the client's handle."""
+        """Load the received and the client's kept tensors; return the client's handle.
+
+        ``model`` is the shared base, or the model a runtime built for :meth:`client_experts`.
+        """
         ...
 
     def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:

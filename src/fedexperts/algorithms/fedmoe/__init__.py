@@ -63,7 +63,13 @@ stage-1 ``p``; clients with only the prior take no part), shrunk if needed to th
 by dropping the added experts its own ``p`` ranks lowest, and sends it from the next round; the
 next score keeps it or reverts to the old one for good (:class:`~.recommend.RecommendationState`).
 
-**The client model.** One base model is shared by every client of a process. A stage-2 client
+**The client model.** A client can hold only its sub-MoE, as the paper's memory-constrained
+devices do: :meth:`~.algorithm.FedMoE.client_experts` names the experts a downlink needs (every
+one while profiling), the runtime loads just those from the checkpoint
+(:func:`fedexperts.models.load_sub_moe`, ``federation.client_model = "sub-moe"``, always on a Flower
+node) and :meth:`~fedexperts.algorithms.base.BaseAlgorithm.prepare_client_model` gives it the base's
+LoRA, roles and float32 masters; ``setup_client`` then fills that model itself. In the default
+``"shared"`` mode one base model is shared by every client of a process, and a stage-2 client
 trains a pruned *view* of it: ``copy.deepcopy`` with a memo that maps every parameter, buffer and
 tensor attribute to itself copies only the module objects and config, then ``select_experts``
 replaces the view's expert-row tensors by sliced copies (it assigns new tensors to the view's own
