@@ -29,14 +29,22 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.models.load import LoadedModel, load_tokenizer, refuse_local_remote_code, resolve_dtype
 from fedexperts.moe.checkpoints import CheckpointNaming, checkpoint_naming
 from fedexperts.moe.families import family_for, moe_layers
-from fedexperts.moe.surgery import expert_map, select_experts
+from fedexperts.moe.surgery import expert_map, initialise_non_persistent_buffers, select_experts
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-def meta_model(config: Any, *, dtype: torch.dtype, experts_implementation: str | None = None) -> PreTrainedModel:
-    """The model of ``config`` on the meta device, with ``dtype`` as ``from_pretrained`` would give it."""
+def meta_model(config: Any, dtype: torch.dtype, *, experts_implementation: str | None = None) -> PreTrainedModel:
+    """The model of ``config`` on the ``meta`` device: every parameter's shape and dtype, no storage.
+
+    Algorithms prepare on it exactly as on a real model (planning plays whole rounds on it; a
+    node learns its layout): every step only creates, slices, clones or copies tensors, which meta
+    tensors support. peft creates LoRA layers in the default dtype and moves them to the base
+    layer's device and dtype, so adapters land on ``meta`` in the base dtype, as they land on the
+    CPU or GPU for a loaded model; ``prepare`` then makes what trains float32 on meta too. Meta
+    tensors cannot be serialised: their wire size is :func:`fedexperts.federation.payload.payload_size`.
+    """
     options: dict[str, Any] = {"dtype": dtype}
     if experts_implementation is not None:
         options["experts_implementation"] = experts_implementation
@@ -68,7 +76,7 @@ def load_meta(
     """
     source = Path(folder).expanduser()
     config = read_config(source)
-    model = meta_model(config, dtype=_target_dtype(config, dtype), experts_implementation=experts_implementation)
+    model = meta_model(config, _target_dtype(config, dtype), experts_implementation=experts_implementation)
     moe_layers(model)
     return LoadedModel(model=model, tokenizer=load_tokenizer(source), family=family_for(config), source=str(source))
 
@@ -93,7 +101,7 @@ def load_sub_moe(
     source = Path(folder).expanduser()
     config = read_config(source)
     naming = checkpoint_naming(config)
-    model = meta_model(config, dtype=_target_dtype(config, dtype), experts_implementation=experts_implementation)
+    model = meta_model(config, _target_dtype(config, dtype), experts_implementation=experts_implementation)
     if keep:
         select_experts(model, keep)
     rows = _expert_rows(model)
@@ -153,16 +161,17 @@ def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _compute_non_persistent_buffers(model: PreTrainedModel, device: torch.device) -> None:
-    """Give non-persistent buffers real storage and let the model's initialiser compute them."""
+    """Give non-persistent buffers real storage and let the model's initialiser compute them.
+
+    It runs before any weight is loaded: their modules' parameters are still on meta, where
+    initialising does nothing.
+    """
     for module in model.modules():
-        if not module._non_persistent_buffers_set:
-            continue
         for name in module._non_persistent_buffers_set:
             buffer = module._buffers.get(name)
             if buffer is not None:
                 module._buffers[name] = torch.empty_like(buffer, device=device)
-        with torch.no_grad():
-            model._init_weights(module)  # its parameters are still on meta, where initialising does nothing
+    initialise_non_persistent_buffers(model)
 
 
 def _assign(model: nn.Module, names: Sequence[str], value: torch.Tensor, old: torch.Tensor) -> None:
