@@ -1,12 +1,20 @@
-"""Client memory: measured peak RSS of one client's training round against the analytic expectation.
+"""Client memory: what one client's training round holds and peaks at, loaded from a saved checkpoint.
 
-Each case runs in a fresh Python process: it builds a random-weight OLMoE (hidden 512, 16
-experts, 4 layers, float32), prepares the algorithm, builds the client's model as the client step
-does, and trains 3 steps (batch 4 x 128 tokens). *Measured* is the process's peak resident
-memory minus its resident memory after imports. *Analytic* is what the client's model needs from
-its parameter counts: the weights it holds (for FedMoE, the sub-MoE's bytes as its budget search
-counts them), plus a gradient and AdamW's two moments per trainable parameter; activations are
-not in it.
+A random-weight OLMoE (hidden 512, 16 experts, 4 layers, float32) is saved with ``save_pretrained``
+(one tensor per expert, as on the hub) to a temporary folder. Each case then runs in a fresh
+Python process, as a device would: it builds the client's model the way the client step does and
+trains 3 steps (batch 4 x 128 tokens). A FedMoE client is a Flower-node client: it prepares the
+algorithm on a meta-device model, reads its downlink (written by this process, the "server"),
+and loads only its sub-MoE with :func:`fedexperts.models.load_sub_moe` (``federation.client_model
+= "sub-moe"``); the *shared base* row builds the sub-MoE as a view over the fully loaded model
+instead (``"shared"``). The other algorithms load the whole model.
+
+*Weights held* is the unique tensor storage of what the process holds (parameters and buffers,
+each storage once). *Analytic weights* is what the client's model needs by its parameter counts
+(for FedMoE, the sub-MoE's bytes as its budget search counts them). *Peak RSS growth* is the
+process's peak resident memory during the round minus its resident memory after imports;
+*analytic total* adds a gradient and AdamW's two moments per trainable parameter (activations
+are not in it). With a GPU the model lives there and the CUDA allocator's peak is reported too.
 
     python -m benchmarks.memory
 """
@@ -17,133 +25,220 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Table
 
-CASES: dict[str, tuple[str, float | None]] = {
-    "MoE as dense (every weight trained)": ("dense", None),
-    "FedAvg (attention LoRA)": ("fedavg", None),
-    "FLEx (attention LoRA + personal expert per layer)": ("flex", None),
-    "FedMoE, budget = full model": ("fedmoe", 1.0),
-    "FedMoE, budget 0.6": ("fedmoe", 0.6),
-    "FedMoE, budget 0.4": ("fedmoe", 0.4),
+CASES: dict[str, tuple[str, float | None, str]] = {
+    "MoE as dense (every weight trained)": ("dense", None, "full"),
+    "FedAvg (attention LoRA)": ("fedavg", None, "full"),
+    "FLEx (attention LoRA + personal expert per layer)": ("flex", None, "full"),
+    "FedMoE, budget = full model": ("fedmoe", 1.0, "sub-moe"),
+    "FedMoE, budget 0.6": ("fedmoe", 0.6, "sub-moe"),
+    "FedMoE, budget 0.4": ("fedmoe", 0.4, "sub-moe"),
+    "FedMoE, budget 0.6, view over the shared base": ("fedmoe", 0.6, "shared"),
 }
 MIB = 2**20
+MODEL: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 256,
+    "num_experts": 16,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 2048,
+}
 
 
-def _one_case(algorithm_name: str, budget: float | None) -> dict[str, Any]:
-    """Run one client in this process; return measured and analytic bytes."""
-    import psutil
-    import torch  # noqa: F401  (imported before the baseline, like everything the client needs)
-
-    import fedexperts.algorithms
-    import fedexperts.training  # noqa: F401
-    from fedexperts.federation.accounting import peak_memory
-
-    baseline = psutil.Process().memory_info().rss  # not ru_maxrss: Linux carries it over from the parent's exec
-    with peak_memory("cpu") as peak:
-        measured = _build_and_train(algorithm_name, budget)
-    return {**measured, "measured": peak.bytes - baseline}
-
-
-def _build_and_train(algorithm_name: str, budget: float | None) -> dict[str, Any]:
-    import torch
-
+def _algorithm(name: str, budget: float | None) -> Any:
     from fedexperts.algorithms import build_algorithm
     from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
     from fedexperts.algorithms.registry import config_class
-    from fedexperts.config import TrainConfig
-    from fedexperts.interface import ClientInfo, LocalData
+
+    if name == "fedmoe":
+        config = FedMoEConfig(fedmoe=FedMoEOptions(budget_fraction=budget or 1.0, full_budget_every=0))
+    else:
+        config = config_class(name)()
+    return build_algorithm(config, client_ids=["client-0"])
+
+
+# -- the "server": the checkpoint and each FedMoE client's downlink ----------------------------------
+
+
+def _save_checkpoint(folder: Path) -> None:
     from fedexperts.models import tiny_model
-    from fedexperts.training import train_local
 
-    model = tiny_model(
-        "olmoe",
-        hidden_size=512,
-        intermediate_size=256,
-        num_experts=16,
-        num_experts_per_tok=2,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=2048,
-    ).train()
-    fedmoe = FedMoEOptions(budget_fraction=budget or 1.0, full_budget_every=0)
-    config = FedMoEConfig(fedmoe=fedmoe) if algorithm_name == "fedmoe" else config_class(algorithm_name)()
-    algorithm = build_algorithm(config, client_ids=["client-0"])
-    algorithm.prepare(model)
-    weights = None
-    if budget is not None:
-        from fedexperts.algorithms.fedmoe.algorithm import FedMoE
-
-        assert isinstance(algorithm, FedMoE)
-        counts = _experts_within(algorithm, model, budget)
-        structure = [list(range(count)) for count in counts]
-        algorithm.assign("client-0", structure)
-        weights = algorithm.memory(structure)
-    client = ClientInfo("client-0", 8)
-    received = algorithm.downlink(algorithm.initial_global_state(model), client)
-    client_model = algorithm.setup_client(model, received, None, LocalData(client)).model
-    trainable = [p for p in client_model.parameters() if p.requires_grad]
-    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    if weights is None:
-        weights = sum(p.numel() * p.element_size() for p in client_model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 2048, (4, 128), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    train_local(client_model, [batch], TrainConfig(steps_per_round=3))
-    return {
-        "analytic": weights + 3 * trainable_bytes,
-        "weights": weights,
-        "trainable": trainable_bytes,
-    }
+    tiny_model("olmoe", **MODEL).save_pretrained(folder)
 
 
-def _experts_within(algorithm: Any, model: Any, fraction: float) -> list[int]:
-    """The most experts per layer (the same in every layer) whose sub-MoE fits ``fraction`` of the full model."""
+def _write_downlink(folder: Path, budget: float, target: Path) -> None:
+    """The downlink of a FedMoE client holding the most experts per layer that fit ``budget``, as wire bytes."""
+    import transformers
+
+    from fedexperts.federation.payload import encode
+    from fedexperts.interface import ClientInfo
     from fedexperts.moe.families import moe_layers
 
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    algorithm = _algorithm("fedmoe", budget)
+    algorithm.prepare(model)
     layers = moe_layers(model)
-    least = max(layer.top_k for layer in layers)
-    for count in range(min(layer.num_experts for layer in layers), least - 1, -1):
-        if algorithm.memory([list(range(count))] * len(layers)) <= fraction * algorithm.full_bytes:
-            return [count] * len(layers)
-    return [least] * len(layers)
+    count = max(layer.top_k for layer in layers)
+    for candidate in range(min(layer.num_experts for layer in layers), count - 1, -1):
+        if algorithm.memory([list(range(candidate))] * len(layers)) <= budget * algorithm.full_bytes:
+            count = candidate
+            break
+    algorithm.assign("client-0", [list(range(count))] * len(layers))
+    downlink = algorithm.downlink(algorithm.initial_global_state(model), ClientInfo("client-0", 8))
+    target.write_bytes(encode(downlink))
+
+
+# -- one client, in a fresh process -----------------------------------------------------------------
+
+
+def _one_case(name: str, budget: float | None, mode: str, folder: Path, downlink: Path | None) -> dict[str, Any]:
+    """Run one client in this process; return held, analytic and measured bytes."""
+    import psutil
+    import torch
+
+    import fedexperts.algorithms
+    import fedexperts.models
+    import fedexperts.training  # noqa: F401  (imported before the baseline, like everything the client needs)
+    from fedexperts.federation.accounting import peak_memory
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = psutil.Process().memory_info().rss  # not ru_maxrss: Linux carries it over from the parent's exec
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with peak_memory("cpu") as peak:
+        result = _build_and_train(name, budget, mode, folder, downlink, device)
+    result["rss_growth"] = peak.bytes - baseline
+    if device == "cuda":
+        result["cuda_peak"] = int(torch.cuda.max_memory_allocated())
+    return result
+
+
+def _build_and_train(
+    name: str, budget: float | None, mode: str, folder: Path, downlink: Path | None, device: str
+) -> dict[str, Any]:
+    import torch
+    from torch import nn
+
+    from fedexperts.config import TrainConfig
+    from fedexperts.experiment import ClientModels
+    from fedexperts.federation.accounting import held_bytes
+    from fedexperts.federation.payload import decode
+    from fedexperts.interface import ClientInfo, LocalData
+    from fedexperts.models import load_meta, load_model
+    from fedexperts.training import train_local
+
+    algorithm = _algorithm(name, budget)
+    client = ClientInfo("client-0", 8)
+    if mode == "sub-moe":  # a node: the algorithm is prepared on a meta-device model, the client loads its sub-MoE
+        assert downlink is not None
+        base = load_meta(folder).model
+        algorithm.prepare(base)
+        received = decode(downlink.read_bytes())
+        model = ClientModels(folder, device=device).model_for(algorithm, base, received)
+    else:
+        base = load_model(folder, device=device).model.train()
+        algorithm.prepare(base)
+        received = (
+            decode(downlink.read_bytes())
+            if downlink
+            else algorithm.downlink(algorithm.initial_global_state(base), client)
+        )
+        model = base
+    client_model = algorithm.setup_client(model, received, None, LocalData(client)).model
+    held = held_bytes(nn.ModuleList([base, client_model]))
+    trainable = sum(p.numel() * p.element_size() for p in client_model.parameters() if p.requires_grad)
+    if name == "fedmoe":
+        structure = [received.metadata["fedmoe_held"][layer] for layer in algorithm.layout.layer_names]
+        weights = algorithm.memory(structure)
+    else:
+        weights = sum(t.numel() * t.element_size() for t in (*client_model.parameters(), *client_model.buffers()))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, MODEL["vocab_size"], (4, 128), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    train_local(client_model.train(), [batch], TrainConfig(steps_per_round=3))
+    return {"held": held, "weights": weights, "trainable": trainable, "analytic": weights + 3 * trainable}
 
 
 def run() -> Table:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    columns = [
+        "client",
+        "weights held",
+        "analytic weights",
+        "held / analytic",
+        "analytic total (weights + 3 x trainable)",
+        "peak RSS growth",
+        "RSS growth / analytic total",
+    ]
     table = Table(
-        "Client memory for one training round (OLMoE hidden 512, 16 experts, 4 layers, float32)",
-        [
-            "client",
-            "analytic (weights + 3 x trainable)",
-            "of which weights",
-            "measured peak RSS",
-            "measured / analytic",
-        ],
+        "Client memory for one training round, loaded from a saved checkpoint (OLMoE hidden 512, 16 experts, "
+        "4 layers, float32)",
+        [*columns, "CUDA allocator peak"] if gpu else columns,
     )
-    for label, (name, budget) in CASES.items():
-        command = [sys.executable, "-m", "benchmarks.memory", "--case", name]
-        if budget is not None:
-            command += ["--budget", str(budget)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        table.add(
-            label,
-            f"{result['analytic'] / MIB:.0f} MiB",
-            f"{result['weights'] / MIB:.0f} MiB",
-            f"{result['measured'] / MIB:.0f} MiB",
-            f"{result['measured'] / result['analytic']:.2f}",
-        )
+    held: dict[float, int] = {}
+    with tempfile.TemporaryDirectory(prefix="fedexperts-memory-") as scratch:
+        folder = Path(scratch) / "olmoe"
+        _save_checkpoint(folder)
+        for label, (name, budget, mode) in CASES.items():
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.memory",
+                "--case",
+                name,
+                "--mode",
+                mode,
+                "--folder",
+                str(folder),
+            ]
+            if budget is not None:
+                downlink = Path(scratch) / f"downlink-{budget}.safetensors"
+                if not downlink.exists():
+                    _write_downlink(folder, budget, downlink)
+                command += ["--budget", str(budget), "--downlink", str(downlink)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if name == "fedmoe" and mode == "sub-moe":
+                assert budget is not None
+                held[budget] = result["held"]
+            row = [
+                label,
+                f"{result['held'] / MIB:.1f} MiB",
+                f"{result['weights'] / MIB:.1f} MiB",
+                f"{result['held'] / result['weights']:.3f}",
+                f"{result['analytic'] / MIB:.0f} MiB",
+                f"{result['rss_growth'] / MIB:.0f} MiB",
+                f"{result['rss_growth'] / result['analytic']:.2f}",
+            ]
+            table.add(*row, *([f"{result['cuda_peak'] / MIB:.0f} MiB"] if gpu else []))
+    if not held[0.4] < held[0.6] < held[1.0]:
+        raise SystemExit(f"FedMoE weights held do not shrink with the budget: {held}")
     table.note(
-        "measured also holds what the analytic figure leaves out: activations, the random initialisation's "
-        "transients and allocator slack; the FedAvg row, which trains almost nothing, shows that fixed cost"
+        "each case is a fresh process that loads the client's model from a checkpoint saved with `save_pretrained` "
+        "(one tensor per expert, as on the hub); *weights held* is the unique tensor storage the process holds "
+        "(parameters and buffers, each storage once)"
     )
     table.note(
-        "a FedMoE client here builds its sub-MoE as a view over the fully loaded base model (as in-process and on "
-        "Flower): its weights do not shrink with the budget, only the trained experts' gradients and AdamW state "
-        "do; the analytic column is what a client loading only its sub-MoE would need"
+        'a FedMoE client (`federation.client_model = "sub-moe"`, and always on a Flower node) prepares the algorithm '
+        "on a meta-device model and loads only its sub-MoE (`fedexperts.models.load_sub_moe`: the dense part and its "
+        "experts' rows, read with safetensors slices), so the weights it holds are its budget's sub-MoE "
+        '(0.4 < 0.6 < 1.0) and peak RSS falls with them; the view row (`"shared"`, the fast in-process simulation) '
+        "holds the whole base model plus the view's own expert rows"
+    )
+    table.note(
+        "peak RSS also holds what the analytic figure leaves out: activations, autograd buffers, allocator slack "
+        "and the loading's transients; the FedAvg row, which trains almost nothing, shows that fixed cost"
+        + ("" if gpu else "; without a GPU there is no CUDA allocator column")
     )
     return table
 
@@ -152,9 +247,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help="run one client of this algorithm and print JSON (used by the table)")
     parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--mode", choices=["full", "sub-moe", "shared"], default="full")
+    parser.add_argument("--folder", type=Path)
+    parser.add_argument("--downlink", type=Path)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(_one_case(args.case, args.budget)))
+        print(json.dumps(_one_case(args.case, args.budget, args.mode, args.folder, args.downlink)))
     else:
         print(run().markdown())
 

@@ -84,6 +84,12 @@ class FederationConfig(Section):
     min_successful: int = Field(1, ge=1)
     """A round with fewer successful clients than this fails the run."""
     seed: int = 0
+    client_model: Literal["shared", "sub-moe"] = "shared"
+    """Where a client step's model comes from. ``shared``: one base model per process, which FedMoE clients
+    train views of (a fast simulation; the process holds the full model). ``sub-moe``: each client of an
+    algorithm that names its experts (``fedmoe``, ``random-moe``) loads only its sub-MoE from the checkpoint,
+    a profiling client the full model (what a device does; ``model.name`` must be ``builtin`` or a local
+    folder). Other algorithms always share the base. Flower nodes always load sub-MoEs for such algorithms."""
     transfer_dtype: Literal["float16", "bfloat16"] | None = None
     """Cast floating tensors to this dtype on the wire, both ways (half the bytes of float32); each receiver
     restores the tensors' own dtype. Flower carries float16 only (numpy has no bfloat16)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -23,10 +24,11 @@ from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
 from fedexperts.data.partition import Partition, hold_out_validation, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
 from fedexperts.data.tokenize import tokenize_instructions
-from fedexperts.errors import DataError
+from fedexperts.errors import DataError, FedExpertsError
 from fedexperts.evaluation import EvalSet
-from fedexperts.interface import Algorithm
+from fedexperts.interface import Algorithm, Payload
 from fedexperts.models.load import LoadedModel, load_model
+from fedexperts.models.partial import load_meta, load_sub_moe
 
 BUILTIN_MODEL = "builtin"
 EXPERTBENCH = "expertbench"
@@ -61,6 +63,32 @@ class ClientData:
 
 
 @dataclass(frozen=True)
+class ClientModels:
+    """Where a client step's model comes from (``federation.client_model``).
+
+    Without a ``folder`` every client works on the shared base model (FedMoE: views of it). With
+    one, a client whose algorithm names its experts (:meth:`~fedexperts.interface.Algorithm.client_experts`)
+    loads only those from the checkpoint, and the algorithm prepares that model as it did the base.
+    """
+
+    folder: Path | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    experts_implementation: str | None = None
+
+    def model_for(self, algorithm: Algorithm, shared: nn.Module, received: Payload) -> nn.Module:
+        """The shared base, or the sub-MoE this downlink's experts make, loaded and prepared."""
+        keep = None if self.folder is None else algorithm.client_experts(received)
+        if self.folder is None or keep is None:
+            return shared
+        model = load_sub_moe(
+            self.folder, keep, dtype=self.dtype, device=self.device, experts_implementation=self.experts_implementation
+        )
+        algorithm.prepare_client_model(model)
+        return model
+
+
+@dataclass(frozen=True)
 class Setting:
     """Everything a runtime needs besides the run directory."""
 
@@ -73,10 +101,23 @@ class Setting:
     probes: tuple[KnowledgeProbe, ...]
     mmlu: tuple[MMLUQuestion, ...] = ()
     """``eval.mmlu``'s questions (at most ``eval.mmlu_examples`` per subject), for the final evaluation."""
+    client_models: ClientModels = field(default_factory=ClientModels)
 
     @property
     def model(self) -> nn.Module:
+        """The base model the algorithm was prepared on (on a Flower node of sub-MoE clients: on the meta device)."""
         return self.loaded.model
+
+    @property
+    def device(self) -> torch.device:
+        """Where client models live."""
+        if self.client_models.folder is not None:
+            return torch.device(self.client_models.device)
+        return next(self.model.parameters()).device
+
+    def client_model(self, received: Payload) -> nn.Module:
+        """The model a client step with this downlink works on (see :class:`ClientModels`)."""
+        return self.client_models.model_for(self.algorithm, self.model, received)
 
     def client(self, client_id: str) -> ClientData:
         for client in self.clients:
@@ -89,21 +130,43 @@ class Setting:
         return self.loaded.tokenizer
 
 
-def load_base(config: ExperimentConfig) -> LoadedModel:
-    """The base model: ``builtin`` (or ``builtin:RECIPE``) is a pretrained ExpertBench MoE (built on first use)."""
-    source: Any = config.model.name
-    if source == BUILTIN_MODEL or source.startswith(f"{BUILTIN_MODEL}:"):
+def _model_source(config: ExperimentConfig) -> Any:
+    """``model.name`` as ``load_model`` takes it: ``builtin`` (or ``builtin:RECIPE``) is a pretrained
+    ExpertBench MoE's folder (built on first use)."""
+    name = config.model.name
+    if name == BUILTIN_MODEL or name.startswith(f"{BUILTIN_MODEL}:"):
         from fedexperts.models.builtin import default_model_path
 
-        source = default_model_path(source.partition(":")[2] or "default")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+        return default_model_path(name.partition(":")[2] or "default")
+    return name
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(config: ExperimentConfig) -> LoadedModel:
+    """The base model (``builtin``: see :func:`_model_source`)."""
     return load_model(
-        source,
+        _model_source(config),
         dtype=config.model.dtype,
-        device=device,
+        device=_device(),
         experts_implementation=config.model.experts_implementation,
         trust_remote_code=config.model.trust_remote_code,
     )
+
+
+def sub_moe_clients(config: ExperimentConfig) -> ClientModels:
+    """Clients that load their sub-MoEs from the checkpoint folder of ``model.name``."""
+    folder = Path(str(_model_source(config))).expanduser()
+    if not folder.is_dir():
+        raise FedExpertsError(
+            f"model.name={config.model.name!r}: clients that load only their sub-MoE read the checkpoint's files, "
+            "so the model must be builtin or a local folder (download a hub model first)"
+        )
+    if config.model.trust_remote_code:
+        raise FedExpertsError("model.trust_remote_code: clients that load only their sub-MoE build stock models only")
+    return ClientModels(folder, config.model.dtype, _device(), config.model.experts_implementation)
 
 
 def federated_rows(config: ExperimentConfig) -> tuple[Partition, ExpertBench | None]:
@@ -158,21 +221,33 @@ def build_setting(
     only_clients: Sequence[int] | None = None,
     loaded: LoadedModel | None = None,
     evaluation: bool = True,
+    node: bool = False,
 ) -> Setting:
     """Load the base model (unless given), prepare the algorithm on it, and tokenize the clients' data.
 
     ``only_clients`` restricts the tokenized clients (a Flower node builds its own partition only;
     a Flower server none). ``evaluation`` builds the union test set and probes, from every
     client's test rows; a server that never evaluates skips them, and with them the data.
+
+    With ``federation.client_model = "sub-moe"``, or on a Flower ``node``, the clients of an
+    algorithm that names its experts load only their sub-MoEs (:class:`ClientModels`); a node
+    then prepares the algorithm on a meta-device model and never loads the full one.
     """
-    loaded = loaded or load_base(config)
-    torch.manual_seed(config.federation.seed)  # LoRA and other initialisations inside prepare
     algorithm = build_algorithm(
         config.algorithm, client_ids=client_ids(config.federation.clients), seed=config.federation.seed
     )
+    clients = ClientModels()
+    if algorithm.client_sub_moes and (node or config.federation.client_model == "sub-moe"):
+        clients = sub_moe_clients(config)
+        if node and loaded is None and clients.folder is not None:
+            loaded = load_meta(
+                clients.folder, dtype=clients.dtype, experts_implementation=clients.experts_implementation
+            )
+    loaded = loaded or load_base(config)
+    torch.manual_seed(config.federation.seed)  # LoRA and other initialisations inside prepare
     algorithm.prepare(loaded.model)
     template = prompt_template(loaded.tokenizer)
-    base = Setting(config, loaded, algorithm, template, (), None, ())
+    base = Setting(config, loaded, algorithm, template, (), None, (), client_models=clients)
     wanted = range(config.federation.clients) if only_clients is None else only_clients
     if not wanted and not evaluation:
         return base

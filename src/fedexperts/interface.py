@@ -88,7 +88,7 @@ class ClientContext:
 
     client: ClientInfo
     model: nn.Module
-    """The model the client trains and evaluates (FedMoE: a view of its sub-MoE)."""
+    """The model the client trains and evaluates (FedMoE: its sub-MoE, loaded or a view of the base)."""
     received: Payload
     round: int = 1
     idle: bool = False
@@ -109,9 +109,24 @@ class Algorithm(Protocol):
     name: str
     roles: dict[str, Role]
     """Every parameter of the prepared model and its role (frozen, shared, personal)."""
+    client_sub_moes: bool
+    """Whether :meth:`client_experts` may name a subset of the experts: a client then needs only those."""
 
     def prepare(self, model: nn.Module) -> None:
-        """Once per process, on the loaded base model: inject adapters, graft, assign roles."""
+        """Once per process, on the base model (or a meta-device copy of it): inject adapters, graft, assign roles."""
+        ...
+
+    def client_experts(self, received: Payload) -> dict[str, list[int]] | None:
+        """The experts (per MoE layer, global indices) the client model for this downlink must hold.
+
+        ``None``: the client works on the shared base model. Otherwise a runtime may load just
+        those experts from the checkpoint, give the model :meth:`prepare_client_model`, and hand it
+        to :meth:`setup_client` instead of the base.
+        """
+        ...
+
+    def prepare_client_model(self, model: nn.Module) -> None:
+        """Give a client model loaded apart from the base the base's preparation (adapters, roles, dtypes)."""
         ...
 
     def initial_global_state(self, model: nn.Module) -> State: ...
@@ -123,7 +138,10 @@ class Algorithm(Protocol):
     def setup_client(
         self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
     ) -> ClientContext:
-        """Load the received and the client's kept tensors; return the client's handle."""
+        """Load the received and the client's kept tensors; return the client's handle.
+
+        ``model`` is the shared base, or the model a runtime built for :meth:`client_experts`.
+        """
         ...
 
     def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:

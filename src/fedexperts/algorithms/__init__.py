@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from fedexperts.algorithms.aggregation import ServerOptimizer, weighted_average
     from fedexperts.algorithms.base import BaseAlgorithm, attention_linear_names, scope_rules
     from fedexperts.algorithms.fedavg.algorithm import FedAvg, FedProx, MoEAsDense
-    from fedexperts.algorithms.fedmoe.algorithm import FedMoE, RandomMoE
+    from fedexperts.algorithms.fedmoe.algorithm import FedMoE
+    from fedexperts.algorithms.fedmoe.random_moe import RandomMoE
     from fedexperts.algorithms.flex.algorithm import FLEx, grafted_experts
     from fedexperts.algorithms.local.algorithm import LocalOnly
     from fedexperts.algorithms.random_expert.algorithm import RandomExpert
@@ -30,7 +31,7 @@ _WHERE = {
     "FedProx": "fedavg.algorithm",
     "MoEAsDense": "fedavg.algorithm",
     "FedMoE": "fedmoe.algorithm",
-    "RandomMoE": "fedmoe.algorithm",
+    "RandomMoE": "fedmoe.random_moe",
     "FLEx": "flex.algorithm",
     "grafted_experts": "flex.algorithm",
     "LocalOnly": "local.algorithm",

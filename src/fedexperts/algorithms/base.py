@@ -83,6 +83,14 @@ def attention_linear_names(model: nn.Module, targets: Sequence[str] | None = Non
     return [name for name in names if name.rsplit(".", 1)[-1] in targets]
 
 
+_CLIENT_MODEL = "_fedexperts_client_model"
+
+
+def is_client_model(model: nn.Module) -> bool:
+    """Whether :meth:`BaseAlgorithm.prepare_client_model` built ``model`` for one client step (not the shared base)."""
+    return bool(getattr(unwrap_model(model), _CLIENT_MODEL, False))
+
+
 class BaseAlgorithm:
     """Behaviour shared by every algorithm; subclasses choose roles and override hooks.
 
@@ -93,6 +101,8 @@ class BaseAlgorithm:
     """
 
     name = "base"
+    client_sub_moes = False
+    """Whether :meth:`client_experts` may name a subset of the experts (a node then never needs the full model)."""
 
     def __init__(
         self,
@@ -117,6 +127,20 @@ class BaseAlgorithm:
         What trains then becomes a float32 master copy (:func:`~fedexperts.moe.precision.float32_masters`)
         whatever the base's dtype: AdamW's small updates would round away in bf16.
         """
+        self._inject_lora(model)
+        self.roles = parameter_roles(model, self.rules)
+        self._by_role.clear()
+        apply_roles(model, self.roles)
+        if not any(role is not Role.FROZEN for role in self.roles.values()):
+            raise FedExpertsError(f"{self.name}: no parameter is trainable under these roles")
+        self._learn(model)
+        self._settle_base(model)
+        float32_masters(model)
+        self._initial_personal = {
+            name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()
+        }
+
+    def _inject_lora(self, model: nn.Module) -> None:
         if self.lora is not None:
             config = peft.LoraConfig(
                 r=self.lora.rank,
@@ -125,29 +149,51 @@ class BaseAlgorithm:
                 target_modules=attention_linear_names(model, self.lora.targets),
             )
             peft.inject_adapter_in_model(config, model)
-        self.roles = parameter_roles(model, self.rules)
-        self._by_role.clear()
-        apply_roles(model, self.roles)
-        if not any(role is not Role.FROZEN for role in self.roles.values()):
-            raise FedExpertsError(f"{self.name}: no parameter is trainable under these roles")
-        self._settle_base(model)
-        float32_masters(model)
-        self._initial_personal = {
-            name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()
-        }
+
+    def _learn(self, model: nn.Module) -> None:
+        """What a subclass reads of the prepared base once, before anything becomes float32 (default: nothing).
+
+        FedMoE learns its layout here (sizes in the checkpoint's dtype).
+        """
 
     def _settle_base(self, model: nn.Module) -> None:
-        """A subclass's last change to the base's trainable set before it becomes float32 (default: none).
+        """A subclass's last change to the trainable set before it becomes float32 (default: none).
 
-        FedMoE freezes its expert rows here: the base keeps them in the checkpoint's dtype and each
-        client's sub-MoE view trains float32 copies.
+        Runs on the base and on every client model :meth:`prepare_client_model` builds. FedMoE
+        freezes its expert rows here: the base keeps them in the checkpoint's dtype and each
+        client's sub-MoE trains float32 copies of the rows it holds.
         """
+
+    def prepare_client_model(self, model: nn.Module) -> None:
+        """Give a client model loaded apart from the base (a sub-MoE) the base's preparation, learning nothing.
+
+        The same LoRA injection, roles, freezing and float32 masters as :meth:`prepare`; the roles
+        are the ones learnt there, so the model must have exactly the base's parameter names.
+        """
+        if not self.roles:
+            raise FedExpertsError(f"{self.name}: prepare(model) must run before client models are built")
+        self._inject_lora(model)
+        names = {name for name, _ in unwrap_model(model).named_parameters()}
+        if names != set(self.roles):
+            strays = sorted(names ^ set(self.roles))
+            raise FedExpertsError(f"{self.name}: the client model's parameters differ from the base's: {strays[:3]}")
+        apply_roles(model, self.roles)
+        self._settle_base(model)
+        float32_masters(model)
+        setattr(unwrap_model(model), _CLIENT_MODEL, True)
 
     def initial_global_state(self, model: nn.Module) -> State:
         """Copies of the shared tensors, float32 where the model holds them in a half dtype."""
         return {name: master_copy(param) for name, param in self._params(model, Role.SHARED).items()}
 
     # -- per client ----------------------------------------------------------------------------------
+    def client_experts(self, received: Payload) -> dict[str, list[int]] | None:
+        """The experts the model for this downlink must hold, per MoE layer (global indices).
+
+        ``None`` (the default): the client works on the shared base model itself.
+        """
+        return None
+
     def downlink(self, global_state: State, client: ClientInfo) -> Payload:
         """What a client receives this round (default: the whole shared state)."""
         return Payload(dict(global_state))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import torch
+from torch import nn
 
 
 @dataclass
@@ -61,6 +62,22 @@ def peak_memory(device: torch.device | str = "cpu", *, interval: float = 0.005) 
         stop.set()
         sampler.join()
         result.bytes = max(result.bytes, int(process.memory_info().rss))
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind ``model``'s parameters and buffers: the weights it holds.
+
+    A tensor shared with another model (a FedMoE view over the shared base) or tied to another
+    (embeddings) is counted once, with its whole storage, whatever part of it is used; a tensor on
+    the meta device holds nothing.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        storages[(tensor.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 @dataclass

@@ -65,7 +65,10 @@ def _scores(prefix: str, scores: Scores) -> dict[str, float | int]:
 
 
 def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, received: Payload) -> Payload:
-    """Run one client task on the shared base model; the reply carries the uplink and the metrics.
+    """Run one client task on the model the setting gives it; the reply carries the uplink and the metrics.
+
+    The model is the shared base, or (``federation.client_model = "sub-moe"``, Flower nodes) the
+    sub-MoE the algorithm names for this downlink, loaded from the checkpoint for this step only.
 
     The new personal state is staged under ``task.round``; the runtime commits it once the round
     is checkpointed.
@@ -75,13 +78,13 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     info = ClientInfo(client.client_id, client.num_examples)
     algorithm, tokenizer = setting.algorithm, setting.tokenizer
     pad = pad_token_id(tokenizer)
-    device = next(setting.model.parameters()).device
-    torch.manual_seed(derived_seed(config.federation.seed, task.round, client.index))
     watch = Stopwatch()
     metrics: dict[str, Any] = {"examples": client.num_examples}
-    with peak_memory(device) as peak:
+    with peak_memory(setting.device) as peak:
+        client_model = setting.client_model(received)  # the shared base, or this client's own sub-MoE
+        torch.manual_seed(derived_seed(config.federation.seed, task.round, client.index))  # after any LoRA init
         local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
-        context = algorithm.setup_client(setting.model, received, store.load(client.client_id), local)
+        context = algorithm.setup_client(client_model, received, store.load(client.client_id), local)
         model = context.model
         evaluate_options: dict[str, Any] = {
             "max_new_tokens": config.eval.max_new_tokens,

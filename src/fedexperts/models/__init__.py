@@ -1,8 +1,9 @@
-"""Model loading, the built-in tiny MoE, and tiny random configs of every supported family."""
+"""Model loading (whole or a sub-MoE), the built-in tiny MoE, and tiny random configs of every supported family."""
 
 from typing import Any
 
 from fedexperts.models.load import LoadedModel, load_model
+from fedexperts.models.partial import load_meta, load_sub_moe
 from fedexperts.models.tiny import TINY_FAMILIES, tiny_config, tiny_model
 
 _BUILTIN = ("RECIPES", "Recipe", "default_model_path", "pretrain")
@@ -13,7 +14,9 @@ __all__ = [
     "LoadedModel",
     "Recipe",
     "default_model_path",
+    "load_meta",
     "load_model",
+    "load_sub_moe",
     "pretrain",
     "tiny_config",
     "tiny_model",

@@ -29,7 +29,8 @@ class LoadedModel:
     source: str
 
 
-def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """A dtype name (``float32``, ``bfloat16``, ``float16``) as a torch dtype; ``auto`` and dtypes as they are."""
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if dtype not in _DTYPES:
@@ -37,7 +38,7 @@ def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return _DTYPES[dtype]
 
 
-def _refuse_local_remote_code(folder: Path) -> None:
+def refuse_local_remote_code(folder: Path) -> None:
     """A local checkpoint whose config points at its own code (``auto_map``) needs explicit trust."""
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -63,14 +64,15 @@ def load_model(
 
     ``experts_implementation`` is transformers' switch for fused experts (``eager``,
     ``grouped_mm``, ``batched_mm``; ``None`` keeps transformers' choice). The tokenizer gets the
-    EOS token as padding when it has no pad token. The model is returned in eval mode on ``device``.
+    EOS token as padding when it has no pad token (:func:`load_tokenizer`). The model is returned
+    in eval mode on ``device``.
     """
     source = str(name_or_path)
     local = Path(source).expanduser()
     if local.is_dir():
         source = str(local)
         if not trust_remote_code:
-            _refuse_local_remote_code(local)
+            refuse_local_remote_code(local)
     elif isinstance(name_or_path, Path) or source.startswith(("/", "./", "../", "~")):
         raise FedExpertsError(f"no model folder at {source}")
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
@@ -95,15 +97,21 @@ def load_model(
     if experts_implementation is not None:
         options["experts_implementation"] = experts_implementation
     try:
-        model = model_class.from_pretrained(source, config=config, dtype=_dtype(dtype), **options)
+        model = model_class.from_pretrained(source, config=config, dtype=resolve_dtype(dtype), **options)
     except ValueError as error:
         raise FedExpertsError(f"cannot load {source}: {error}") from error
     moe_layers(model)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        source, trust_remote_code=trust_remote_code, revision=revision
-    )
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, revision=revision)
     movable: Any = model  # transformers types its wrapper of ``nn.Module.to`` in a way mypy cannot call
     movable.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source)
+
+
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The checkpoint's tokenizer, with the EOS token as padding when it has no pad token."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(source), trust_remote_code=trust_remote_code, revision=revision
+    )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

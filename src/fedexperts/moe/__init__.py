@@ -1,5 +1,6 @@
 """Knowledge of how Hugging Face MoE models are built, and surgery on them."""
 
+from fedexperts.moe.checkpoints import CHECKPOINT_NAMING, CheckpointNaming, checkpoint_naming
 from fedexperts.moe.experts import copy_experts, each_expert_output, one_expert_output, run_experts
 from fedexperts.moe.families import (
     FAMILIES,
@@ -50,8 +51,10 @@ from fedexperts.moe.surgery import (
 )
 
 __all__ = [
+    "CHECKPOINT_NAMING",
     "FAMILIES",
     "FLEX_ROLES",
+    "CheckpointNaming",
     "ExpertLayout",
     "ExpertMap",
     "Graft",
@@ -69,6 +72,7 @@ __all__ = [
     "SelectionMethod",
     "add_personal_lora",
     "apply_roles",
+    "checkpoint_naming",
     "copy_experts",
     "each_expert_output",
     "expert_map",

@@ -288,7 +288,7 @@ def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> P
     for name, (num_group, topk_group) in mapping.groups.items():
         layers[name].router.num_group, layers[name].router.topk_group = num_group, topk_group
     model.to_empty(device="cpu")
-    _initialise_non_persistent_buffers(model)
+    initialise_non_persistent_buffers(model)
     try:
         missing, unexpected = load_model(model, str(source / WEIGHTS_FILE), strict=False)
     except RuntimeError as error:  # shape mismatches
@@ -305,7 +305,7 @@ def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> P
     return model.to(dtype) if dtype is not None else model
 
 
-def _initialise_non_persistent_buffers(model: PreTrainedModel) -> None:
+def initialise_non_persistent_buffers(model: PreTrainedModel) -> None:
     """Recompute buffers that are not saved (rotary frequencies), as ``from_pretrained`` does."""
     for module in model.modules():
         if module._non_persistent_buffers_set:

@@ -1,12 +1,12 @@
 """Size a federation from a model's config alone: parameters by role, bytes per round, client memory.
 
 :mod:`.presets` says what to plan (checkpoint presets, a ``config.json``, dtype names),
-:mod:`.meta` builds that model on the ``meta`` device, and :mod:`.plan` plays one client round on
-it under an algorithm and counts; the wire's byte layout stays in :mod:`fedexperts.federation.payload`
-and the rendering in :mod:`fedexperts.reporting.plan_tables`.
+:func:`~fedexperts.models.partial.meta_model` builds that model on the ``meta`` device, and
+:mod:`.plan` plays one client round on it under an algorithm and counts; the wire's byte layout
+stays in :mod:`fedexperts.federation.payload` and the rendering in :mod:`fedexperts.reporting.plan_tables`.
 """
 
-from fedexperts.planning.meta import meta_model
+from fedexperts.models.partial import meta_model
 from fedexperts.planning.plan import KindCount, MemoryEstimate, Plan, plan
 from fedexperts.planning.presets import DTYPES, PRESET_SOURCES, PRESETS, PlanError, load_plan_config, resolve_dtype
 

@@ -1,9 +1,10 @@
 """Size a federation before anything is downloaded: parameters by role, bytes per round, client memory.
 
-:func:`plan` builds the model on ``meta`` (:mod:`.meta`) from a preset or config (:mod:`.presets`),
-then the algorithm does exactly what it does on a real model: ``prepare`` injects peft's LoRA in
-place and assigns roles, ``initial_global_state`` / ``downlink`` / ``setup_client`` / ``uplink`` /
-``personal_state`` produce one client round's payloads, and the wire sizes them
+:func:`plan` builds the model on ``meta`` (:func:`~fedexperts.models.partial.meta_model`) from a
+preset or config (:mod:`.presets`), then the algorithm does exactly what it does on a real model:
+``prepare`` injects peft's LoRA in place and assigns roles, ``initial_global_state`` /
+``downlink`` / ``setup_client`` / ``uplink`` / ``personal_state`` produce one client round's
+payloads, and the wire sizes them
 (:func:`fedexperts.federation.payload.payload_size`). Nothing here knows an algorithm's name: FLEx,
 FedMoE or any later algorithm is planned through the same interface; one whose payload depends on
 tensor *values* (not shapes) could not be planned this way, and the ones registered today do not.
@@ -24,9 +25,9 @@ from fedexperts.config import AlgorithmConfig
 from fedexperts.errors import UnsupportedModelError
 from fedexperts.federation.payload import payload_size
 from fedexperts.interface import ClientInfo, LocalData
+from fedexperts.models.partial import meta_model
 from fedexperts.moe.families import family_for, moe_layers, unwrap_model
 from fedexperts.moe.params import Role, parameter_kinds
-from fedexperts.planning.meta import meta_model
 from fedexperts.planning.presets import PlanError, load_plan_config, presets_hint, resolve_dtype
 
 

@@ -2,8 +2,9 @@
 
 import torch
 
-from fedexperts.algorithms.fedmoe.algorithm import HELD_KEY, SCORE_KEY, FedMoE, RandomMoE
+from fedexperts.algorithms.fedmoe.algorithm import HELD_KEY, SCORE_KEY, FedMoE
 from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions, RandomMoEConfig, RandomMoEOptions
+from fedexperts.algorithms.fedmoe.random_moe import RandomMoE
 from fedexperts.algorithms.settings import ServerConfig
 from fedexperts.federation.payload import decode, encode
 from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fedexperts import experiment
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation import client as client_module
 from fedexperts.federation import inprocess
@@ -163,3 +164,31 @@ def test_no_structure_decision_reads_a_test_row(micro_config, micro_budgets, mon
     assert structures(clean) == structures(dirty)
     validation = [[e.get("validation") for e in r["clients"].values()] for r in clean.records[1:-1]]
     assert validation == [[e.get("validation") for e in r["clients"].values()] for r in dirty.records[1:-1]]
+
+
+def test_clients_that_load_only_their_sub_moe_give_the_shared_runs_results(micro_config, micro_budgets, monkeypatch):
+    """The same client steps on the same numbers: a loaded sub-MoE holds the view's tensors, bit for bit."""
+    overrides = (
+        "algorithm.name=fedmoe",
+        micro_budgets,
+        "algorithm.fedmoe.patience=1",
+        "algorithm.fedmoe.warmup_rounds=0",
+        *CHEAP_FINAL,
+    )
+    shared = run_experiment(micro_config(*overrides, "name=shared"))
+    kept = []
+    original = experiment.load_sub_moe
+
+    def counted(folder, keep, **options):
+        kept.append(sum(len(experts) for experts in keep.values()))
+        return original(folder, keep, **options)
+
+    monkeypatch.setattr(experiment, "load_sub_moe", counted)
+    loaded = run_experiment(micro_config(*overrides, "name=sub-moe", "federation.client_model=sub-moe"))
+    # round 1: the profiling client loads the full model, the others wait (no model); then 3 steps in round 2 and final
+    assert len(kept) == 1 + 3 + 3 and min(kept) < max(kept)
+    assert stable(loaded.records[1:]) == stable(shared.records[1:])
+    (a, meta_a), (b, meta_b) = checkpoint(shared.run_dir), checkpoint(loaded.run_dir)
+    assert a.keys() == b.keys() and meta_a == meta_b
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -19,8 +19,8 @@ and the patience / trial / revert-and-freeze rule of :class:`~.recommend.Recomme
 estimate), :mod:`.search` (stage 1), :mod:`.aggregate` (modular average), :mod:`.recommend`
 (stage 2), :mod:`.records` (what the server knows of a client, and its checkpoint form) and
 :mod:`.schedule` (budgets, plans, and what the server does with replies). :mod:`.views` is the
-one module that touches models; :mod:`.algorithm` holds :class:`FedMoE` and :class:`RandomMoE`,
-which turn all of it into payloads; :mod:`.config` their settings. Expert indices are always
+one module that touches models; :mod:`.algorithm` holds :class:`FedMoE` (and :mod:`.random_moe` its
+baseline), which turn all of it into payloads; :mod:`.config` their settings. Expert indices are always
 *global* (indices into the full model's layer).
 
 **What is trained and sent.** The global state is the dense shared part (``scope``, attention LoRA
@@ -76,7 +76,13 @@ reverted before the final evaluation (:meth:`~.algorithm.FedMoE.finish`).
 **Communication** is recorded as sent (exact wire bytes) and, in each client's ``report``, as the
 paper counts it: ``paper_bytes``, the whole sub-MoE in float32, per direction and round.
 
-**The client model.** One base model is shared by every client of a process. A stage-2 client
+**The client model.** A client can hold only its sub-MoE, as the paper's memory-constrained
+devices do: :meth:`~.algorithm.FedMoE.client_experts` names the experts a downlink needs (every
+one while profiling), the runtime loads just those from the checkpoint
+(:func:`fedexperts.models.load_sub_moe`, ``federation.client_model = "sub-moe"``, always on a Flower
+node) and :meth:`~fedexperts.algorithms.base.BaseAlgorithm.prepare_client_model` gives it the base's
+LoRA, roles and float32 masters; ``setup_client`` then fills that model itself. In the default
+``"shared"`` mode one base model is shared by every client of a process, and a stage-2 client
 trains a pruned *view* of it: ``copy.deepcopy`` with a memo that maps every parameter, buffer and
 tensor attribute to itself copies only the module objects and config, then ``select_experts``
 replaces the view's expert-row tensors by sliced copies (it assigns new tensors to the view's own
@@ -87,7 +93,7 @@ the base model), while the base model's experts, routers and config are never to
 always sees the pretrained experts. What a client step knows (its phase, held experts, measured
 ``p`` and category) is in its :class:`~.algorithm.FedMoEContext`, never on the shared object.
 
-**randomMoE** (:class:`~.algorithm.RandomMoE`): the same stages and validation split, but each sub-MoE
+**randomMoE** (:class:`~.random_moe.RandomMoE`): the same stages and validation split, but each sub-MoE
 is a random choice of exactly the sizes FedMoE's search picks, drawn per client from
 ``(federation.seed, algorithm.fedmoe.seed, client)`` (so every federation seed draws its own), and
 there is no recommendation.

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
+from fedexperts.algorithms.base import BaseAlgorithm, is_client_model, scope_rules
 from fedexperts.algorithms.fedmoe.aggregate import ExpertUpdate, aggregate_fedmoe, keep_unheld_rows
-from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions, RandomMoEConfig, RandomMoEOptions
+from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
 from fedexperts.algorithms.fedmoe.layout import Layout, Structure
 from fedexperts.algorithms.fedmoe.records import Phase, Plan, Reply, Source
 from fedexperts.algorithms.fedmoe.schedule import Schedule
@@ -24,6 +24,7 @@ from fedexperts.algorithms.fedmoe.views import (
     check_full_base,
     dense_tensors,
     held_rows,
+    holds_exactly,
     layout_of,
     load_dense,
     load_rows,
@@ -75,7 +76,7 @@ def fedmoe_rules(scope: SharedScope) -> RoleRules:
 class FedMoEContext(ClientContext):
     """One client's step, between :meth:`FedMoE.setup_client` and :meth:`FedMoE.uplink`.
 
-    ``model`` is the base model itself while profiling, else the client's sub-MoE view.
+    ``model`` is the full model while profiling, else the client's sub-MoE (loaded, or a view of the base).
     """
 
     phase: Phase = Phase.TRAIN
@@ -95,6 +96,7 @@ class FedMoE(BaseAlgorithm):
     """
 
     name = "fedmoe"
+    client_sub_moes = True
 
     def __init__(
         self, config: FedMoEConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
@@ -126,15 +128,17 @@ class FedMoE(BaseAlgorithm):
         super().prepare(model)
         self.schedule.prepare(self.layout)
 
-    def _settle_base(self, model: nn.Module) -> None:
-        """Learn the layout (sizes in the checkpoint's dtype) and freeze the expert rows on the base.
-
-        The base keeps its pretrained experts in their dtype; each client's view trains float32
-        copies of its held rows (:func:`~fedexperts.algorithms.fedmoe.views.load_rows`).
-        """
+    def _learn(self, model: nn.Module) -> None:
+        """Learn the layout (sizes in the checkpoint's dtype)."""
         base = unwrap_model(model)
         self.layout = layout_of(base, moe_layers(base), self.roles, self.name, counts=self.budget_counts)
-        params = dict(base.named_parameters())
+
+    def _settle_base(self, model: nn.Module) -> None:
+        """Freeze the expert rows: the model keeps its pretrained experts in their dtype.
+
+        The client model trains float32 copies of its held rows (:func:`~fedexperts.algorithms.fedmoe.views.load_rows`).
+        """
+        params = dict(unwrap_model(model).named_parameters())
         for name in self.layout.rows:
             params[name].requires_grad_(False)
 
@@ -197,39 +201,62 @@ class FedMoE(BaseAlgorithm):
             metadata[MEASURE_KEY] = plan.measure
         return Payload(tensors, metadata)
 
-    @torch.no_grad()
-    def setup_client(
-        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
-    ) -> FedMoEContext:
-        """Profile: the base model itself (and ``p`` measured). Stage 2: the client's sub-MoE view."""
+    def client_experts(self, received: Payload) -> dict[str, list[int]] | None:
+        """Stage 2: the held experts; profiling: every expert (the full model); waiting: none (no model)."""
+        phase, structure = self._step_of(received, "")
+        if phase is Phase.WAIT:
+            return None
+        return self.layout.held(self.layout.full if structure is None else structure)
+
+    def _step_of(self, received: Payload, client_id: str) -> tuple[Phase, Structure | None]:
+        """The downlink's phase and, in stage 2, its checked structure."""
         metadata = received.metadata
         try:
             phase = Phase(str(metadata.get(PHASE_KEY)))
         except ValueError:
             raise FedExpertsError(f"{self.name}: the downlink has no valid {PHASE_KEY!r}") from None
-        client_id = str(metadata.get(CLIENT_KEY) or data.client.client_id)
+        if phase in (Phase.PROFILE, Phase.WAIT):
+            return phase, None
+        held = metadata.get(HELD_KEY)
+        if not isinstance(held, dict) or set(held) != set(self.layout.layer_names):
+            raise FedExpertsError(f"{self.name}: the downlink's {HELD_KEY!r} does not name every MoE layer")
+        where = str(metadata.get(CLIENT_KEY) or client_id or self.name)
+        return phase, self.layout.checked_structure([held[name] for name in self.layout.layer_names], where)
+
+    @torch.no_grad()
+    def setup_client(
+        self, model: nn.Module, received: Payload, personal: Payload | None, data: LocalData
+    ) -> FedMoEContext:
+        """Profile: ``model`` itself, which must be the full model (and ``p`` measured).
+
+        Stage 2: ``model`` itself when it is a client model (:meth:`prepare_client_model`) holding
+        exactly the client's experts (loaded for :meth:`client_experts`), else a sub-MoE view of the
+        full ``model``, which stays as it was (the shared base).
+        """
+        phase, structure = self._step_of(received, data.client.client_id)
         category = majority_category(data.categories)
         base = unwrap_model(model)
         if phase is Phase.WAIT:
             return FedMoEContext(data.client, model, received, data.round, idle=True, phase=phase, category=category)
-        if phase is Phase.PROFILE:
+        if structure is None:
+            check_full_base(base, self.layout, self.name)
             load_dense(base, received, self.layout, self.name)
             activation = None
-            if metadata.get(MEASURE_KEY) and data.batches is not None:
+            if received.metadata.get(MEASURE_KEY) and data.batches is not None:
                 activation = measure_activation(base, data.batches(), self.measure_examples)
             return FedMoEContext(
                 data.client, model, received, data.round, phase=phase, activation=activation, category=category
             )
-        held = metadata.get(HELD_KEY)
-        if not isinstance(held, dict) or set(held) != set(self.layout.layer_names):
-            raise FedExpertsError(f"{self.name}: the downlink's {HELD_KEY!r} does not name every MoE layer")
-        structure = self.layout.checked_structure([held[name] for name in self.layout.layer_names], client_id)
-        check_full_base(base, self.layout, self.name)
-        view = sub_moe_view(base, self.layout.held(structure))
-        load_dense(view, received, self.layout, self.name)
-        load_rows(view, received, self.layout, self.name)
+        held = self.layout.held(structure)
+        if is_client_model(base) and holds_exactly(base, held):
+            client = base
+        else:
+            check_full_base(base, self.layout, self.name)
+            client = sub_moe_view(base, held)
+        load_dense(client, received, self.layout, self.name)
+        load_rows(client, received, self.layout, self.name)
         return FedMoEContext(
-            data.client, view, received, data.round, phase=phase, structure=structure, category=category
+            data.client, client, received, data.round, phase=phase, structure=structure, category=category
         )
 
     def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
@@ -351,27 +378,3 @@ class FedMoE(BaseAlgorithm):
         optimizer = {k.removeprefix("optimizer/"): v for k, v in state.tensors.items() if k.startswith("optimizer/")}
         self.server.load_state(optimizer)
         self.schedule.load_state(state.tensors, state.metadata.get("clients", {}))
-
-
-class RandomMoE(FedMoE):
-    """randomMoE: random sub-MoEs of exactly the sizes FedMoE's search chooses; no recommendation.
-
-    ``patience`` and ``top_k_neighbours`` are accepted and unused.
-    """
-
-    name = "random-moe"
-
-    def __init__(
-        self, config: RandomMoEConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
-    ) -> None:
-        super().__init__(config or RandomMoEConfig(), client_ids=client_ids, seed=seed)
-
-    def _random_seed(self, options: FedMoEOptions, seed: int) -> tuple[int, ...] | None:
-        """The random sub-MoEs' seed: ``(federation.seed, algorithm.fedmoe.seed)``, drawn per client."""
-        return (seed, options.seed if isinstance(options, RandomMoEOptions) else 0)
-
-    @property
-    def seed(self) -> tuple[int, ...]:
-        seed = self.schedule.seed
-        assert seed is not None
-        return seed

@@ -62,5 +62,5 @@ class RandomMoEConfig(FedMoEConfig):
     """FedMoE's baseline: random sub-MoEs of the sizes FedMoE's search would choose, no recommendation."""
 
     name: Literal["random-moe"] = "random-moe"  # type: ignore[assignment]
-    builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.algorithm:RandomMoE"
+    builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.random_moe:RandomMoE"
     fedmoe: RandomMoEOptions = Field(default_factory=RandomMoEOptions)

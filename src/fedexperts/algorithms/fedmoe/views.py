@@ -1,8 +1,9 @@
 """FedMoE's model side: the one place that touches models and moves tensors between them and payloads.
 
 It learns the :class:`~fedexperts.algorithms.fedmoe.layout.Layout` from the prepared model
-(:func:`layout_of`, :func:`expert_and_dense_bytes`), builds a client's sub-MoE as a view of the
-shared base model (:func:`sub_moe_view`), measures expert activation (:func:`measure_activation`),
+(:func:`layout_of`, :func:`expert_and_dense_bytes`), recognises a client model loaded with just
+its experts (:func:`holds_exactly`) or else builds the client's sub-MoE as a view of the shared
+base model (:func:`sub_moe_view`), measures expert activation (:func:`measure_activation`),
 slices the held experts' rows for the downlink and uplink and loads received tensors. Everything
 it decides with is in the model-free modules.
 """
@@ -179,6 +180,12 @@ def sub_moe_view(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> PreTrai
     view = copy.deepcopy(base, memo)
     select_experts(view, keep)
     return view
+
+
+def holds_exactly(model: nn.Module, held: Mapping[str, Sequence[int]]) -> bool:
+    """Whether ``model`` holds exactly the ``held`` global experts of every layer, in that order (a loaded sub-MoE)."""
+    mapping = expert_map(unwrap_model(model)).local_to_global
+    return all(mapping.get(layer) == tuple(experts) for layer, experts in held.items())
 
 
 def check_full_base(model: nn.Module, layout: Layout, name: str) -> None:

@@ -10,7 +10,10 @@ dropped then, so a refused or lost update never becomes the client's state.
 
 In a deployment every message starts a fresh ClientApp process, so the node rebuilds its setting
 each time (the base model is memory-mapped from safetensors; the time is reported as
-``seconds_setup``). In a simulation the Ray actor keeps it between messages.
+``seconds_setup``). In a simulation the Ray actor keeps it between messages. For an algorithm that
+names its clients' experts (FedMoE), a node never loads the full model: it prepares the algorithm
+on a meta-device model and each step loads only the sub-MoE its downlink names
+(:class:`~fedexperts.experiment.ClientModels`), whatever ``federation.client_model`` says.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class _SettingCache:
         key = config.model_dump_json()
         if self.built is None or key != self.key:
             rows = federated_rows(config)
-            base = with_evaluation(build_setting(config, only_clients=[], evaluation=False), rows)
+            base = with_evaluation(build_setting(config, only_clients=[], evaluation=False, node=True), rows)
             self.key, self.built, self.clients = key, (base, rows), {}
         if partition not in self.clients:
             base, rows = self.built

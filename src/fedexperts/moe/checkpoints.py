@@ -1,0 +1,75 @@
+"""How checkpoints name each family's tensors, where that differs from the model's own names.
+
+transformers v5 holds routed experts as fused 3-D tensors, but checkpoints on the hub (and what
+``save_pretrained`` writes) keep one tensor per expert and projection, sometimes under older
+module names; ``from_pretrained`` renames and fuses them with its conversion mapping
+(``transformers/conversion_mapping.py``). A :class:`CheckpointNaming` restates that mapping for
+one family, so that :func:`fedexperts.models.load_sub_moe` can read and fuse the rows of the
+experts a client holds, and nothing else. A checkpoint may also hold the fused tensors under the
+model's own names (:func:`fedexperts.moe.save_pruned` and plain ``safetensors`` saves do); both
+are read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedexperts.errors import UnsupportedModelError
+from fedexperts.moe.families import family_for
+
+_GATE_UP_DOWN = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("down_proj.weight",)}
+_W1_W3_W2 = {"gate_up_proj": ("w1.weight", "w3.weight"), "down_proj": ("w2.weight",)}
+
+
+@dataclass(frozen=True)
+class CheckpointNaming:
+    """One family's checkpoint names, as transformers' conversion mapping reads them."""
+
+    renames: tuple[tuple[str, str], ...] = ()
+    """``(pattern, replacement)`` regular expressions taking a checkpoint name to the model's name, in order."""
+    per_expert: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Fused expert tensor (relative to the experts module) -> the per-expert tensors (relative to
+    ``experts.<index>``) whose rows, concatenated in this order, make one expert's row of it."""
+
+    def model_name(self, checkpoint_name: str) -> str:
+        """The model's name for a tensor stored as ``checkpoint_name``."""
+        for pattern, replacement in self.renames:
+            checkpoint_name = re.sub(pattern, replacement, checkpoint_name)
+        return checkpoint_name
+
+
+CHECKPOINT_NAMING: dict[str, CheckpointNaming] = {
+    "qwen2_moe": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "qwen3_moe": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "olmoe": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "deepseek_v2": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "deepseek_v3": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "mixtral": CheckpointNaming(renames=((r"\.block_sparse_moe\.", ".mlp."),), per_expert=_W1_W3_W2),
+    "phimoe": CheckpointNaming(
+        renames=((r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate\.weight$", ".mlp.router.weight")),
+        per_expert=_W1_W3_W2,
+    ),
+    "granitemoe": CheckpointNaming(
+        renames=(
+            (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
+            (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"),
+            (r"block_sparse_moe\.router\.layer\.weight$", "block_sparse_moe.router.weight"),
+        )
+    ),
+    "gpt_oss": CheckpointNaming(),
+}
+"""Every family with fused experts; Switch Transformers (one module per expert) is not here."""
+
+
+def checkpoint_naming(model_or_config: object) -> CheckpointNaming:
+    """The naming of a model's (or config's) family, or a clear error for a family that has none."""
+    family = family_for(model_or_config)
+    naming = CHECKPOINT_NAMING.get(family.model_type)
+    if naming is None:
+        raise UnsupportedModelError(
+            f"{family.display_name} ({family.model_type}) keeps one module per expert; loading a sub-MoE "
+            f"from its checkpoint is supported for fused-expert families: {', '.join(sorted(CHECKPOINT_NAMING))}"
+        )
+    return naming
