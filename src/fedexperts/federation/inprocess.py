@@ -97,8 +97,9 @@ def run_experiment(
     store = ClientStateStore(target / CLIENTS)
     try:
         if resume:  # a damaged run is reported before the model loads (the server loop checks again)
-            InProcessTransport.finish_commit(store, RunStore(target).rounds_done)
-            check_resume(RunStore(target), resume_from)
+            files = RunStore(target)
+            InProcessTransport.finish_commit(store, files.rounds_done)
+            check_resume(files, resume_from)
         setting = setting or build_setting(config)
         federation = Federation(
             config,
