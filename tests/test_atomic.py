@@ -1,6 +1,10 @@
-import pytest
+import os
+import stat
 
-from fedexperts.atomic import atomic_directory, atomic_file
+import pytest
+import torch
+
+from fedexperts.atomic import atomic_directory, atomic_file, save_tensors
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path):
@@ -28,3 +32,19 @@ def test_atomic_directory_keeps_the_old_folder_until_the_new_one_is_complete(tmp
         (staging / "weights").write_text("new")
     assert (target / "weights").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_and_folders_get_the_ordinary_modes_under_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "record.json") as staging:
+            staging.write_text("{}")
+        save_tensors(tmp_path / "state.safetensors", {"w": torch.ones(2)})
+        with atomic_directory(tmp_path / "model") as staging:
+            (staging / "weights").write_text("new")
+    finally:
+        os.umask(previous)
+    for name in ("record.json", "state.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~umask

@@ -10,6 +10,7 @@ from fedexperts.models import tiny_model
 from fedexperts.moe import moe_layers, select_experts
 from fedexperts.training import (
     IGNORE_INDEX,
+    DivergenceError,
     causal_lm_loss,
     cosine_learning_rate,
     load_balancing_loss,
@@ -158,3 +159,23 @@ def test_bad_training_inputs_are_clear_errors():
     model.requires_grad_(True)
     with pytest.raises(FedExpertsError, match="loss became nan"):
         train_local(model, batches(model), TrainConfig(), proximal=lambda: torch.tensor(float("nan")))
+
+
+def test_a_learning_rate_far_too_large_is_divergence_not_an_ok_update():
+    """At lr=1e6 Adam moves every weight by ~1e6 in one step: the loss saturates and stays flat, the weights explode."""
+    model = tiny_model("olmoe")
+    with pytest.raises(DivergenceError, match=r"^c1 diverged: the trainable weights' RMS went from .* at step 1 of 3 "):
+        train_local(model, batches(model), TrainConfig(learning_rate=1e6, steps_per_round=3), description="c1")
+    assert not model.training and all(p.grad is None for p in model.parameters())  # ready for the next client
+
+
+def test_a_non_finite_loss_names_the_step_and_the_remedy():
+    model = tiny_model("olmoe")
+    with pytest.raises(DivergenceError, match=r"c1 diverged: the loss became nan at step 1 of 2; lower train"):
+        train_local(
+            model,
+            batches(model),
+            TrainConfig(steps_per_round=2),
+            proximal=lambda: torch.tensor(math.nan),
+            description="c1",
+        )

@@ -31,6 +31,7 @@ from fedexperts.moe.precision import autocast_for
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.moe.surgery import expert_map
 from fedexperts.reporting.schema import CONFIG_FILE
+from fedexperts.runfiles import tracked_writes
 
 GATE_ROWS_PER_CATEGORY = 32
 
@@ -139,14 +140,20 @@ def _gate_openings(
 
 
 def plot_analysis(analysis: dict[str, Any], folder: str | Path) -> list[Path]:
-    """``routing_usage.png`` (a heatmap per client) and, for FLEx, ``gate_openings.png``."""
+    """``routing_usage.png`` (a heatmap per client) and, for FLEx, ``gate_openings.png``; a run lists them."""
+    target = Path(folder)
+    paths = [target / "routing_usage.png", *([target / "gate_openings.png"] if analysis["gates"] else [])]
+    with tracked_writes(target, *paths):
+        return _plot_analysis(analysis, *paths)
+
+
+def _plot_analysis(analysis: dict[str, Any], usage_path: Path, gates_path: Path | None = None) -> list[Path]:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from fedexperts.atomic import atomic_file
 
-    target = Path(folder)
     written = []
     usage = analysis["usage"]
     figure = Figure(figsize=(2.6 * len(usage) + 1, 2.8))
@@ -158,11 +165,11 @@ def plot_analysis(analysis: dict[str, Any], folder: str | Path) -> list[Path]:
         axes.set_xlabel("expert")
         axes.set_ylabel("MoE layer" if position == 1 else "")
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="share of tokens")
-    with atomic_file(target / "routing_usage.png") as path:
+    with atomic_file(usage_path) as path:
         figure.savefig(path, dpi=110, format="png")
-    written.append(target / "routing_usage.png")
+    written.append(usage_path)
     gates = analysis["gates"]
-    if gates:
+    if gates and gates_path is not None:
         categories = sorted({category for per_client in gates.values() for category in per_client})
         figure = Figure(figsize=(1.2 * len(categories) + 3, 0.45 * len(gates) + 1.8))
         FigureCanvasAgg(figure)
@@ -175,7 +182,7 @@ def plot_analysis(analysis: dict[str, Any], folder: str | Path) -> list[Path]:
         axes.set_title("FLEx personal gate opening (mean sigmoid over tokens and layers)")
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
-        with atomic_file(target / "gate_openings.png") as path:
+        with atomic_file(gates_path) as path:
             figure.savefig(path, dpi=110, format="png")
-        written.append(target / "gate_openings.png")
+        written.append(gates_path)
     return written

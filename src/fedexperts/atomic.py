@@ -1,25 +1,55 @@
-"""Atomic writes: a crash mid-save never leaves a half-written file or folder in place."""
+"""Atomic writes: a crash mid-save never leaves a half-written file or folder in place.
+
+The temporary beside the target is created with the ordinary modes (0666 for a file, 0777 for a
+folder, less the umask), not ``tempfile``'s private 0600/0700, so what lands in place is readable
+as any file the user writes. Its name is ``.{target name}.{8 hex digits}.tmp``, which
+:data:`TEMPORARY` matches: a run directory's leftover of fedexperts' own (after a hard kill).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+"""The name of what :func:`atomic_file` leaves beside its target when the process is killed mid-write."""
+
+
+def _beside(target: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new, uniquely named ``.{name}.{hex}{suffix}`` beside ``target``, made by ``create`` (which never reuses)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        candidate = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
+
+
+def _new_folder(path: Path) -> None:
+    path.mkdir(mode=0o777)  # the umask applies
+
 
 @contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+    temporary = _beside(target, ".tmp", _new_file)
     try:
         yield Path(temporary)
         os.replace(temporary, target)
@@ -35,12 +65,11 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     An existing folder at ``path`` is kept until the new one is complete.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = _beside(target, ".tmp", _new_folder)
     try:
         yield staging
         if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            retired = _beside(target, ".old", _new_folder)
             os.replace(target, retired / target.name)
             os.replace(staging, target)
             shutil.rmtree(retired)
@@ -58,5 +87,7 @@ def save_tensors(
     target = Path(path)
     prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with atomic_file(target) as staging:
+        mode = staging.stat().st_mode  # safetensors writes a file of its own (0600): give it back the usual mode
         save_file(prepared, str(staging), metadata=dict(metadata or {}))
+        os.chmod(staging, stat.S_IMODE(mode))
     return target

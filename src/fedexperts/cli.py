@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedexperts.errors import FedExpertsError
 
@@ -66,6 +67,11 @@ def _print_round(record: dict[str, Any]) -> None:
         f"round {record['round']}: {ok}/{len(record['clients'])} clients ok{score}, "
         f"{record['bytes_down']:,} B down / {record['bytes_up']:,} B up, {record['seconds']['round']:.1f} s"
     )
+    for client, entry in record["clients"].items():
+        if entry["status"] != "ok":
+            console.print(
+                f"  [yellow]{escape(client)} {entry['status']}[/]: {escape(str(entry['error']))}", highlight=False
+            )
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -76,7 +82,12 @@ def run(
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where the run writes (default: output_dir/name).")] = None,
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run in its run directory."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in the run directory first."),
+    resume_from: Annotated[
+        int | None, typer.Option(help="Continue after this earlier completed round (drops the later ones).")
+    ] = None,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete the run in the run directory first (only the files fedexperts wrote)."
+    ),
 ) -> None:
     """Run one federated experiment in this process; print per-client results; write the run directory."""
     from fedexperts.config import load_config
@@ -92,7 +103,9 @@ def run(
         f"[bold]{config.name}[/]: {config.algorithm.name} on {config.data.source} with {config.model.name}, "
         f"{config.federation.clients} clients x {config.federation.rounds} rounds -> {target}"
     )
-    result = run_experiment(config, target, resume=resume, overwrite=overwrite, on_round=_print_round)
+    result = run_experiment(
+        config, target, resume=resume, resume_from=resume_from, overwrite=overwrite, on_round=_print_round
+    )
     written = write_report(result.run_dir)
     console.print(final_table(load_run(result.run_dir)))
     console.print(f"wrote {', '.join(str(p) for p in written)}")
@@ -140,9 +153,10 @@ def compare(
     """
     from fedexperts.config import load_config
     from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.federation.rundir import is_run_dir
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
-    from fedexperts.reporting.schema import CONFIG_FILE, METRICS_FILE
+    from fedexperts.reporting.schema import METRICS_FILE
     from fedexperts.studies import STUDIES
     from fedexperts.studies import study as find_study
 
@@ -182,7 +196,7 @@ def compare(
         finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
         if not finished:
             console.print(f"[bold]{name}[/], seed {seed} -> {run_dir}")
-            run_experiment(config, run_dir, resume=(run_dir / CONFIG_FILE).exists(), on_round=_print_round)
+            run_experiment(config, run_dir, resume=is_run_dir(run_dir), on_round=_print_round)
             write_report(run_dir)
         groups.setdefault(name, []).append(load_run(run_dir))
     pairs = [pair for pair in (preset.pairs if preset else ()) if all(name in groups for name in pair)]
@@ -365,7 +379,9 @@ def flower_simulate(
         list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where the run writes (default: output_dir/name).")] = None,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run in the run directory first."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete the run in the run directory first (only the files fedexperts wrote)."
+    ),
     cpus_per_client: float = typer.Option(1.0, help="CPU cores each simulated client (Ray actor) takes."),
 ) -> None:
     """Run one experiment on Flower's simulation engine (Ray): one SuperNode per client, on this machine."""

@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from fedexperts.algorithms.flex.config import FlexConfig
@@ -150,6 +150,7 @@ class EvalConfig(Section):
 
 class ExperimentConfig(Section):
     name: str = "default"
+    """The run's folder under ``output_dir``: a relative path (``study/a`` nests) that stays inside it."""
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -166,6 +167,16 @@ class ExperimentConfig(Section):
         if isinstance(section, dict) and "name" not in section:
             return {**data, "algorithm": {**section, "name": DEFAULT_ALGORITHM}}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _inside_output_dir(cls, name: str) -> str:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or Path(name).drive or any(part in ("..", ".") for part in parts):
+            raise ValueError(
+                f"{name!r} must be a relative folder name inside output_dir (no absolute path, '.' or '..' parts)"
+            )
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

@@ -15,3 +15,7 @@ class SurgeryError(FedExpertsError):
 
 class DataError(FedExpertsError):
     """Instruction data that cannot be read, does not fit the schema, or cannot be split as asked."""
+
+
+class RunError(FedExpertsError):
+    """A run that cannot start, continue or complete (e.g. too few successful clients in a round)."""

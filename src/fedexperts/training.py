@@ -54,6 +54,24 @@ def cosine_learning_rate(
     return peak * (floor_fraction + (1 - floor_fraction) * cosine)
 
 
+GROWTH_LIMIT = 100.0
+"""Local training has diverged when the trainable weights' RMS exceeds ``max(GROWTH_LIMIT x`` its value at
+the start, ``1.0)`` (see :func:`train_local`)."""
+
+
+class DivergenceError(FedExpertsError):
+    """Local training blew up: a non-finite loss or weight, or weights grown past :data:`GROWTH_LIMIT`."""
+
+
+def weights_rms(params: Iterable[torch.Tensor]) -> float:
+    """Root mean square over every element of ``params`` (float32 accumulation: half-precision weights never
+    overflow it), ``inf``/``nan`` when one is not finite."""
+    chosen = [param.detach() for param in params]
+    norms = torch.stack([torch.linalg.vector_norm(param, dtype=torch.float32) for param in chosen])
+    count = sum(param.numel() for param in chosen)
+    return float(torch.linalg.vector_norm(norms)) / math.sqrt(max(count, 1))
+
+
 @dataclass(frozen=True)
 class TrainResult:
     loss: float
@@ -156,6 +174,11 @@ def train_local(
     The learning rate follows :func:`cosine_learning_rate` across ``total_rounds`` rounds, so round
     ``round_index`` continues where the previous one stopped.
 
+    Divergence stops the client with a :class:`DivergenceError` (never an "ok" update): a loss that is
+    not finite, or after a step a trainable weight that is not finite or an RMS of the trainable weights
+    above ``max(GROWTH_LIMIT x`` the RMS before the first step, ``1.0)`` (a learning rate far too large
+    saturates the model: the weights explode while the loss stays flat).
+
     ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` returns an
     extra loss term (FedProx's ``mu/2 ||w - w_global||^2``). The caller seeds torch for
     reproducibility; the loop itself draws no randomness besides the model's dropout.
@@ -177,44 +200,57 @@ def train_local(
     source = _cycle(batches)
     autocast = autocast_for(model, bf16=settings.bf16)
     total_loss, total_batches, tokens = 0.0, 0, 0
+    start_rms = weights_rms(params)
+    limit = max(GROWTH_LIMIT * start_rms, 1.0)
     start = time.perf_counter()
     steps = range(settings.steps_per_round)
-    for step in tqdm(steps, desc=description, disable=not progress, leave=False):
-        learning_rate = cosine_learning_rate(
-            round_index * settings.steps_per_round + step,
-            peak=settings.learning_rate,
-            floor_fraction=settings.min_learning_rate / settings.learning_rate,
-            warmup_steps=settings.warmup_steps,
-            total_steps=settings.steps_per_round * total_rounds,
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
+    try:
+        for step in tqdm(steps, desc=description, disable=not progress, leave=False):
+            learning_rate = cosine_learning_rate(
+                round_index * settings.steps_per_round + step,
+                peak=settings.learning_rate,
+                floor_fraction=settings.min_learning_rate / settings.learning_rate,
+                warmup_steps=settings.warmup_steps,
+                total_steps=settings.steps_per_round * total_rounds,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(settings.grad_accumulation):
+                batch = {key: value.to(device) for key, value in next(source).items()}
+                labels = batch.pop("labels")
+                with autocast, captured_router_logits(model, settings.router_aux_loss_coef > 0) as router_logits:
+                    outputs = model(**batch)
+                    loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
+                    objective = loss
+                    if router_logits:
+                        aux = load_balancing_loss(router_logits, batch.get("attention_mask"), settings.router_aux_loss)
+                        objective = objective + settings.router_aux_loss_coef * aux
+                    if proximal is not None:
+                        objective = objective + proximal()
+                if not torch.isfinite(objective):
+                    raise DivergenceError(
+                        f"{description} diverged: the loss became {objective.item()} at step {step + 1} of "
+                        f"{settings.steps_per_round}; lower train.learning_rate"
+                    )
+                (objective / settings.grad_accumulation).backward()
+                total_loss += loss.item()
+                total_batches += 1
+                tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            rms = weights_rms(params)
+            if not rms <= limit:  # also catches nan
+                raise DivergenceError(
+                    f"{description} diverged: the trainable weights' RMS went from {start_rms:.3g} to {rms:.3g} at "
+                    f"step {step + 1} of {settings.steps_per_round} (limit {limit:.3g}); lower train.learning_rate"
+                )
+    finally:  # the base model is shared by the next client, whether this one finished or diverged
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(settings.grad_accumulation):
-            batch = {key: value.to(device) for key, value in next(source).items()}
-            labels = batch.pop("labels")
-            with autocast, captured_router_logits(model, settings.router_aux_loss_coef > 0) as router_logits:
-                outputs = model(**batch)
-                loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
-                objective = loss
-                if router_logits:
-                    aux = load_balancing_loss(router_logits, batch.get("attention_mask"), settings.router_aux_loss)
-                    objective = objective + settings.router_aux_loss_coef * aux
-                if proximal is not None:
-                    objective = objective + proximal()
-            if not torch.isfinite(objective):
-                raise FedExpertsError(f"{description}: loss became {objective.item()} at step {step}")
-            (objective / settings.grad_accumulation).backward()
-            total_loss += loss.item()
-            total_batches += 1
-            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if checkpointing is not None:
-        checkpointing[1]()  # the base model is shared by the next client
-    model.eval()
+        if checkpointing is not None:
+            checkpointing[1]()
+        model.eval()
     return TrainResult(
         loss=total_loss / max(total_batches, 1),
         steps=settings.steps_per_round,

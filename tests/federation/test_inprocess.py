@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedexperts.algorithms import FedAvg
 from fedexperts.errors import FedExpertsError
@@ -14,25 +13,7 @@ from fedexperts.federation.payload import encode
 from fedexperts.federation.server import RunError, _eval_record, sample_clients
 from fedexperts.interface import Payload
 from fedexperts.reporting.schema import Scores
-
-VOLATILE = {"seconds", "peak_memory_bytes", "bytes_up"}
-
-
-def stable(value):
-    """A record without wall times and memory figures, which differ between identical runs.
-
-    Uplink bytes go too: the reply's metadata carries the client's timings, whose decimal length varies.
-    """
-    if isinstance(value, dict):
-        return {key: stable(item) for key, item in value.items() if key not in VOLATILE}
-    if isinstance(value, list):
-        return [stable(item) for item in value]
-    return value
-
-
-def final_state(run_dir):
-    checkpoints = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))
-    return load_file(checkpoints[-1])
+from tests.federation.helpers import Interrupt, final_state, stable
 
 
 def test_sampling_is_seeded_per_round_and_respects_the_minimum():
@@ -125,10 +106,6 @@ def test_fedprox_with_mu_zero_is_fedavg(micro_config):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert stable(fedavg.records[1:]) == stable(prox.records[1:])
     assert fedavg.records[1]["bytes_down"] == prox.records[1]["bytes_down"]
-
-
-class Interrupt(BaseException):
-    """Stands for a kill: not an ``Exception``, so the runtime does not treat it as a client failure."""
 
 
 @pytest.mark.parametrize("where", ["between-rounds", "mid-round"])

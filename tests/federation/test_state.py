@@ -28,17 +28,37 @@ def test_corrupt_client_state_is_a_clear_error(tmp_path):
         store.load("c1")
 
 
-def test_checkpoints_keep_the_newest_and_resume_from_the_latest(tmp_path):
-    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+def test_checkpoints_carry_their_round_and_a_misnamed_one_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt")
     assert store.latest() is None
     for round_number in (1, 2, 3):
         store.save(round_number, Payload({"w": torch.full((2,), float(round_number))}, {"seed": 5}))
-    assert store.rounds() == [2, 3]
+    assert store.rounds() == [1, 2, 3]  # which to keep is the run's business (RunStore)
     latest = store.latest()
     assert latest is not None
     round_number, state = latest
     assert round_number == 3 and state.metadata == {"seed": 5, "round": 3}
     assert torch.equal(state.tensors["w"], torch.full((2,), 3.0))
+    store.path(1).rename(store.path(4))
+    for read in (store.load, store.check):
+        with pytest.raises(PayloadError, match="holds round 1, expected 4"):
+            read(4)
+
+
+def test_a_committed_client_state_that_vanishes_is_an_error_not_a_fresh_start(tmp_path):
+    store = ClientStateStore(tmp_path)
+    store.stage(1, "c1", Payload({"w": torch.ones(2)}))
+    assert store.staged(1) == {tmp_path / "c1.safetensors": tmp_path / ".staging" / "round-000001" / "c1.safetensors"}
+    store.commit(1)
+    assert store.staged(1) == {}
+    store.path("c1").unlink()
+    with pytest.raises(PayloadError, match="committed personal state of c1 is missing"):
+        store.load("c1")
+    store.save("c2", Payload({"w": torch.ones(2)}))
+    reopened = ClientStateStore(tmp_path)  # what it finds when it opens counts as committed too
+    store.path("c2").unlink()
+    with pytest.raises(PayloadError, match="c2 is missing"):
+        reopened.load("c2")
 
 
 def test_a_torn_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ from fedexperts.config import ExperimentConfig
 from fedexperts.experiment import Setting, build_setting
 from fedexperts.federation.client import ClientTask, run_client
 from fedexperts.federation.payload import decode, encode, transfer_dtype
-from fedexperts.federation.rundir import RunResult, prepare_run_dir
+from fedexperts.federation.resume import check_resume
+from fedexperts.federation.rundir import RunResult, discard_unstarted, prepare_run_dir
+from fedexperts.federation.runstore import CLIENTS, RunStore
 from fedexperts.federation.server import Delivery, Federation, Member
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import Payload, majority_category
@@ -57,13 +59,21 @@ class InProcessTransport:
     def reject(self, task: ClientTask) -> None:
         self.store.unstage(task.round, task.client_id)
 
+    def staged(self, round_number: int) -> dict[Path, Path]:
+        return self.store.staged(round_number)
+
     def commit(self, round_number: int, accepted: Sequence[str]) -> None:
         self.store.commit(round_number)
 
     def resume(self, done: int) -> None:
+        self.finish_commit(self.store, done)
+
+    @staticmethod
+    def finish_commit(store: ClientStateStore, done: int) -> None:
+        """Move what round ``done`` staged into place (its commit may have been cut short); drop later work."""
         if done:
-            self.store.commit(done)
-        self.store.discard_staged(after=done)
+            store.commit(done)
+        store.discard_staged(after=done)
 
 
 def run_experiment(
@@ -72,20 +82,35 @@ def run_experiment(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    resume_from: int | None = None,
     setting: Setting | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Run (or resume) ``config`` in this process and write the run directory."""
+    """Run (or resume) ``config`` in this process and write the run directory.
+
+    ``resume_from`` (implies ``resume``) continues after that earlier completed round. A start that
+    fails before completing a round leaves no run directory behind (:func:`discard_unstarted`).
+    """
     target = run_dir or config.output_dir / config.name
+    resume = resume or resume_from is not None
     prepare_run_dir(config, target, resume=resume, overwrite=overwrite)
-    setting = setting or build_setting(config)
-    federation = Federation(
-        config,
-        target,
-        algorithm=setting.algorithm,
-        model=setting.model,
-        members=members_of(setting),
-        transport=InProcessTransport(setting, ClientStateStore(target / "clients")),
-        on_round=on_round,
-    )
-    return RunResult(target, federation.run())
+    store = ClientStateStore(target / CLIENTS)
+    try:
+        if resume:  # a damaged run is reported before the model loads (the server loop checks again)
+            files = RunStore(target)
+            InProcessTransport.finish_commit(store, files.rounds_done)
+            check_resume(files, resume_from)
+        setting = setting or build_setting(config)
+        federation = Federation(
+            config,
+            target,
+            algorithm=setting.algorithm,
+            model=setting.model,
+            members=members_of(setting),
+            transport=InProcessTransport(setting, store),
+            on_round=on_round,
+        )
+        return RunResult(target, federation.run(resume_from=resume_from))
+    except BaseException:
+        discard_unstarted(target)
+        raise

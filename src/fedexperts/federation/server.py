@@ -2,15 +2,15 @@
 
 A :class:`Federation` plans each round, hands every sampled client's downlink to a
 :class:`Transport` (the in-process runtime calls the client step directly; Flower sends
-messages to SuperNodes), validates what comes back, aggregates, and writes the round to disk in
-this order: the round's record, the server checkpoint (global state and server optimizer state),
-then the transport's commit of the clients' personal states. ``resume`` restarts from the newest
-checkpoint and redoes the unfinished round with the same seeds.
+messages to SuperNodes), validates what comes back, aggregates, and makes the round durable
+through :class:`~fedexperts.federation.runstore.RunStore` (record and checkpoint, then the
+manifest's commit, then the transport's commit of the clients' personal states). ``run`` first
+verifies everything a continuation depends on (:mod:`fedexperts.federation.resume`) and redoes the
+unfinished round with the same seeds.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,12 +21,12 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
-from fedexperts.atomic import atomic_file
 from fedexperts.config import ExperimentConfig
-from fedexperts.errors import FedExpertsError
+from fedexperts.errors import RunError
 from fedexperts.experiment import client_ids
 from fedexperts.federation.client import ClientTask
-from fedexperts.federation.state import CheckpointStore
+from fedexperts.federation.resume import check_resume
+from fedexperts.federation.runstore import RunStore
 from fedexperts.interface import (
     REPORT_KEY,
     Algorithm,
@@ -41,10 +41,6 @@ from fedexperts.moe.params import Role
 from fedexperts.reporting import schema
 
 _GLOBAL, _SERVER, _SERVER_METADATA = "global/", "server/", "server"
-
-
-class RunError(FedExpertsError):
-    """A run that cannot start, continue or complete (e.g. too few successful clients in a round)."""
 
 
 def restore_checkpoint(checkpoint: Payload, algorithm: Algorithm) -> State:
@@ -116,8 +112,16 @@ class Transport(Protocol):
         """The client's update was refused: its staged personal state must not become current."""
         ...
 
+    def staged(self, round_number: int) -> Mapping[Path, Path]:
+        """The personal states :meth:`commit` will put in place on this machine: final path -> staged path.
+
+        They are listed (with their digests) in the run's manifest before they move, so only files
+        inside the run directory belong here; states kept elsewhere (on SuperNodes) are not.
+        """
+        ...
+
     def commit(self, round_number: int, accepted: Sequence[str]) -> None:
-        """The round is checkpointed: the accepted clients' staged personal states become current."""
+        """The round is committed: the accepted clients' staged personal states become current."""
         ...
 
     def resume(self, done: int) -> None:
@@ -159,31 +163,8 @@ class Federation:
             raise RunError(f"the federation has no member for {', '.join(missing)}")
         self.members = dict(members)
         self.transport = transport
-        self.checkpoints = CheckpointStore(run_dir / "checkpoints")
+        self.store = RunStore(run_dir)
         self.on_round = on_round or (lambda record: None)
-
-    # -- records ---------------------------------------------------------------------------------------
-    def _record_path(self, name: str) -> Path:
-        return self.run_dir / "records" / f"{name}.json"
-
-    def _write_record(self, name: str, record: schema.RunInfo | schema.RoundRecord | schema.FinalRecord) -> None:
-        with atomic_file(self._record_path(name)) as path:
-            path.write_text(json.dumps(schema.dump(record), allow_nan=False))
-
-    def records(self) -> list[dict[str, Any]]:
-        folder = self.run_dir / "records"
-        names = sorted(path.stem for path in folder.glob("round-*.json")) if folder.is_dir() else []
-        lines = [json.loads(self._record_path("run").read_text())]
-        lines.extend(json.loads(self._record_path(name).read_text()) for name in names)
-        if self._record_path("final").exists():
-            lines.append(json.loads(self._record_path("final").read_text()))
-        return lines
-
-    def _write_metrics(self) -> list[dict[str, Any]]:
-        lines = self.records()
-        with atomic_file(self.run_dir / schema.METRICS_FILE) as path:
-            path.write_text("".join(json.dumps(line, allow_nan=False) + "\n" for line in lines))
-        return lines
 
     def _run_record(self) -> schema.RunInfo:
         roles = self.algorithm.roles
@@ -208,24 +189,22 @@ class Federation:
         return schema.RunInfo.model_validate(record)
 
     # -- state -----------------------------------------------------------------------------------------
-    def _restore(self) -> tuple[int, State]:
-        """The last completed round and the global state after it (server optimizer restored too)."""
-        latest = self.checkpoints.latest()
-        if latest is None:
-            self.transport.resume(0)
+    def _restore(self, resume_from: int | None) -> tuple[int, State]:
+        """Verify the run directory, then the round to continue after and the global state after it."""
+        self.transport.resume(self.store.rounds_done)  # finish the last commit's moves first: they are listed
+        done = check_resume(self.store, resume_from)
+        self.store.drop_pending()
+        if resume_from is not None:  # continue after an earlier point: later rounds and the final record go
+            self.store.roll_back(done)
+        if done == 0:
             return 0, self.algorithm.initial_global_state(self.model)
-        done, checkpoint = latest
-        self.transport.resume(done)
-        for path in (self.run_dir / "records").glob("round-*.json"):
-            if int(path.stem.split("-")[1]) > done:
-                path.unlink()
-        return done, restore_checkpoint(checkpoint, self.algorithm)
+        return done, restore_checkpoint(self.store.checkpoints.load(done), self.algorithm)
 
-    def _checkpoint(self, round_number: int, global_state: State) -> None:
+    def _checkpoint(self, global_state: State) -> Payload:
         server = self.algorithm.server_state()
         tensors = {_GLOBAL + k: v for k, v in global_state.items()}
         tensors.update({_SERVER + k: v for k, v in server.tensors.items()})
-        self.checkpoints.save(round_number, Payload(tensors, {_SERVER_METADATA: server.metadata}))
+        return Payload(tensors, {_SERVER_METADATA: server.metadata})
 
     # -- clients ---------------------------------------------------------------------------------------
     def _exchange(
@@ -303,17 +282,22 @@ class Federation:
         return record, ClientUpdate(info, reply)
 
     # -- the run ---------------------------------------------------------------------------------------
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, *, resume_from: int | None = None) -> list[dict[str, Any]]:
+        """Run (or continue, after verifying what it depends on) to the final evaluation; return the records.
+
+        ``resume_from`` continues after that earlier completed round instead of the last one,
+        dropping the later rounds' records and checkpoints.
+        """
         federation = self.config.federation
-        done, global_state = self._restore()
-        if not self._record_path("run").exists():
-            self._write_record("run", self._run_record())
+        done, global_state = self._restore(resume_from)
+        if not self.store.has_record("run"):
+            self.store.write_record("run", self._run_record())
         for round_number in range(done + 1, federation.rounds + 1):
             global_state = self._round(round_number, global_state)
-        if not self._record_path("final").exists():
+        if not self.store.has_record("final"):
             self.algorithm.finish()
             self._final(global_state)
-        return self._write_metrics()
+        return self.store.write_metrics()
 
     def _round(self, round_number: int, global_state: State) -> State:
         federation = self.config.federation
@@ -358,10 +342,11 @@ class Federation:
                 overhead=max(round_seconds - train - evaluation - aggregate_seconds, 0.0),
             ),
         )
-        self._write_record(f"round-{round_number:06d}", record)
-        self._checkpoint(round_number, global_state)
+        staged = self.transport.staged(round_number)
+        retired = self.store.commit_round(round_number, record, self._checkpoint(global_state), staged)
         self.transport.commit(round_number, [update.client.client_id for update in updates])
-        self._write_metrics()
+        self.store.delete(retired)
+        self.store.write_metrics()
         self.on_round(schema.dump(record))
         return global_state
 
@@ -382,7 +367,7 @@ class Federation:
             for cid, e in entries.items()
         }
         seconds = time.perf_counter() - started
-        self._write_record("final", schema.FinalRecord(kind="final", clients=clients, seconds=seconds))
+        self.store.write_record("final", schema.FinalRecord(kind="final", clients=clients, seconds=seconds))
 
 
 def _unanswered(entry: Mapping[str, Any], status: str, error: str, delivery: Delivery) -> schema.ClientRound:

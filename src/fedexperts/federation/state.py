@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
@@ -21,6 +22,8 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _METADATA_KEY = "fedexperts"
 _CHECKPOINT = re.compile(r"^round-(\d{6})\.safetensors$")
 _STAGED_ROUND = re.compile(r"^round-(\d{6})$")
+STAGING = ".staging"
+"""The folder (under a store's root) of states trained in a round that is not yet committed."""
 
 
 def _write(path: Path, payload: Payload) -> None:
@@ -28,14 +31,14 @@ def _write(path: Path, payload: Payload) -> None:
     save_tensors(path, payload.tensors, metadata)
 
 
-def _read(path: Path) -> Payload:
+def _read(path: Path, *, tensors: bool = True) -> Payload:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "{}"))
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            loaded = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}  # noqa: SIM118
     except (SafetensorError, ValueError, OSError) as error:
         raise PayloadError(f"{path}: unreadable state file ({error})") from error
-    return Payload(tensors, metadata)
+    return Payload(loaded, metadata)
 
 
 class ClientStateStore:
@@ -49,6 +52,7 @@ class ClientStateStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._committed = {path.stem for path in self.root.glob("*.safetensors")} if self.root.is_dir() else set()
 
     def path(self, client_id: str) -> Path:
         if not _CLIENT_ID.match(client_id):
@@ -61,12 +65,26 @@ class ClientStateStore:
         _write(self.path(client_id), state)
 
     def load(self, client_id: str) -> Payload | None:
-        """The client's committed state, or ``None`` before its first committed round."""
+        """The client's committed state, or ``None`` before its first committed round.
+
+        A state this store committed (or found when it opened) that has since vanished is an error,
+        never a fresh start.
+        """
         path = self.path(client_id)
-        return _read(path) if path.exists() else None
+        if path.exists():
+            return _read(path)
+        if client_id in self._committed:
+            raise PayloadError(f"{path}: the committed personal state of {client_id} is missing")
+        return None
 
     def _staging(self, round_number: int) -> Path:
-        return self.root / ".staging" / f"round-{round_number:06d}"
+        return self.root / STAGING / f"round-{round_number:06d}"
+
+    def staged(self, round_number: int) -> dict[Path, Path]:
+        """The round's staged states: where :meth:`commit` will put each -> where it is now."""
+        staging = self._staging(round_number)
+        found = sorted(staging.glob("*.safetensors")) if staging.is_dir() else []
+        return {self.root / path.name: path for path in found}
 
     def stage(self, round_number: int, client_id: str, state: Payload) -> None:
         """Write a client's state trained in ``round_number``; it takes effect at :meth:`commit`."""
@@ -84,11 +102,12 @@ class ClientStateStore:
             return
         for staged in sorted(staging.glob("*.safetensors")):
             staged.replace(self.root / staged.name)
+            self._committed.add(staged.stem)
         shutil.rmtree(staging)
 
     def discard_staged(self, *, after: int) -> None:
         """Drop what was staged for rounds after ``after`` (work of a round that never completed)."""
-        parent = self.root / ".staging"
+        parent = self.root / STAGING
         if not parent.is_dir():
             return
         for folder in parent.iterdir():
@@ -98,18 +117,34 @@ class ClientStateStore:
 
 
 class CheckpointStore:
-    """Server checkpoints ``round-NNNNNN.safetensors``; the newest complete one is the resume point."""
+    """Server checkpoints ``round-NNNNNN.safetensors``; which ones belong to the run, the run's manifest says."""
 
-    def __init__(self, root: str | Path, *, keep: int = 2) -> None:
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.keep = keep
+
+    def path(self, round_number: int) -> Path:
+        return self.root / f"round-{round_number:06d}.safetensors"
 
     def save(self, round_number: int, state: Payload) -> Path:
-        path = self.root / f"round-{round_number:06d}.safetensors"
+        path = self.path(round_number)
         _write(path, Payload(state.tensors, {**state.metadata, "round": round_number}))
-        for old in self.rounds()[: -self.keep]:
-            (self.root / f"round-{old:06d}.safetensors").unlink()
         return path
+
+    def load(self, round_number: int) -> Payload:
+        """The checkpoint of ``round_number``; its recorded round must be that round."""
+        state = _read(self.path(round_number))
+        self._check_round(round_number, state.metadata)
+        return state
+
+    def check(self, round_number: int) -> None:
+        """Read only the header of the round's checkpoint: a safetensors file of that round (else ``PayloadError``)."""
+        self._check_round(round_number, _read(self.path(round_number), tensors=False).metadata)
+
+    def _check_round(self, round_number: int, metadata: dict[str, Any]) -> None:
+        if metadata.get("round") != round_number:
+            raise PayloadError(
+                f"{self.path(round_number)}: holds round {metadata.get('round')!r}, expected {round_number}"
+            )
 
     def rounds(self) -> list[int]:
         if not self.root.is_dir():
@@ -122,5 +157,4 @@ class CheckpointStore:
         rounds = self.rounds()
         if not rounds:
             return None
-        state = _read(self.root / f"round-{rounds[-1]:06d}.safetensors")
-        return rounds[-1], state
+        return rounds[-1], self.load(rounds[-1])

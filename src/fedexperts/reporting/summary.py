@@ -15,6 +15,7 @@ from fedexperts.reporting import format as fmt
 from fedexperts.reporting.plots import plot_bytes, plot_clients, plot_rounds
 from fedexperts.reporting.runs import MeanScores, RunRecord, load_run
 from fedexperts.reporting.schema import Scores
+from fedexperts.runfiles import tracked_writes
 
 SUMMARY_FILE = "summary.md"
 CLIENTS_PLOT = "plot_clients.png"
@@ -251,16 +252,20 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     """
     record = load_run(run_dir)
     folder = Path(run_dir if out_dir is None else out_dir)
-    plots: list[Path] = []
-    if record.final is not None:
-        plots.append(plot_clients(record, folder / CLIENTS_PLOT))
-    if record.round_means or record.personalized is not None:
-        plots.append(plot_rounds(record, folder / ROUNDS_PLOT))
-    if record.rounds:
-        plots.append(plot_bytes(record, folder / BYTES_PLOT))
+    chosen = [
+        (plot, folder / name)
+        for plot, name, wanted in (
+            (plot_clients, CLIENTS_PLOT, record.final is not None),
+            (plot_rounds, ROUNDS_PLOT, bool(record.round_means) or record.personalized is not None),
+            (plot_bytes, BYTES_PLOT, bool(record.rounds)),
+        )
+        if wanted
+    ]
     summary = folder / SUMMARY_FILE
-    with atomic_file(summary) as staging:
-        staging.write_text(report_markdown(record, [path.name for path in plots]), encoding="utf-8")
+    with tracked_writes(folder, summary, *(path for _plot, path in chosen)):
+        plots = [plot(record, path) for plot, path in chosen]
+        with atomic_file(summary) as staging:
+            staging.write_text(report_markdown(record, [path.name for path in plots]), encoding="utf-8")
     return [summary, *plots]
 
 

@@ -23,14 +23,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedexperts.config import ExperimentConfig
+from fedexperts.errors import RunError
 from fedexperts.experiment import build_setting, client_ids
 from fedexperts.federation.client import ClientTask
 from fedexperts.federation.flower.clientapp import MEMBER
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_bytes, record_to_payload
 from fedexperts.federation.payload import transfer_dtype
-from fedexperts.federation.rundir import RunResult, prepare_run_dir
-from fedexperts.federation.server import Delivery, Federation, Member, RunError
+from fedexperts.federation.rundir import RunResult, discard_unstarted, prepare_run_dir
+from fedexperts.federation.server import Delivery, Federation, Member
 from fedexperts.interface import Payload, PayloadError
 
 _POLL_SECONDS = 0.2
@@ -167,6 +168,10 @@ class FlowerTransport:
     def reject(self, task: ClientTask) -> None:
         """Nothing to send: the node drops what it staged when its next message names another round."""
 
+    def staged(self, round_number: int) -> dict[Path, Path]:
+        """None on this machine: personal states stay on the SuperNodes."""
+        return {}
+
     def commit(self, round_number: int, accepted: Sequence[str]) -> None:
         for client_id in accepted:
             self._accepted[client_id] = round_number
@@ -182,25 +187,35 @@ def run_on_grid(
     run_dir: Path,
     *,
     overwrite: bool = False,
+    discard_failed_start: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Run ``config`` over the SuperNodes behind ``grid``; the run directory is written on this (server) machine."""
+    """Run ``config`` over the SuperNodes behind ``grid``; the run directory is written on this (server) machine.
+
+    A run that fails before completing a round is removed (``discard_failed_start``; a simulation,
+    whose nodes write into the run directory, does that itself once they have stopped).
+    """
     from fedexperts.reporting import write_report
 
     prepare_run_dir(config, run_dir, resume=False, overwrite=overwrite)
-    setting = build_setting(config, only_clients=[], evaluation=False)
-    transport = FlowerTransport(grid, config)
-    members = transport.discover()
-    federation = Federation(
-        config,
-        run_dir,
-        algorithm=setting.algorithm,
-        model=setting.model,
-        members=members,
-        transport=transport,
-        on_round=on_round,
-    )
-    records = federation.run()
+    try:
+        setting = build_setting(config, only_clients=[], evaluation=False)
+        transport = FlowerTransport(grid, config)
+        members = transport.discover()
+        federation = Federation(
+            config,
+            run_dir,
+            algorithm=setting.algorithm,
+            model=setting.model,
+            members=members,
+            transport=transport,
+            on_round=on_round,
+        )
+        records = federation.run()
+    except BaseException:
+        if discard_failed_start:
+            discard_unstarted(run_dir)
+        raise
     write_report(run_dir)
     return RunResult(run_dir, records)
 
@@ -210,6 +225,7 @@ def server_app(
     run_dir: Path | None = None,
     *,
     overwrite: bool = False,
+    discard_failed_start: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config`` (default: the run config), writing to ``run_dir``.
@@ -222,7 +238,9 @@ def server_app(
     def main(grid: Grid, context: Context) -> None:
         resolved = config or config_from_run_config(context.run_config)
         target = run_dir or resolved.output_dir / resolved.name / f"flower-run-{context.run_id}"
-        run_on_grid(grid, resolved, target, overwrite=overwrite, on_round=on_round)
+        run_on_grid(
+            grid, resolved, target, overwrite=overwrite, discard_failed_start=discard_failed_start, on_round=on_round
+        )
 
     return app
 

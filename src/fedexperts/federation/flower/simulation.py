@@ -2,7 +2,8 @@
 
 ``flwr.simulation.run_simulation`` runs the ServerApp in a thread of this process and each
 ClientApp in a Ray actor; it gives the apps no run config, so the config travels in the app
-factories instead. The node states go under ``run_dir/nodes`` unless told otherwise.
+factories instead. The node states go under ``run_dir/nodes`` unless told otherwise. A run that
+completes no round (a failed start) is removed once the nodes have stopped.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 
 from fedexperts.config import ExperimentConfig
+from fedexperts.errors import RunError
 from fedexperts.federation.flower.clientapp import client_app
 from fedexperts.federation.flower.serverapp import server_app
-from fedexperts.federation.rundir import RunResult
-from fedexperts.federation.server import RunError
+from fedexperts.federation.rundir import RunResult, discard_unstarted
+from fedexperts.federation.runstore import NODES
 from fedexperts.reporting.schema import METRICS_FILE
 
 
@@ -43,17 +45,20 @@ def run_simulation(
     cpus = os.cpu_count() or 1
     if gpus_per_client is None:
         gpus_per_client = 1.0 / max(1, int(cpus // cpus_per_client)) if torch.cuda.is_available() else 0.0
-    server = server_app(config, run_dir, overwrite=overwrite, on_round=on_round)
-    client = client_app(config, state_dir or run_dir / "nodes")
-    flower_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=config.federation.clients,
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-            "init_args": {"num_cpus": cpus, "num_gpus": torch.cuda.device_count(), "logging_level": logging.ERROR},
-        },
-    )
+    server = server_app(config, run_dir, overwrite=overwrite, discard_failed_start=False, on_round=on_round)
+    client = client_app(config, state_dir or run_dir / NODES)
+    try:
+        flower_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=config.federation.clients,
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+                "init_args": {"num_cpus": cpus, "num_gpus": torch.cuda.device_count(), "logging_level": logging.ERROR},
+            },
+        )
+    finally:  # the nodes have stopped: a run that completed no round (a failed start) goes
+        discard_unstarted(run_dir)
     metrics = run_dir / METRICS_FILE
     if not metrics.exists():
         raise RunError(f"the Flower simulation wrote no {METRICS_FILE} to {run_dir}; see the log above")
