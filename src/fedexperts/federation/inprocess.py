@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,39 @@ def members_of(setting: Setting) -> dict[str, Member]:
     }
 
 
-class InProcessTransport:
-    """Runs each task by calling the client step in this process; personal states live under ``run_dir/clients``."""
+@dataclass(frozen=True)
+class ClientEvent:
+    """A client of one exchange (a round's, or the final evaluation's) starting or, with its delivery, finished."""
 
-    def __init__(self, setting: Setting, store: ClientStateStore) -> None:
+    task: ClientTask
+    position: int
+    """1-based, among the exchange's ``total`` clients (they run one after another)."""
+    total: int
+    delivery: Delivery | None = None
+    """``None`` when the client is starting."""
+
+
+class InProcessTransport:
+    """Runs each task by calling the client step in this process; personal states live under ``run_dir/clients``.
+
+    ``on_client`` hears of every client starting and finishing (progress displays).
+    """
+
+    def __init__(
+        self, setting: Setting, store: ClientStateStore, on_client: Callable[[ClientEvent], None] | None = None
+    ) -> None:
         self.setting = setting
         self.store = store
         self.dtype = transfer_dtype(setting.config.federation.transfer_dtype)
+        self.on_client = on_client or (lambda event: None)
 
     def exchange(self, tasks: Sequence[tuple[ClientTask, Payload]]) -> dict[str, Delivery]:
-        return {task.client_id: self._one(task, downlink) for task, downlink in tasks}
+        deliveries = {}
+        for position, (task, downlink) in enumerate(tasks, start=1):
+            self.on_client(ClientEvent(task, position, len(tasks)))
+            deliveries[task.client_id] = self._one(task, downlink)
+            self.on_client(ClientEvent(task, position, len(tasks), deliveries[task.client_id]))
+        return deliveries
 
     def _one(self, task: ClientTask, downlink: Payload) -> Delivery:
         started = time.perf_counter()
@@ -74,8 +98,13 @@ def run_experiment(
     overwrite: bool = False,
     setting: Setting | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_client: Callable[[ClientEvent], None] | None = None,
 ) -> RunResult:
-    """Run (or resume) ``config`` in this process and write the run directory."""
+    """Run (or resume) ``config`` in this process and write the run directory.
+
+    ``on_round`` gets each round's record when the round is checkpointed; ``on_client`` each client
+    starting and finishing (rounds and the final evaluation).
+    """
     target = run_dir or config.output_dir / config.name
     prepare_run_dir(config, target, resume=resume, overwrite=overwrite)
     setting = setting or build_setting(config)
@@ -85,7 +114,7 @@ def run_experiment(
         algorithm=setting.algorithm,
         model=setting.model,
         members=members_of(setting),
-        transport=InProcessTransport(setting, ClientStateStore(target / "clients")),
+        transport=InProcessTransport(setting, ClientStateStore(target / "clients"), on_client),
         on_round=on_round,
     )
     return RunResult(target, federation.run())
