@@ -39,7 +39,7 @@ def config_toml(config: ExperimentConfig, *, every_key: bool = False) -> str:
 
 def _section(model: BaseModel, path: tuple[str, ...], every_key: bool) -> list[str]:
     """The lines of one table: its own keys first (TOML needs them before the sub-tables), then sub-tables."""
-    defaults = type(model)().model_dump(mode="json") if _constructible(model) else {}
+    defaults = type(model)().model_dump(mode="json")  # every section has a default for every key
     values = model.model_dump(mode="json")
     keys, tables = [], []
     for name, info in type(model).model_fields.items():
@@ -74,11 +74,6 @@ def _absolute(path: tuple[str, ...], name: str, value: Any) -> Any:
     if key in _PATHS or (key in _LOCAL_OR_NAMED and names_local_path(value, Path.cwd(), _LOCAL_OR_NAMED[key])):
         return str(Path(value).expanduser().absolute())
     return value
-
-
-def _constructible(model: BaseModel) -> bool:
-    """Whether the model's class has a default for every field (every section does; it is its defaults)."""
-    return all(not info.is_required() for info in type(model).model_fields.values())
 
 
 def _key(name: str, info: FieldInfo, value: Any, default: Any, accepts: str) -> list[str]:

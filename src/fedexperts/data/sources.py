@@ -23,7 +23,6 @@ from fedexperts.errors import DataError
 SCHEMA = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")
 DEFAULT_CATEGORY = "general"
-LOCAL_SUFFIXES = LOCAL_DATA_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -175,16 +174,18 @@ _Table = tuple[str, list[str], list[_Row]]
 
 def _local_tables(path: Path) -> Iterator[_Table]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_DATA_SUFFIXES)
         if not files:
-            raise DataError(f"{path}: folder holds no {', '.join(LOCAL_SUFFIXES)} file")
+            raise DataError(f"{path}: folder holds no {', '.join(LOCAL_DATA_SUFFIXES)} file")
     else:
         files = [path]
     readers = {".jsonl": _jsonl_table, ".json": _json_table, ".csv": _csv_table, ".parquet": _parquet_table}
     for file in files:
         reader = readers.get(file.suffix.lower())
         if reader is None:
-            raise DataError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+            raise DataError(
+                f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(LOCAL_DATA_SUFFIXES)}"
+            )
         try:
             yield reader(file)
         except UnicodeDecodeError as error:
