@@ -1,9 +1,15 @@
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+
 import pytest
 from typer.testing import CliRunner
 
 from fedexperts import planning
 from fedexperts.cli import app
-from fedexperts.config import build_config
+from fedexperts.config import build_config, load_config
 from fedexperts.planning import PRESETS, plan
 
 runner = CliRunner()
@@ -33,7 +39,12 @@ def test_run_prints_rounds_and_the_client_table_and_report_rebuilds(micro_model_
     result = runner.invoke(app, ["run", *micro_args(micro_model_path, tmp_path, "algorithm.name=fedavg")])
     assert result.exit_code == 0, result.output
     assert "round 1: 3/3 clients ok" in result.output
+    for position in (1, 2, 3):  # not a terminal: a line per client as it finishes
+        assert f"round 1/1, client-{position - 1} ({position}/3): done" in result.output
+        assert f"final evaluation, client-{position - 1} ({position}/3): done" in result.output
     assert "client-2" in result.output and "mean" in result.output
+    wrote = [line for line in result.output.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and wrote[0].endswith("plot_bytes.png")  # long paths are not wrapped
     run_dir = tmp_path / "default"
     for name in ("config.toml", "metrics.jsonl", "summary.md", "plot_clients.png", "plot_rounds.png", "plot_bytes.png"):
         assert (run_dir / name).is_file(), name
@@ -151,3 +162,138 @@ def test_cli_plan_bad_inputs_exit_2_with_one_error_and_no_traceback(arguments, m
     assert result.output.count("error:") == 1
     assert result.output.strip().count("\n") == 0
     assert "Traceback" not in result.output
+
+
+# -- the command line itself ---------------------------------------------------------------------------
+def test_version_is_the_installed_one():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"fedexperts {version('fedexperts')}\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["run"],
+        ["compare"],
+        ["report"],
+        ["partition"],
+        ["plan"],
+        ["config", "show"],
+        ["flower", "simulate"],
+        ["flower", "app"],
+    ],
+    ids=lambda command: " ".join(command) or "fedexperts",
+)
+def test_dash_h_is_help_everywhere_and_brackets_survive_rich_markup(command):
+    result = runner.invoke(app, [*command, "-h"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and "``" not in result.output
+    if command in (["run"], ["compare"], ["config", "show"], ["flower", "simulate"], ["flower", "app"]):
+        assert "[CONFIG.toml] [KEY=VALUE]..." in result.output
+    if command == ["plan"]:
+        assert "whose [algorithm] section" in result.output
+
+
+def _absolute(config):
+    """``config`` with ``output_dir`` absolute (config show writes paths absolute)."""
+    return config.model_copy(update={"output_dir": config.output_dir.absolute()})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["algorithm.name=fedprox", "algorithm.mu=0.1", "algorithm.lora.targets=['q_proj']", "federation.rounds=7"],
+        ["algorithm.name=fedmoe", "federation.clients=2", "algorithm.fedmoe.budgets=[1000, 2000]"],
+        ["data.categories=['a', 'b']", "train.max_grad_norm=0.5", "eval.rouge_tokenizer=characters"],
+    ],
+)
+@pytest.mark.parametrize("every_key", [False, True])
+def test_config_show_prints_toml_that_reads_back_as_the_same_config(tmp_path, overrides, every_key):
+    shown = runner.invoke(app, ["config", "show", *overrides, *(["--defaults"] if every_key else [])])
+    assert shown.exit_code == 0, shown.output
+    path = tmp_path / "shown.toml"
+    path.write_text(shown.output)
+    assert _absolute(load_config(path)) == _absolute(load_config(None, overrides))
+    again = runner.invoke(app, ["config", "show", str(path), *(["--defaults"] if every_key else [])])
+    assert again.output == shown.output
+    if every_key:
+        assert "# Number of clients (each gets its own partition of the data).\n# an integer >= 1" in shown.output
+    else:
+        assert "clients = " not in shown.output or "federation.clients=2" in overrides
+
+
+def test_config_show_of_a_file_writes_its_relative_paths_absolute(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "rows.jsonl").write_text("")
+    (tmp_path / "exp" / "exp.toml").write_text('[data]\nsource = "rows.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    shown = runner.invoke(app, ["config", "show", "exp/exp.toml"])
+    assert f'source = "{tmp_path / "exp" / "rows.jsonl"}"' in shown.output
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "shown.toml").write_text(shown.output)
+    monkeypatch.chdir(other)
+    assert load_config("shown.toml").data.source == str(tmp_path / "exp" / "rows.jsonl")
+
+
+_FAIL_IN_A_ROUND = """
+import sys
+import torch
+import fedexperts.federation.server as server
+
+def checkpoint(self, round_number, global_state):
+    secret = {"input_ids": torch.arange(987650, 987660), "weights": torch.full((4, 4), 7.125)}
+    raise RuntimeError("the checkpoint could not be written")
+
+server.Federation._checkpoint = checkpoint
+from fedexperts.cli import app
+app(sys.argv[1:], prog_name="fedexperts")
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unexpected_error_in_a_run_is_a_short_traceback_without_locals(micro_model_path, tmp_path, debug):
+    args = micro_args(micro_model_path, tmp_path, "eval.union_examples=0", "eval.probes=0", "federation.clients=2")
+    command = [sys.executable, "-c", _FAIL_IN_A_ROUND, *(["--debug"] if debug else []), "run", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "RuntimeError: the checkpoint could not be written" in output
+    assert "tensor(" not in output and "987650" not in output and "7.125" not in output, output
+    assert "secret" not in output and "Instruction" not in output  # no locals, no data rows
+    assert ("Traceback (most recent call last)" in output) == debug
+    if not debug:
+        assert "--debug" in output and len(output.splitlines()) < 20, output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "algorithm.name=nosuch"],
+        ["run", "data.source=missing.jsonl"],
+        ["run", "model.name=./missing"],
+        ["compare", "federation.clinets=2"],
+        ["flower", "simulate", "train.lr=1"],
+        ["config", "show", "algorithm.name=nosuch"],
+        ["partition", "missing.csv"],
+    ],
+    ids=" ".join,
+)
+def test_a_config_or_path_error_is_reported_before_torch_or_transformers_load(tmp_path, args):
+    code = (
+        "import sys, json\n"
+        "from fedexperts.cli import app\n"
+        "try:\n    app(sys.argv[1:])\n"
+        "except SystemExit as exit:\n"
+        "    heavy = [name for name in ('torch', 'transformers', 'datasets') if name in sys.modules]\n"
+        "    print(json.dumps({'code': exit.code, 'heavy': heavy}))\n"
+    )
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, env=offline
+    )
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == {"code": 2, "heavy": []}, done.stdout + done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1

@@ -1,10 +1,11 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fedexperts.algorithms import ServerRule, SharedScope
-from fedexperts.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fedexperts.config import ConfigError, ExperimentConfig, check_local_paths, load_config, parse_override
 
 
 def test_default_config_is_valid():
@@ -28,8 +29,8 @@ def test_toml_file_and_dotted_overrides(tmp_path):
     [
         (["federation.rounds=0"], r"federation\.rounds: Input should be greater than or equal to 1"),
         (["algorithm.name=fedsgd"], r"algorithm\.name: .*'local', 'fedavg', .*'flex', .*'fedmoe' or 'random-moe'"),
-        (["algorithm.server.rule=sgd"], r"allowed: 'fedavg', 'fedavgm'"),
-        (["train.lr=1"], r"override 'train\.lr': unknown key; keys are: .*train\.learning_rate"),
+        (["algorithm.server.rule=sgd"], r"rule: Input should be 'fedavg', 'fedavgm'"),
+        (["train.lr=1"], r"override 'train\.lr': unknown key \(did you mean train\.learning_rate\?\)"),
         (["rounds"], "expected dotted.key=value"),
         (["federation.min_clients=9"], r"min_clients \(9\) exceeds federation\.clients \(5\)"),
     ],
@@ -117,3 +118,85 @@ def test_the_validation_split_defaults_by_whether_the_algorithm_decides_on_it():
     assert load_config(None, ["algorithm.name=fedmoe", "data.validation_fraction=0.2"]).validation_fraction == 0.2
     with pytest.raises(ConfigError, match=r"data\.validation_fraction is 0 but algorithm 'fedmoe' decides"):
         load_config(None, ["algorithm.name=fedmoe", "data.validation_fraction=0"])
+
+
+def test_relative_paths_in_a_file_are_relative_to_its_folder_and_overrides_to_the_working_directory(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    (folder / "rows.jsonl").write_text("")
+    (folder / "model").mkdir()
+    path = folder / "exp.toml"
+    path.write_text(
+        'output_dir = "out"\n[model]\nname = "model"\n[data]\nsource = "rows.jsonl"\n[eval]\nmmlu = "../mmlu"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.output_dir == folder / "out"
+    assert config.model.name == str(folder / "model")
+    assert config.data.source == str(folder / "rows.jsonl")
+    assert config.eval.mmlu == tmp_path / "mmlu"
+    overridden = load_config(path, ["data.source=other.jsonl", "output_dir=runs"])
+    assert overridden.data.source == "other.jsonl" and overridden.output_dir == Path("runs")
+
+
+def test_keywords_and_hub_names_in_a_file_stay_as_they_are(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('[model]\nname = "Qwen/Qwen1.5-MoE-A2.7B"\n[data]\nsource = "databricks/databricks-dolly-15k"\n')
+    config = load_config(path)
+    assert config.model.name == "Qwen/Qwen1.5-MoE-A2.7B" and config.data.source == "databricks/databricks-dolly-15k"
+    path.write_text('[model]\nname = "builtin"\n[data]\nsource = "expertbench"\n')
+    assert load_config(path) == load_config(None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.source=missing.jsonl"], r"data\.source: no such file or folder: missing\.jsonl"),
+        (["data.source=./missing"], r"data\.source: no such file or folder"),
+        (["data.source=notes.txt"], r"data\.source: notes\.txt is not one of \.json"),
+        (["model.name=./nowhere"], r"model\.name: no such folder: \./nowhere"),
+        (["model.name=./notes.txt"], r"model\.name: is a file, not \./notes\.txt"),
+        (["model.name=./empty"], r"model\.name: \./empty holds no config\.json"),
+        (["eval.mmlu=missing"], r"eval\.mmlu: no such file or folder: missing"),
+        (["output_dir=notes.txt"], r"output_dir: notes\.txt is a file"),
+    ],
+)
+def test_local_paths_that_cannot_work_are_named(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    config = load_config(None, overrides)  # valid as a config: the paths may exist where a deployment runs
+    with pytest.raises(ConfigError, match=message):
+        check_local_paths(config)
+
+
+def test_paths_that_can_work_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.csv").write_text("instruction,response\nq,a\n")
+    check_local_paths(load_config(None, ["data.source=rows.csv"]))
+    check_local_paths(load_config(None, ["data.source=databricks/databricks-dolly-15k"]))  # a hub name
+    check_local_paths(load_config(None))
+
+
+def test_an_unknown_key_suggests_the_near_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean federation\.clients"):
+        load_config(None, ["federation.clinets=3"])
+    path = tmp_path / "exp.toml"
+    path.write_text("[data]\nmaxlength = 3\n")
+    with pytest.raises(ConfigError, match=r"data\.maxlength: unknown key \(did you mean data\.max_length\?\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"[train\n", "not valid TOML"), (b'name = "caf\xe9"\n', "not UTF-8 text")],
+)
+def test_unreadable_config_files_are_named(tmp_path, content, message):
+    path = tmp_path / "exp.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a folder"):
+        load_config(tmp_path)

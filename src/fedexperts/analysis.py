@@ -156,17 +156,21 @@ def _plot_analysis(analysis: dict[str, Any], usage_path: Path, gates_path: Path 
 
     written = []
     usage = analysis["usage"]
-    figure = Figure(figsize=(2.6 * len(usage) + 1, 2.8))
+    figure = Figure(figsize=(2.6 * len(usage) + 1.5, 3.4))
     FigureCanvasAgg(figure)
+    largest = max(max(float(table.max()) for table in usage.values()), 1e-9)  # one scale for every client
     for position, (client, table) in enumerate(sorted(usage.items()), start=1):
         axes = figure.add_subplot(1, len(usage), position)
-        image = axes.imshow(table.numpy(), vmin=0, vmax=max(float(table.max()), 1e-9), cmap="viridis", aspect="auto")
+        image = axes.imshow(table.numpy(), vmin=0, vmax=largest, cmap="viridis", aspect="auto")
         axes.set_title(client, fontsize="small")
         axes.set_xlabel("expert")
+        axes.set_yticks(range(table.shape[0]))
         axes.set_ylabel("MoE layer" if position == 1 else "")
+    figure.suptitle("routing usage: share of each layer's tokens per expert, final model of each client")
+    figure.subplots_adjust(top=0.8)  # room for the title above the clients' own
     figure.colorbar(image, ax=figure.axes, shrink=0.8, label="share of tokens")
     with atomic_file(usage_path) as path:
-        figure.savefig(path, dpi=110, format="png")
+        figure.savefig(path, dpi=110, format="png", bbox_inches="tight")
     written.append(usage_path)
     gates = analysis["gates"]
     if gates and gates_path is not None:
@@ -181,8 +185,7 @@ def _plot_analysis(analysis: dict[str, Any], usage_path: Path, gates_path: Path 
         axes.set_yticks(range(len(clients)), clients, fontsize="small")
         axes.set_title("FLEx personal gate opening (mean sigmoid over tokens and layers)")
         figure.colorbar(image, ax=axes)
-        figure.tight_layout()
         with atomic_file(gates_path) as path:
-            figure.savefig(path, dpi=110, format="png")
+            figure.savefig(path, dpi=110, format="png", bbox_inches="tight")
         written.append(gates_path)
     return written

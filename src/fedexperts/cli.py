@@ -1,41 +1,64 @@
-"""The ``fedexperts`` command line."""
+"""The fedexperts command line.
+
+Every command validates its input (config, paths) before torch loads, reports a user's mistake or a
+fixable environment problem (disk full, no permission) in one line with exit code 2, and a bug as a
+short traceback without local variables with exit code 1 (``--debug``: the full traceback).
+"""
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from fedexperts.errors import FedExpertsError
+from fedexperts.failures import user_errors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-_F = TypeVar("_F", bound=Callable[..., Any])
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,  # rich's tracebacks print every frame's locals: clients' tokens and weights
+)
+console = Console(soft_wrap=True)  # soft wrap: a long path stays one line, whatever the terminal's width
+_ARGS = "\\[CONFIG.toml] \\[key=value ...]"
+"""The ``[CONFIG] [key=value ...]`` words, escaped for rich markup (typer renders help as markup)."""
+_ARGS_METAVAR = "[CONFIG.toml] [KEY=VALUE]..."
+ConfigArgs = Annotated[
+    list[str] | None,
+    typer.Argument(metavar=_ARGS_METAVAR, help=f"{_ARGS} (no config: the default)", show_default=False),
+]
+"""A command's ``[CONFIG] [key=value ...]`` words (see :func:`_config_and_overrides`)."""
 
 
-def user_errors(command: _F) -> _F:
-    """Report a :class:`FedExpertsError` as one red line and exit 2, without a traceback."""
+def _print_version(value: bool) -> None:
+    from importlib.metadata import PackageNotFoundError, version
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    if value:
         try:
-            return command(*args, **kwargs)
-        except FedExpertsError as error:
-            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}")
-            sys.exit(2)
+            typer.echo(f"fedexperts {version('fedexperts')}")
+        except PackageNotFoundError:  # a source tree on the path, not installed
+            from fedexperts import __version__
 
-    return wrapper  # type: ignore[return-value]
+            typer.echo(f"fedexperts {__version__} (not installed)")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
+def main(
+    context: typer.Context,
+    debug: bool = typer.Option(
+        False, "--debug", help="On an unexpected error print the full traceback (never local variables)."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print fedexperts' version and exit."
+    ),
+) -> None:
     """fedexperts: federated fine-tuning of Mixture-of-Experts LLMs with personalized experts."""
+    context.obj = {"debug": debug}
 
 
 @app.command()
@@ -58,28 +81,14 @@ def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str
     return (Path(files[0]) if files else None), [arg for arg in args or [] if "=" in arg]
 
 
-def _print_round(record: dict[str, Any]) -> None:
-    clients = record["clients"].values()
-    ok = sum(entry["status"] == "ok" for entry in clients)
-    scored = [entry["eval"]["rouge_l"] for entry in clients if entry.get("eval")]
-    score = f", eval ROUGE-L {sum(scored) / len(scored):.3f} (before training)" if scored else ""
-    console.print(
-        f"round {record['round']}: {ok}/{len(record['clients'])} clients ok{score}, "
-        f"{record['bytes_down']:,} B down / {record['bytes_up']:,} B up, {record['seconds']['round']:.1f} s"
-    )
-    for client, entry in record["clients"].items():
-        if entry["status"] != "ok":
-            console.print(
-                f"  [yellow]{escape(client)} {entry['status']}[/]: {escape(str(entry['error']))}", highlight=False
-            )
+def _wrote(paths: list[Path]) -> None:
+    console.print(f"wrote {', '.join(str(p) for p in paths)}", markup=False, highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": False})
 @user_errors
 def run(
-    args: Annotated[
-        list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
-    ] = None,
+    args: ConfigArgs = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where the run writes (default: output_dir/name).")] = None,
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped run in its run directory."),
     resume_from: Annotated[
@@ -89,26 +98,39 @@ def run(
         False, "--overwrite", help="Delete the run in the run directory first (only the files fedexperts wrote)."
     ),
 ) -> None:
-    """Run one federated experiment in this process; print per-client results; write the run directory."""
-    from fedexperts.config import load_config
+    """Run one federated experiment in this process; print per-client results; write the run directory.
+
+    CONFIG is an experiment TOML file (see `fedexperts config show`); each key=value overrides a dotted key.
+    """
+    from fedexperts.config import check_local_paths, load_config
 
     path, overrides = _config_and_overrides(args)
     config = load_config(path, overrides)  # before torch loads: a bad config is reported in about a second
+    check_local_paths(config)
 
     from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.progress import RunProgress
     from fedexperts.reporting import final_table, load_run, write_report
 
     target = run_dir or config.output_dir / config.name
     console.print(
-        f"[bold]{config.name}[/]: {config.algorithm.name} on {config.data.source} with {config.model.name}, "
-        f"{config.federation.clients} clients x {config.federation.rounds} rounds -> {target}"
+        f"[bold]{escape(config.name)}[/]: {config.algorithm.name} on {escape(config.data.source)} with "
+        f"{escape(config.model.name)}, {config.federation.clients} clients x {config.federation.rounds} rounds "
+        f"-> {escape(str(target))}"
     )
-    result = run_experiment(
-        config, target, resume=resume, resume_from=resume_from, overwrite=overwrite, on_round=_print_round
-    )
+    with RunProgress(console, config.federation.rounds) as progress:
+        result = run_experiment(
+            config,
+            target,
+            resume=resume,
+            resume_from=resume_from,
+            overwrite=overwrite,
+            on_round=progress.on_round,
+            on_client=progress.on_client,
+        )
     written = write_report(result.run_dir)
     console.print(final_table(load_run(result.run_dir)))
-    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    _wrote(written)
 
 
 @app.command()
@@ -117,8 +139,7 @@ def routing(run_dir: Annotated[Path, typer.Argument(help="A run directory writte
     """Expert usage heatmaps of every client's final model and, for FLEx, gate openings per category."""
     from fedexperts.analysis import analyse_run, plot_analysis
 
-    written = plot_analysis(analyse_run(run_dir), run_dir)
-    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    _wrote(plot_analysis(analyse_run(run_dir), run_dir))
 
 
 @app.command()
@@ -129,7 +150,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
     written = write_report(run_dir)
     console.print(final_table(load_run(run_dir)))
-    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    _wrote(written)
 
 
 _DEFAULT_METHODS = ("local", "fedavg", "flex")
@@ -138,7 +159,9 @@ _DEFAULT_METHODS = ("local", "fedavg", "flex")
 @app.command()
 @user_errors
 def compare(
-    args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] shared by every run")] = None,
+    args: Annotated[
+        list[str] | None, typer.Argument(metavar=_ARGS_METAVAR, help=f"{_ARGS} shared by every run", show_default=False)
+    ] = None,
     study: Annotated[str | None, typer.Option(help="A preset study (see --list-studies); args still apply.")] = None,
     algorithms: Annotated[str | None, typer.Option(help="Comma-separated algorithm names.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated federation seeds (data stays fixed).")] = None,
@@ -151,18 +174,14 @@ def compare(
 
     Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
     """
-    from fedexperts.config import load_config
-    from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.config import check_local_paths, load_config
     from fedexperts.federation.rundir import is_run_dir
-    from fedexperts.reporting import compare as compare_runs
-    from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
-    from fedexperts.reporting.schema import METRICS_FILE
     from fedexperts.studies import STUDIES
     from fedexperts.studies import study as find_study
 
     if list_studies:
         for known in STUDIES.values():
-            console.print(f"[bold]{known.name}[/]: {known.description} ({', '.join(known.algorithms)})")
+            console.print(f"[bold]{known.name}[/]: {escape(known.description)} ({', '.join(known.algorithms)})")
         return
     path, overrides = _config_and_overrides(args)
     preset = find_study(study) if study else None
@@ -185,24 +204,40 @@ def compare(
 
     base = load_config(path, method(names[0]))
     folder = out or base.output_dir / base.name
-    runs = [  # every run's config is validated before the first one starts
+    runs = [  # every run's config is validated before the first one starts, and before torch loads
         (name, seed, load_config(path, [*method(name), f"federation.seed={seed}"]))
         for name in names
         for seed in seed_values
     ]
+    for _name, _seed, config in runs:
+        check_local_paths(config)
+
+    from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.progress import RunProgress
+    from fedexperts.reporting import compare as compare_runs
+    from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
+    from fedexperts.reporting.schema import METRICS_FILE
+
     groups: dict[str, list[Any]] = {}
     for name, seed, config in runs:
         run_dir = folder / name / f"seed-{seed}"
         finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
         if not finished:
-            console.print(f"[bold]{name}[/], seed {seed} -> {run_dir}")
-            run_experiment(config, run_dir, resume=is_run_dir(run_dir), on_round=_print_round)
+            console.print(f"[bold]{escape(name)}[/], seed {seed} -> {escape(str(run_dir))}")
+            with RunProgress(console, config.federation.rounds) as progress:
+                run_experiment(
+                    config,
+                    run_dir,
+                    resume=is_run_dir(run_dir),
+                    on_round=progress.on_round,
+                    on_client=progress.on_client,
+                )
             write_report(run_dir)
         groups.setdefault(name, []).append(load_run(run_dir))
     pairs = [pair for pair in (preset.pairs if preset else ()) if all(name in groups for name in pair)]
     comparison = compare_runs(groups, pairs=pairs)
     console.print(comparison_table(comparison))
-    console.print(f"wrote {', '.join(str(p) for p in write_comparison(folder, comparison))}")
+    _wrote(write_comparison(folder, comparison))
 
 
 @app.command()
@@ -222,47 +257,17 @@ def pretrain(
     chosen = resolve_recipe(recipe)
     target = output or model_path(chosen)
     if is_built(target, chosen) and not force:
-        console.print(f"already built: {target} (recipe {chosen.name}, hash {chosen.digest()}); --force trains again")
-    else:
-        console.print(f"pretraining recipe {chosen.name} (hash {chosen.digest()}) into {target}")
-        run_pretraining(chosen, target, threads=threads)
-    _show_model_summary(target)
-
-
-def _show_model_summary(path: Path) -> None:
-    """Print the card's main numbers from a built checkpoint's metrics file."""
-    import json
-
-    from rich.table import Table
-
-    from fedexperts.data.expertbench import CATEGORIES
-    from fedexperts.models.builtin import METRICS_FILE
-
-    metrics = json.loads((path / METRICS_FILE).read_text())
-    console.print(
-        f"{path}\n{metrics['parameters'] / 1e6:.2f}M parameters; pretraining took {metrics['train']['seconds']:.0f} s "
-        f"(whole command {metrics['total_seconds']:.0f} s, {metrics['threads']} threads); "
-        f"probe accuracy {metrics['probe_accuracy']:.1%} on {metrics['probe_count']} facts "
-        f"(chance {metrics['probe_chance']:.0%})"
-    )
-    table = Table(title="held-out tasks (greedy) and routing per category")
-    for column in ("category", "EM canonical", "ROUGE-L canonical", "EM clients", "ROUGE-L clients", "routing entropy"):
-        table.add_column(column, justify="left" if column == "category" else "right")
-    for category in CATEGORIES:
-        canonical, clients = metrics["canonical"][category], metrics["client_styles"][category]
-        table.add_row(
-            category,
-            f"{canonical['exact_match']:.2f}",
-            f"{canonical['rouge_l']:.2f}",
-            f"{clients['exact_match']:.2f}",
-            f"{clients['rouge_l']:.2f}",
-            f"{metrics['routing_entropy_bits'][category]:.3f} bits",
+        console.print(
+            f"already built: {target} (recipe {chosen.name}, hash {chosen.digest()}); --force trains again",
+            markup=False,
         )
-    console.print(table)
-    console.print(
-        f"routing: total variation {metrics['routing_between_categories_tv']:.3f} between categories vs "
-        f"{metrics['routing_within_category_tv']:.3f} within a category (split halves); card: {path / 'README.md'}"
-    )
+    else:
+        console.print(f"pretraining recipe {chosen.name} (hash {chosen.digest()}) into {target}", markup=False)
+        run_pretraining(chosen, target, threads=threads)
+    from fedexperts.reporting.builtin_summary import model_summary
+
+    for part in model_summary(target):
+        console.print(part)
 
 
 def _data_default(key: str) -> Any:
@@ -276,7 +281,9 @@ def _data_default(key: str) -> Any:
 @app.command()
 @user_errors
 def partition(
-    source: str = typer.Argument(..., help="Local file or folder, hub dataset name, or 'expertbench'."),
+    source: str = typer.Argument(
+        _data_default("source"), help="Local file or folder, hub dataset name, or 'expertbench'."
+    ),
     columns: str | None = typer.Option(None, help="Preset (dolly, alpaca) or field=column pairs; default: detect."),
     split: str = typer.Option("train", help="Split of a hub dataset."),
     scheme: str = typer.Option(_data_default("scheme"), help="iid, dirichlet or pathological."),
@@ -294,17 +301,13 @@ def partition(
 ) -> None:
     """Split instruction data across clients by category and report counts per client (table, plot).
 
-    The defaults are ``fedexperts run``'s (``data.*`` and ``federation.clients``), and so is the split:
+    SOURCE and the defaults are those of `fedexperts run` (data.* and federation.clients), and so is the split.
+
     ExpertBench rows are rendered in each client's answer style, as a run sees them.
     """
-    from fedexperts.config import build_config
-    from fedexperts.data import load_instructions, partition_table, plot_partition
-    from fedexperts.data import partition as split_data
-    from fedexperts.data.partition import Scheme, spec_from_config
+    from fedexperts.config import ConfigError, build_config, check_data_source
 
-    schemes = [option.value for option in Scheme]
-    if scheme not in schemes:
-        raise FedExpertsError(f"unknown scheme {scheme!r}; schemes: {', '.join(schemes)}")
+    check_data_source(source, "SOURCE")
     chosen = [item.strip() for item in categories.split(",") if item.strip()] if categories is not None else None
     data = {
         "scheme": scheme,
@@ -317,7 +320,18 @@ def partition(
         "rows_per_client": rows_per_client,
         "test_per_category": test_per_category,
     }
-    config = build_config({"data": data, "federation": {"clients": clients}})
+    try:
+        config = build_config({"data": data, "federation": {"clients": clients}})
+    except ConfigError as error:
+        message = str(error).replace("federation.clients:", "--clients (federation.clients):")
+        for key in data:  # name the option the user gave, and the key it sets
+            message = message.replace(f"data.{key}:", f"--{key.replace('_', '-')} (data.{key}):")
+        raise ConfigError(message) from None
+
+    from fedexperts.data import load_instructions, partition_table, plot_partition
+    from fedexperts.data import partition as split_data
+    from fedexperts.data.partition import spec_from_config
+
     spec = spec_from_config(config.data, clients)
     if source == "expertbench":
         from fedexperts.data.expertbench import ExpertBench
@@ -327,11 +341,11 @@ def partition(
     else:
         loaded = load_instructions(source, columns=columns, split=split, skip_bad_rows=skip_bad_rows)
         if loaded.skipped:
-            console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/], first: {loaded.skipped[0]}")
+            console.print(f"[yellow]skipped {len(loaded.skipped)} bad rows[/], first: {escape(loaded.skipped[0])}")
         result = split_data(loaded.dataset, spec)
     console.print(partition_table(result))
     if plot is not None:
-        console.print(f"plot: {plot_partition(result, plot)}")
+        console.print(f"plot: {plot_partition(result, plot)}", markup=False)
 
 
 @app.command()
@@ -341,7 +355,7 @@ def plan(
         str | None, typer.Argument(help="Preset name, a config.json or a folder holding one, or 'all'.")
     ] = None,
     algorithm: str | None = typer.Option(None, help="Shorthand for --set algorithm.name=NAME."),
-    config: Annotated[Path | None, typer.Option(help="Experiment TOML whose [algorithm] section is used.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Experiment TOML whose \\[algorithm] section is used.")] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Config override dotted.key=value (repeatable).")
     ] = None,
@@ -368,16 +382,37 @@ def plan(
     console.print(plan_table(make_plan(model, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype)))
 
 
-flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (simulation or deployment).")
+config_app = typer.Typer(no_args_is_help=True, help="Experiment configs: every key, its default and description.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    args: ConfigArgs = None,
+    defaults: bool = typer.Option(False, "--defaults", help="Write every key, those at their defaults too."),
+) -> None:
+    """Print the resolved config as TOML, each key with its description; `fedexperts run` reads it back.
+
+    Without --defaults only the keys that differ from their defaults are written; paths come out absolute.
+    """
+    from fedexperts.config import load_config
+    from fedexperts.config_toml import config_toml
+
+    path, overrides = _config_and_overrides(args)
+    typer.echo(config_toml(load_config(path, overrides), every_key=defaults), nl=False)
+
+
+flower_app = typer.Typer(
+    no_args_is_help=True, help="Run experiments on Flower (simulation or deployment).", pretty_exceptions_enable=False
+)
 app.add_typer(flower_app, name="flower")
 
 
 @flower_app.command("simulate")
 @user_errors
 def flower_simulate(
-    args: Annotated[
-        list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
-    ] = None,
+    args: ConfigArgs = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where the run writes (default: output_dir/name).")] = None,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete the run in the run directory first (only the files fedexperts wrote)."
@@ -385,27 +420,32 @@ def flower_simulate(
     cpus_per_client: float = typer.Option(1.0, help="CPU cores each simulated client (Ray actor) takes."),
 ) -> None:
     """Run one experiment on Flower's simulation engine (Ray): one SuperNode per client, on this machine."""
-    from fedexperts.config import load_config
-    from fedexperts.federation.flower import run_simulation
-    from fedexperts.reporting import final_table, load_run
+    from fedexperts.config import check_local_paths, load_config
 
     path, overrides = _config_and_overrides(args)
     config = load_config(path, overrides)
+    check_local_paths(config)
+
+    from fedexperts.federation.flower import run_simulation
+    from fedexperts.progress import RunProgress
+    from fedexperts.reporting import final_table, load_run
+
     target = run_dir or config.output_dir / config.name
     console.print(
-        f"[bold]{config.name}[/] on Flower simulation: {config.algorithm.name}, "
-        f"{config.federation.clients} SuperNodes x {config.federation.rounds} rounds -> {target}"
+        f"[bold]{escape(config.name)}[/] on Flower simulation: {config.algorithm.name}, "
+        f"{config.federation.clients} SuperNodes x {config.federation.rounds} rounds -> {escape(str(target))}"
     )
-    result = run_simulation(config, target, overwrite=overwrite, cpus_per_client=cpus_per_client, on_round=_print_round)
+    progress = RunProgress(console, config.federation.rounds, live=False)  # Ray's own log would break live bars
+    result = run_simulation(
+        config, target, overwrite=overwrite, cpus_per_client=cpus_per_client, on_round=progress.on_round
+    )
     console.print(final_table(load_run(result.run_dir)))
 
 
 @flower_app.command("app")
 @user_errors
 def flower_write_app(
-    args: Annotated[
-        list[str] | None, typer.Argument(help="[CONFIG.toml] [key=value ...] (no config: the default)")
-    ] = None,
+    args: ConfigArgs = None,
     out: Annotated[Path, typer.Option(help="Folder of the Flower app (created).")] = Path("flower-app"),
 ) -> None:
     """Write a Flower app folder for `flwr run` (deployment or Flower's local simulation) holding this config."""
@@ -414,7 +454,9 @@ def flower_write_app(
 
     path, overrides = _config_and_overrides(args)
     written = write_app(load_config(path, overrides), out)
-    console.print(f"wrote {written}; run it with: flwr run {out} <connection> [--run-config 'key=value ...']")
+    console.print(
+        f"wrote {written}; run it with: flwr run {out} <connection> [--run-config 'key=value ...']", markup=False
+    )
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 
 Unknown keys, wrong types and out-of-range values are reported as one :class:`ConfigError` per
 problem, naming the dotted key and what is allowed, so the CLI can print them without a traceback.
+
+A relative path in a config file (``output_dir``, ``eval.mmlu``, and ``model.name`` or
+``data.source`` when they name a local file or folder) is relative to the file's folder, so a
+config works from any working directory; a path given as an override on the command line is
+relative to the working directory, as shells expect.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -30,13 +36,24 @@ class ConfigError(FedExpertsError):
     """An experiment config that does not validate."""
 
 
+BUILTIN_MODEL = "builtin"
+"""``model.name`` of the built-in pretrained ExpertBench MoE."""
+EXPERTBENCH = "expertbench"
+"""``data.source`` of the generated ExpertBench tasks."""
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+"""The local data files :mod:`fedexperts.data.sources` reads."""
+
+
 class ModelConfig(Section):
-    name: str = "builtin"
+    name: str = BUILTIN_MODEL
     """``builtin`` (the pretrained ExpertBench MoE; ``builtin:experts32`` its 32-expert variant), a local folder,
     or a hub name."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype of the base model's weights (what trains is kept in float32 over a half-precision base)."""
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
+    """transformers' kernel for fused experts (unset: transformers' choice)."""
     trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint; only for code you trust."""
 
 
 DEFAULT_VALIDATION_FRACTION = 0.1
@@ -44,15 +61,21 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 
 
 class DataConfig(Section):
-    source: str = "expertbench"
+    source: str = EXPERTBENCH
     """``expertbench``, a local JSON/JSONL/CSV/Parquet file or folder, or a hub dataset name."""
     columns: str | None = None
+    """Which columns hold the fields: a preset (``dolly``, ``alpaca``) or ``instruction=q,response=a`` pairs
+    (unset: recognise Dolly or Alpaca)."""
     items: int = Field(1200, ge=1)
     """ExpertBench: how many tasks to generate."""
     scheme: Literal["iid", "dirichlet", "pathological"] = "pathological"
+    """How rows are split across clients, by category."""
     alpha: float = Field(0.5, gt=0)
+    """Dirichlet concentration: small is skewed, large is close to IID."""
     classes_per_client: int = Field(1, ge=1)
+    """Pathological: categories per client."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of each client's rows held out as its test split."""
     categories: list[str] | None = Field(None, min_length=1)
     """Keep only rows of these categories, before partitioning (``None``: all). A category no row has is an error.
     FLEx's Dolly splits: ``["closed_qa", "information_extraction", "classification", "summarization"]``."""
@@ -68,15 +91,19 @@ class DataConfig(Section):
     the test rows. ``None``: 0.1 for algorithms that decide on validation scores (FedMoE, randomMoE, so both
     train on the same rows), else 0 (no split)."""
     max_length: int = Field(256, ge=8)
+    """Tokens per example; a longer prompt loses tokens from its left, the response is never cut."""
     skip_bad_rows: bool = False
+    """Drop rows with missing or empty fields (and count them) instead of stopping at the first."""
     seed: int = 0
     """Seed of the data and its partition (kept apart from ``federation.seed`` so seeds share one split)."""
 
 
 class FederationConfig(Section):
     clients: int = Field(5, ge=1)
+    """Number of clients (each gets its own partition of the data)."""
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
+    """Share of the clients sampled each round."""
     sampling: Literal["random", "distinct"] = "random"
     """``distinct``: each round's clients hold different majority categories where possible (FedMoE's study)."""
     min_clients: int = Field(1, ge=1)
@@ -84,6 +111,7 @@ class FederationConfig(Section):
     min_successful: int = Field(1, ge=1)
     """A round with fewer successful clients than this fails the run."""
     seed: int = 0
+    """Seed of sampling, initialisation and training (the data split has ``data.seed``)."""
     client_model: Literal["shared", "sub-moe"] = "shared"
     """Where a client step's model comes from. ``shared``: one base model per process, which FedMoE clients
     train views of (a fast simulation; the process holds the full model). ``sub-moe``: each client of an
@@ -101,15 +129,20 @@ class FederationConfig(Section):
 
 class TrainConfig(Section):
     learning_rate: float = Field(5e-3, gt=0)
+    """Peak AdamW learning rate; a cosine schedule runs over all rounds' steps."""
     min_learning_rate: float = Field(0.0, ge=0)
+    """Where the cosine schedule ends."""
     weight_decay: float = Field(0.0, ge=0)
     steps_per_round: int = Field(10, ge=1)
+    """Optimizer steps each sampled client takes per round."""
     batch_size: int = Field(8, ge=1)
     grad_accumulation: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip gradients to this norm (unset: no clipping)."""
     warmup_steps: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     router_aux_loss_coef: float = Field(0.0, ge=0)
+    """Weight of the router load-balancing loss (0: not computed)."""
     router_aux_loss: Literal["auto", "pooled", "per-layer"] = "auto"
     """How the load-balancing loss combines the MoE layers (used when ``router_aux_loss_coef > 0``).
     ``pooled``: transformers' own ``load_balancing_loss_func`` (expert counts and router probabilities
@@ -120,13 +153,16 @@ class TrainConfig(Section):
     pooled when the layers agree, else per-layer. The default changed from per-layer to ``auto``; with the
     default coefficient 0 nothing is computed, so default runs are unaffected."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time."""
     bf16: bool = False
+    """Autocast to bfloat16 while training."""
 
 
 class EvalConfig(Section):
     every: int = Field(1, ge=0)
     """Evaluate sampled clients (before they train) every this many rounds; 0: only the final evaluation."""
     max_new_tokens: int = Field(32, ge=1)
+    """Greedy generation length for the scores."""
     max_examples: int | None = Field(32, ge=1)
     """Per client test split, to bound evaluation time (``None``: all); the same subset every round."""
     union_examples: int = Field(64, ge=0)
@@ -139,6 +175,7 @@ class EvalConfig(Section):
     mmlu_examples: int | None = Field(20, ge=1)
     """Questions per MMLU subject (a seeded subset, the same for every client; ``None`` or a large number: all)."""
     batch_size: int = Field(16, ge=1)
+    """Examples per evaluation batch."""
     rouge_stemmer: bool = True
     """Porter-stem words before ROUGE (rouge-score's ``use_stemmer``, as FLEx's evaluation does): ``runs`` matches
     ``running``. Only the ``default`` and ``whitespace`` tokenizers stem."""
@@ -152,6 +189,7 @@ class ExperimentConfig(Section):
     name: str = "default"
     """The run's folder under ``output_dir``: a relative path (``study/a`` nests) that stays inside it."""
     output_dir: Path = Path("runs")
+    """Where runs are written."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     algorithm: AlgorithmConfig = Field(default_factory=FlexConfig)
@@ -217,14 +255,14 @@ def _describe(error: ErrorDetails) -> str:
             belongs = owners(".".join(location[1:]))
             if belongs:
                 return f"{key}: not a setting of algorithm {chosen!r} (it belongs to {', '.join(belongs)})"
-        return f"{key}: unknown key"
+        return f"{key}: unknown key{_suggestion(key, _allowed_keys())}"
     if error["type"] == "union_tag_invalid":
         tag = (error.get("ctx") or {}).get("tag")
         *rest, last = (repr(name) for name in algorithm_names())
         return f"{key}.name: {tag!r} is no algorithm (allowed: {', '.join(rest)} or {last})"
     context = error.get("ctx") or {}
     allowed = context.get("expected")
-    suffix = f" (allowed: {allowed})" if allowed else ""
+    suffix = f" (allowed: {allowed})" if allowed and str(allowed) not in error["msg"] else ""
     return f"{key}: {error['msg']}{suffix}"
 
 
@@ -248,6 +286,18 @@ def _allowed_keys() -> tuple[str, ...]:
     return tuple(keys)
 
 
+def _suggestion(key: str, allowed: tuple[str, ...]) -> str:
+    """`` (did you mean ...?)`` for the nearest allowed keys (``train.lr``: ``train.learning_rate``), and where
+    every key is listed."""
+    section, _, last = key.rpartition(".")
+    siblings = {known.rpartition(".")[2]: known for known in allowed if known.rpartition(".")[0] == section}
+    initials = [known for name, known in siblings.items() if "".join(part[:1] for part in name.split("_")) == last]
+    close = [siblings[name] for name in difflib.get_close_matches(last, list(siblings), n=2, cutoff=0.7)]
+    near = list(dict.fromkeys([*initials, *close, *difflib.get_close_matches(key, allowed, n=2, cutoff=0.8)]))
+    hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+    return f"{hint}; `fedexperts config show --defaults` lists every key"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
     key, sep, raw = text.partition("=")
@@ -267,7 +317,7 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ex
     for override in overrides or []:
         path, value = parse_override(override)
         if ".".join(path) not in allowed:
-            raise ConfigError(f"override {'.'.join(path)!r}: unknown key; keys are: {', '.join(allowed)}")
+            raise ConfigError(f"override {'.'.join(path)!r}: unknown key{_suggestion('.'.join(path), allowed)}")
         node = merged
         for part in path[:-1]:
             child = node.get(part)
@@ -281,15 +331,95 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ex
         raise ConfigError(f"invalid config: {problems}") from None
 
 
+def _read_toml(source: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a folder; expected a TOML config file") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: cannot read the config file (permission denied)") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML ({error})") from None
+
+
+def names_local_path(value: str, folder: Path, suffixes: tuple[str, ...] = ()) -> bool:
+    """``value`` (a ``model.name`` or ``data.source``) means a path: it starts like one, ends like a data
+    file, or exists under ``folder``; anything else is a keyword or a hub name."""
+    if value in (BUILTIN_MODEL, EXPERTBENCH) or value.startswith(f"{BUILTIN_MODEL}:"):
+        return False
+    return value.startswith(("/", "./", "../", "~")) or value.lower().endswith(suffixes) or (folder / value).exists()
+
+
+def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its relative paths made relative to ``folder`` (the config file's), absolute."""
+
+    def resolved(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (folder / path).resolve())
+
+    resolved_data = {**data}
+    if "output_dir" in data:
+        resolved_data["output_dir"] = resolved(data["output_dir"])
+    for section, key, suffixes in (
+        ("eval", "mmlu", None),
+        ("model", "name", ()),
+        ("data", "source", LOCAL_DATA_SUFFIXES),
+    ):
+        table = data.get(section)
+        if not isinstance(table, dict) or not isinstance(table.get(key), str):
+            continue
+        if suffixes is None or names_local_path(table[key], folder, suffixes):
+            resolved_data[section] = {**table, key: resolved(table[key])}
+    return resolved_data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a TOML experiment file (none: the built-in default) and apply overrides."""
+    """Read a TOML experiment file (none: the built-in default) and apply overrides.
+
+    Relative paths in the file are taken relative to its folder (see the module docstring).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         source = Path(path)
-        try:
-            data = tomllib.loads(source.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such config file") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{source}: not valid TOML ({error})") from None
+        data = _relative_to(source.absolute().parent, _read_toml(source))
     return build_config(data, overrides)
+
+
+def check_data_source(source: str, key: str = "data.source") -> None:
+    """Refuse a ``data.source`` that names a local file or folder (see :func:`load_config`) that is not there."""
+    if not names_local_path(source, Path.cwd(), LOCAL_DATA_SUFFIXES):
+        return
+    data = Path(source).expanduser()
+    if not data.exists():
+        raise ConfigError(
+            f"{key}: no such file or folder: {source} (expected {EXPERTBENCH!r}, a local JSON, JSONL, CSV or Parquet "
+            "file or folder, or a hub dataset)"
+        )
+    if data.is_file() and not data.name.lower().endswith(LOCAL_DATA_SUFFIXES):
+        raise ConfigError(f"{key}: {source} is not one of {', '.join(LOCAL_DATA_SUFFIXES)}")
+
+
+def check_local_paths(config: ExperimentConfig) -> None:
+    """Refuse, naming the key, a local path in ``config`` that cannot be what it should (before anything loads).
+
+    For a run on this machine: a Flower deployment's paths need only exist where its clients run.
+    """
+    model = config.model.name
+    if names_local_path(model, Path.cwd()):
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            found = "is a file, not" if folder.exists() else "no such folder:"
+            raise ConfigError(f"model.name: {found} {model} (expected a model folder: config.json, weights, tokenizer)")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.name: {model} holds no config.json; expected a Hugging Face model folder")
+    check_data_source(config.data.source)
+    if config.eval.mmlu is not None and not config.eval.mmlu.expanduser().exists():
+        raise ConfigError(f"eval.mmlu: no such file or folder: {config.eval.mmlu}")
+    if config.output_dir.is_file():
+        raise ConfigError(f"output_dir: {config.output_dir} is a file; expected a folder (made if missing)")

@@ -18,20 +18,17 @@ import torch
 from torch import nn
 
 from fedexperts.algorithms.registry import build_algorithm
-from fedexperts.config import ExperimentConfig
+from fedexperts.config import BUILTIN_MODEL, EXPERTBENCH, ExperimentConfig
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
 from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
 from fedexperts.data.partition import Partition, hold_out_validation, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
-from fedexperts.data.tokenize import tokenize_instructions
+from fedexperts.data.tokenize import OverlongRowError, TokenizedData, tokenize_instructions
 from fedexperts.errors import DataError, FedExpertsError
 from fedexperts.evaluation import EvalSet
 from fedexperts.interface import Algorithm, Payload
 from fedexperts.models.load import LoadedModel, load_model
 from fedexperts.models.partial import load_meta, load_sub_moe
-
-BUILTIN_MODEL = "builtin"
-EXPERTBENCH = "expertbench"
 
 
 def client_ids(count: int) -> list[str]:
@@ -184,6 +181,19 @@ def federated_rows(config: ExperimentConfig) -> tuple[Partition, ExpertBench | N
     return partition(loaded.dataset, spec), None
 
 
+def tokenized(
+    rows: datasets.Dataset, tokenizer: Any, template: PromptTemplate, config: ExperimentConfig, where: str
+) -> TokenizedData:
+    """``rows`` tokenized under ``data.max_length``; a row that cannot fit is reported in config terms."""
+    try:
+        return tokenize_instructions(rows, tokenizer, max_length=config.data.max_length, template=template.kind)
+    except OverlongRowError as error:
+        raise DataError(
+            f"{where}, row {error.row} cannot fit: {error.reason}; raise data.max_length "
+            f"(now {config.data.max_length}) or shorten the data"
+        ) from None
+
+
 def eval_set(
     rows: datasets.Dataset,
     tokenizer: Any,
@@ -191,12 +201,13 @@ def eval_set(
     config: ExperimentConfig,
     limit: int | None,
     seed: int,
+    where: str = "test rows",
 ) -> EvalSet:
     """A fixed, seeded subset of ``rows`` (at most ``limit``) with prompts, references and token rows."""
     if limit is not None and len(rows) > limit:
         chosen = np.random.default_rng(seed).choice(len(rows), size=limit, replace=False)
         rows = rows.select(sorted(int(index) for index in chosen))
-    tokens = tokenize_instructions(rows, tokenizer, max_length=config.data.max_length, template=template.kind)
+    tokens = tokenized(rows, tokenizer, template, config, where)
     return EvalSet(
         prompts=tuple(
             template.prompt(tokenizer, instruction, context)
@@ -223,16 +234,19 @@ def build_setting(
     evaluation: bool = True,
     node: bool = False,
 ) -> Setting:
-    """Load the base model (unless given), prepare the algorithm on it, and tokenize the clients' data.
+    """Read and split the data, load the base model (unless given), prepare the algorithm, tokenize.
 
     ``only_clients`` restricts the tokenized clients (a Flower node builds its own partition only;
     a Flower server none). ``evaluation`` builds the union test set and probes, from every
-    client's test rows; a server that never evaluates skips them, and with them the data.
+    client's test rows; a server that never evaluates skips them, and with them the data. The data
+    is read first, so a bad file fails before the model is loaded (or the built-in one pretrained).
 
     With ``federation.client_model = "sub-moe"``, or on a Flower ``node``, the clients of an
     algorithm that names its experts load only their sub-MoEs (:class:`ClientModels`); a node
     then prepares the algorithm on a meta-device model and never loads the full one.
     """
+    wanted = range(config.federation.clients) if only_clients is None else only_clients
+    rows = federated_rows(config) if wanted or evaluation else None
     algorithm = build_algorithm(
         config.algorithm, client_ids=client_ids(config.federation.clients), seed=config.federation.seed
     )
@@ -248,10 +262,8 @@ def build_setting(
     algorithm.prepare(loaded.model)
     template = prompt_template(loaded.tokenizer)
     base = Setting(config, loaded, algorithm, template, (), None, (), client_models=clients)
-    wanted = range(config.federation.clients) if only_clients is None else only_clients
-    if not wanted and not evaluation:
+    if rows is None:
         return base
-    rows = federated_rows(config)
     if evaluation:
         base = with_evaluation(base, rows)
     return with_clients(base, wanted, rows)
@@ -281,7 +293,7 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
             derived_seed(config.data.seed, split.client, 2),
             client=ids[split.client],
         )
-        train = tokenize_instructions(train_split, tokenizer, max_length=config.data.max_length, template=template.kind)
+        train = tokenized(train_split, tokenizer, template, config, f"{ids[split.client]}'s training rows")
         validation = None
         if validation_split is not None:
             validation = eval_set(
@@ -291,6 +303,7 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
                 config,
                 config.eval.max_examples,
                 derived_seed(config.data.seed, split.client, 3),
+                f"{ids[split.client]}'s validation rows",
             )
         test = eval_set(
             split.test,
@@ -299,6 +312,7 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
             config,
             config.eval.max_examples,
             derived_seed(config.data.seed, split.client),
+            f"{ids[split.client]}'s test rows",
         )
         train_rows = token_rows(train.dataset)
         categories = (
@@ -322,7 +336,9 @@ def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]
             if parts.held_out is not None
             else datasets.concatenate_datasets([split.test for split in parts.clients])
         )
-        union = eval_set(pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed)
+        union = eval_set(
+            pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed, "the union test rows"
+        )
     probes: tuple[KnowledgeProbe, ...] = ()
     if bench is not None and config.eval.probes:
         every = bench.probes(seed=config.data.seed)

@@ -126,7 +126,7 @@ def test_partition_command_reports_a_local_file_and_saves_the_plot(tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(app, ["partition", str(source), "--scheme", "random"])
     assert result.exit_code == 2
-    assert "unknown scheme 'random'" in result.output
+    assert "--scheme (data.scheme): Input should be 'iid', 'dirichlet' or 'pathological'" in result.output
 
 
 def test_a_validation_split_is_held_out_of_the_training_rows():

@@ -37,15 +37,19 @@ class ServerRule(StrEnum):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, values are frozen."""
+    """A config section: unknown keys are errors, values are frozen; a field's docstring is its description
+    (``fedexperts config show`` prints it)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, use_attribute_docstrings=True)
 
 
 class LoraConfig(Section):
     rank: int = Field(8, ge=1)
+    """LoRA rank r of each adapted projection."""
     alpha: int = Field(16, ge=1)
+    """LoRA alpha: the update is scaled by alpha / rank."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input while training."""
     targets: list[str] | None = Field(None, min_length=1)
     """Attention projections that get LoRA, by the module's last name segment (``q_proj``; T5-style
     models name them ``q``, ``k``, ``v``, ``o``). ``None``: every ``nn.Linear`` inside attention (q, k,
@@ -58,11 +62,17 @@ class ServerConfig(Section):
     """The server rule applied to the averaged client result (Reddi et al., 2021)."""
 
     rule: ServerRule = ServerRule.FEDAVG
+    """How the server applies the averaged update: plain averaging, or a server optimizer (Reddi et al.)."""
     lr: float = Field(1.0, gt=0)
+    """Server learning rate (``fedavg``: 1 takes the average as it is)."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """``fedavgm``: server momentum."""
     beta1: float = Field(0.9, ge=0, lt=1)
+    """``fedadagrad``, ``fedadam``, ``fedyogi``: first-moment decay."""
     beta2: float = Field(0.99, ge=0, lt=1)
+    """``fedadam``, ``fedyogi``: second-moment decay."""
     tau: float = Field(1e-3, gt=0)
+    """Adaptive rules: added to ``sqrt(v)`` in the step; the second moment ``v`` starts at ``tau**2``."""
 
 
 class AlgorithmSettings(Section):
@@ -83,6 +93,8 @@ class ScopedSettings(AlgorithmSettings):
     """An algorithm that trains a chosen scope of parameters (attention LoRA by default)."""
 
     scope: SharedScope = SharedScope.ATTENTION_LORA
+    """What trains: ``attention-lora`` (LoRA on attention), ``attention`` (attention weights), ``non-expert``
+    (every weight but the routed experts) or ``everything`` (MoE as dense)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     """Used when ``scope`` is ``attention-lora``."""
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import datasets
 
+from fedexperts.config import LOCAL_DATA_SUFFIXES
 from fedexperts.errors import DataError
 
 SCHEMA = ("instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")
 DEFAULT_CATEGORY = "general"
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -174,23 +174,25 @@ _Table = tuple[str, list[str], list[_Row]]
 
 def _local_tables(path: Path) -> Iterator[_Table]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_DATA_SUFFIXES)
         if not files:
-            raise DataError(f"{path}: folder holds no {', '.join(LOCAL_SUFFIXES)} file")
+            raise DataError(f"{path}: folder holds no {', '.join(LOCAL_DATA_SUFFIXES)} file")
     else:
         files = [path]
+    readers = {".jsonl": _jsonl_table, ".json": _json_table, ".csv": _csv_table, ".parquet": _parquet_table}
     for file in files:
-        suffix = file.suffix.lower()
-        if suffix == ".jsonl":
-            yield _jsonl_table(file)
-        elif suffix == ".json":
-            yield _json_table(file)
-        elif suffix == ".csv":
-            yield _csv_table(file)
-        elif suffix == ".parquet":
-            yield _parquet_table(file)
-        else:
-            raise DataError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+        reader = readers.get(file.suffix.lower())
+        if reader is None:
+            raise DataError(
+                f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(LOCAL_DATA_SUFFIXES)}"
+            )
+        try:
+            yield reader(file)
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{file}: not UTF-8 text ({error.reason}, byte 0x{error.object[error.start]:02x}); "
+                "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
 
 
 def _header(rows: list[_Row]) -> list[str]:

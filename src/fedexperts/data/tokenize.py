@@ -22,6 +22,16 @@ from fedexperts.errors import DataError
 IGNORE_INDEX = -100
 
 
+class OverlongRowError(DataError):
+    """A row whose response leaves too little of ``max_length`` for its prompt."""
+
+    def __init__(self, row: int, reason: str) -> None:
+        super().__init__(f"row {row} cannot fit: {reason}; raise max_length or pass skip_overlong to drop such rows")
+        self.row = row
+        """1-based, in the dataset given."""
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class TokenizedData:
     dataset: datasets.Dataset
@@ -75,10 +85,9 @@ def tokenize_instructions(
                 prompt, completion, max_length=max_length, min_prompt_tokens=min_prompt_tokens
             )
         except ValueError as error:
-            message = f"row {index + 1} cannot fit: {error}"
             if not skip_overlong:
-                raise DataError(f"{message}; raise max_length or pass skip_overlong to drop such rows") from None
-            skipped.append(message)
+                raise OverlongRowError(index + 1, str(error)) from None
+            skipped.append(f"row {index + 1} cannot fit: {error}")
             continue
         truncated += was_cut
         out["input_ids"].append(input_ids)

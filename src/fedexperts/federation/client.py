@@ -7,7 +7,6 @@ runtime, a resumed run and a Flower ClientApp all compute the same thing.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,8 +126,6 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                     total_rounds=config.federation.rounds,
                     round_index=task.round - 1,
                     proximal=algorithm.proximal_term(context),
-                    description=client.client_id,
-                    progress=sys.stderr.isatty(),
                 )
             metrics.update({"train_loss": result.loss, "train_tokens": result.tokens})
             uplink = algorithm.uplink(context)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,39 @@ def members_of(setting: Setting) -> dict[str, Member]:
     }
 
 
-class InProcessTransport:
-    """Runs each task by calling the client step in this process; personal states live under ``run_dir/clients``."""
+@dataclass(frozen=True)
+class ClientEvent:
+    """A client of one exchange (a round's, or the final evaluation's) starting or, with its delivery, finished."""
 
-    def __init__(self, setting: Setting, store: ClientStateStore) -> None:
+    task: ClientTask
+    position: int
+    """1-based, among the exchange's ``total`` clients (they run one after another)."""
+    total: int
+    delivery: Delivery | None = None
+    """``None`` when the client is starting."""
+
+
+class InProcessTransport:
+    """Runs each task by calling the client step in this process; personal states live under ``run_dir/clients``.
+
+    ``on_client`` hears of every client starting and finishing (progress displays).
+    """
+
+    def __init__(
+        self, setting: Setting, store: ClientStateStore, on_client: Callable[[ClientEvent], None] | None = None
+    ) -> None:
         self.setting = setting
         self.store = store
         self.dtype = transfer_dtype(setting.config.federation.transfer_dtype)
+        self.on_client = on_client or (lambda event: None)
 
     def exchange(self, tasks: Sequence[tuple[ClientTask, Payload]]) -> dict[str, Delivery]:
-        return {task.client_id: self._one(task, downlink) for task, downlink in tasks}
+        deliveries = {}
+        for position, (task, downlink) in enumerate(tasks, start=1):
+            self.on_client(ClientEvent(task, position, len(tasks)))
+            deliveries[task.client_id] = self._one(task, downlink)
+            self.on_client(ClientEvent(task, position, len(tasks), deliveries[task.client_id]))
+        return deliveries
 
     def _one(self, task: ClientTask, downlink: Payload) -> Delivery:
         started = time.perf_counter()
@@ -85,11 +109,14 @@ def run_experiment(
     resume_from: int | None = None,
     setting: Setting | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_client: Callable[[ClientEvent], None] | None = None,
 ) -> RunResult:
     """Run (or resume) ``config`` in this process and write the run directory.
 
     ``resume_from`` (implies ``resume``) continues after that earlier completed round. A start that
     fails before completing a round leaves no run directory behind (:func:`discard_unstarted`).
+    ``on_round`` gets each round's record when the round is checkpointed; ``on_client`` each client
+    starting and finishing (rounds and the final evaluation).
     """
     target = run_dir or config.output_dir / config.name
     resume = resume or resume_from is not None
@@ -107,7 +134,7 @@ def run_experiment(
             algorithm=setting.algorithm,
             model=setting.model,
             members=members_of(setting),
-            transport=InProcessTransport(setting, store),
+            transport=InProcessTransport(setting, store, on_client),
             on_round=on_round,
         )
         return RunResult(target, federation.run(resume_from=resume_from))

@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoEFamily, family_for, moe_layers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""What a model folder's tokenizer is read from (any one of them, with ``tokenizer_config.json``)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,28 @@ def refuse_local_remote_code(folder: Path) -> None:
         )
 
 
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The checkpoint's tokenizer, with the EOS token as padding when it has no pad token.
+
+    Refused when empty: transformers builds one with no vocabulary when its files are missing.
+    """
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(source), trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as error:
+        raise FedExpertsError(f"cannot load the tokenizer of {source}: {error}") from error
+    if not tokenizer("tokenizer check", add_special_tokens=False)["input_ids"]:
+        raise FedExpertsError(
+            f"{source} has no usable tokenizer: it encodes text to no tokens; the model folder needs the "
+            f"tokenizer's files (one of {', '.join(_TOKENIZER_FILES)}, with tokenizer_config.json) copied "
+            "from where the model came from"
+        )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -65,7 +90,8 @@ def load_model(
     ``experts_implementation`` is transformers' switch for fused experts (``eager``,
     ``grouped_mm``, ``batched_mm``; ``None`` keeps transformers' choice). The tokenizer gets the
     EOS token as padding when it has no pad token (:func:`load_tokenizer`). The model is returned
-    in eval mode on ``device``.
+    in eval mode on ``device``. The config and the tokenizer are checked before any weight is read;
+    missing or unreadable weights are a :class:`FedExpertsError` naming the folder.
     """
     source = str(name_or_path)
     local = Path(source).expanduser()
@@ -94,24 +120,21 @@ def load_model(
         if getattr(config, "is_encoder_decoder", False)
         else transformers.AutoModelForCausalLM
     )
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, revision=revision)
     if experts_implementation is not None:
         options["experts_implementation"] = experts_implementation
     try:
         model = model_class.from_pretrained(source, config=config, dtype=resolve_dtype(dtype), **options)
     except ValueError as error:
         raise FedExpertsError(f"cannot load {source}: {error}") from error
+    except OSError as error:  # no weight file, or a download that failed
+        raise FedExpertsError(f"cannot load the weights of {source}: {error}") from error
+    except SafetensorError as error:
+        raise FedExpertsError(
+            f"cannot read the weights of {source} ({error}): the file is truncated or corrupt; "
+            "copy or download it again"
+        ) from error
     moe_layers(model)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, revision=revision)
     movable: Any = model  # transformers types its wrapper of ``nn.Module.to`` in a way mypy cannot call
     movable.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source)
-
-
-def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
-    """The checkpoint's tokenizer, with the EOS token as padding when it has no pad token."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        str(source), trust_remote_code=trust_remote_code, revision=revision
-    )
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

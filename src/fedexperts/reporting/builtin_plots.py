@@ -28,5 +28,6 @@ def plot_routing(metrics: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(distributions.shape[-1]))
         ax.set_yticks(range(len(CATEGORIES)), CATEGORIES if index == 0 else [""] * len(CATEGORIES), fontsize=8)
     assert image is not None
+    figure.suptitle("built-in model: share of routed tokens per expert, by task category")
     figure.colorbar(image, ax=list(axes), fraction=0.02, label="share of routed tokens")
     figure.savefig(path, dpi=120, bbox_inches="tight")

@@ -39,6 +39,23 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return target
 
 
+def _mark_zeros(axes: Axes, positions: Sequence[float], values: Sequence[float], width: float, color: object) -> None:
+    """A bar of height 0 draws nothing; give it a thick stroke on the baseline and a "0" above, so it reads as 0."""
+    for x, value in zip(positions, values, strict=True):
+        if value == 0:
+            axes.plot([x - width / 2, x + width / 2], [0, 0], color=color, linewidth=3, solid_capstyle="butt")
+            axes.annotate(
+                "0",
+                (x, 0),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize="x-small",
+                color=color,
+            )
+
+
 def _grouped_bars(
     axes: Axes,
     names: Sequence[str],
@@ -51,6 +68,7 @@ def _grouped_bars(
     for index, (label, values, style) in enumerate(series):
         offsets = positions + (index - (len(series) - 1) / 2) * width
         axes.bar(offsets, values, width, label=label, **style)  # type: ignore[arg-type]
+        _mark_zeros(axes, list(offsets), values, width, style.get("color", style.get("edgecolor", "black")))
         if errors is not None:
             shown = [(x, y, e) for x, y, e in zip(offsets, values, errors[index], strict=True) if e is not None]
             if shown:
@@ -92,33 +110,41 @@ def _hatched(color: str) -> dict[str, object]:
 
 
 def plot_rounds(record: RunRecord, path: str | Path) -> Path:
-    """Mean evaluation per round against completed rounds (round r is plotted at r - 1), final mean last."""
+    """Mean evaluation of each round at its number (as in summary.md's table), the final evaluation one further.
+
+    Round r is evaluated before its clients train (round 1: the starting model); the final evaluation
+    comes after the last round, so it is drawn at rounds + 1 and labelled "final".
+    """
     from matplotlib.ticker import MaxNLocator
 
     means = record.round_means
     if not means and record.personalized is None:
         raise ValueError("the run has no evaluation to plot")
-    completed = [mean.round - 1 for mean in means]
+    numbers = [mean.round for mean in means]
     figure = _figure(9.0, 3.6)
     scores, losses = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    scores.plot(completed, [mean.scores.rouge_l for mean in means], marker="o", label="ROUGE-L", color="tab:orange")
-    scores.plot(completed, [mean.scores.exact_match for mean in means], marker="o", label="exact match")
-    losses.plot(completed, [mean.scores.loss for mean in means], marker="o", color="tab:red", label="loss")
+    scores.plot(numbers, [mean.scores.rouge_l for mean in means], marker="o", label="ROUGE-L", color="tab:orange")
+    scores.plot(numbers, [mean.scores.exact_match for mean in means], marker="o", label="exact match")
+    losses.plot(numbers, [mean.scores.loss for mean in means], marker="o", color="tab:red", label="loss")
     final = record.personalized
     if final is not None:
-        last = record.rounds[-1].round if record.rounds else 0
-        scores.scatter([last], [final.rouge_l], marker="*", s=120, color="tab:orange", label="final ROUGE-L")
-        scores.scatter([last], [final.exact_match], marker="*", s=120, color="tab:blue", label="final exact match")
-        losses.scatter([last], [final.loss], marker="*", s=120, color="tab:red", label="final loss")
+        at = (record.rounds[-1].round if record.rounds else 0) + 1
+        scores.scatter([at], [final.rouge_l], marker="*", s=120, color="tab:orange", label="final ROUGE-L")
+        scores.scatter([at], [final.exact_match], marker="*", s=120, color="tab:blue", label="final exact match")
+        losses.scatter([at], [final.loss], marker="*", s=120, color="tab:red", label="final loss")
+        for axes, value in ((scores, max(final.rouge_l, final.exact_match)), (losses, final.loss)):
+            axes.annotate(
+                "final", (at, value), xytext=(0, 8), textcoords="offset points", ha="center", fontsize="small"
+            )
     scores.set_ylim(0, 1.05)
     scores.set_ylabel("mean score over evaluated clients")
     losses.set_ylabel("mean eval loss")
     for axes in (scores, losses):
-        axes.set_xlabel("completed rounds")
+        axes.set_xlabel("round (evaluated before its training)")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
-    figure.suptitle(f"{record.info.name}: evaluation before each round's training")
+    figure.suptitle(f"{record.info.name}: evaluation per round, then the final evaluation")
     return _save(figure, path)
 
 
@@ -141,8 +167,10 @@ def plot_bytes(record: RunRecord, path: str | Path) -> Path:
     numbers = np.array([item.round for item in record.rounds], dtype=float)
     figure = _figure(min(12.0, max(5.0, 0.35 * len(numbers) + 3)), 3.5)
     axes = figure.add_subplot()
-    axes.bar(numbers - 0.2, [value / factor for value in down], 0.4, label="down", color="tab:blue")
-    axes.bar(numbers + 0.2, [value / factor for value in up], 0.4, label="up", color="tab:green")
+    for offset, values, label, color in ((-0.2, down, "down", "tab:blue"), (0.2, up, "up", "tab:green")):
+        scaled = [value / factor for value in values]
+        axes.bar(numbers + offset, scaled, 0.4, label=label, color=color)
+        _mark_zeros(axes, list(numbers + offset), scaled, 0.4, color)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
     axes.set_ylabel(unit)

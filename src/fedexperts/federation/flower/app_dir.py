@@ -9,12 +9,14 @@ declared: connections live in ``$FLWR_HOME/config.toml``.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import tomli_w
 
 from fedexperts.atomic import atomic_file
 from fedexperts.config import ExperimentConfig
+from fedexperts.errors import FedExpertsError
 from fedexperts.federation.flower.runconfig import nested_run_config
 
 PUBLISHER = "fedexperts"
@@ -22,8 +24,27 @@ SERVER_APP = "fedexperts.federation.flower.serverapp:app"
 CLIENT_APP = "fedexperts.federation.flower.clientapp:app"
 
 
+def _check_target(folder: Path) -> None:
+    """``folder`` may be new, or hold a Flower app this wrote earlier (rewritten); never a file, nor another project."""
+    if folder.exists() and not folder.is_dir():
+        raise FedExpertsError(f"{folder}: is a file; expected a folder for the Flower app (created if missing)")
+    existing = folder / "pyproject.toml"
+    if not existing.exists():
+        return
+    try:
+        publisher = tomllib.loads(existing.read_text())["tool"]["flwr"]["app"]["publisher"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        publisher = None
+    if publisher != PUBLISHER:
+        raise FedExpertsError(
+            f"{folder}: holds a pyproject.toml that is not a fedexperts Flower app; it is left as it is: "
+            "choose a new folder"
+        )
+
+
 def write_app(config: ExperimentConfig, folder: Path) -> Path:
-    """Write ``folder/pyproject.toml`` and return its path."""
+    """Write ``folder/pyproject.toml`` and return its path; a pyproject.toml that is not ours is refused."""
+    _check_target(folder)
     name = "".join(char if char.isalnum() else "-" for char in config.name.lower()).strip("-") or "run"
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},

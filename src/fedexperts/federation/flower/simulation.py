@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fedexperts.config import ExperimentConfig
-from fedexperts.errors import RunError
+from fedexperts.errors import FedExpertsError, RunError
 from fedexperts.federation.flower.clientapp import client_app
 from fedexperts.federation.flower.serverapp import server_app
 from fedexperts.federation.rundir import RunResult, discard_unstarted
@@ -38,11 +38,18 @@ def run_simulation(
 ) -> RunResult:
     """Run ``config`` on Flower's simulation engine and return the run directory's records.
 
-    ``gpus_per_client`` defaults to 1 / (clients that fit) when CUDA is present, else 0.
+    ``gpus_per_client`` defaults to 1 / (clients that fit) when CUDA is present, else 0. The CPUs are
+    checked before Ray starts: Ray refuses a bad count with pages of log, or waits forever for cores
+    that are not there.
     """
     from flwr.simulation import run_simulation as flower_simulation
 
     cpus = os.cpu_count() or 1
+    if not 0 < cpus_per_client <= cpus:
+        raise FedExpertsError(
+            f"cpus per client (--cpus-per-client) must be above 0 and at most the {cpus} cores here, "
+            f"got {cpus_per_client:g}"
+        )
     if gpus_per_client is None:
         gpus_per_client = 1.0 / max(1, int(cpus // cpus_per_client)) if torch.cuda.is_available() else 0.0
     server = server_app(config, run_dir, overwrite=overwrite, discard_failed_start=False, on_round=on_round)
