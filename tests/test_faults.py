@@ -216,12 +216,7 @@ FAULTS = [
     Fault("disk-full-at-start", _refused(errno.ENOSPC), ("No space left", "disk is full")),
     Fault("disk-full-at-the-checkpoint", _full_disk_mid_run("fedavg"), ("checkpoints", "disk is full")),
     Fault("disk-full-in-the-clients", _full_disk_mid_run("flex"), ("round 1", "client-0", "No space left")),
-    pytest.param(
-        Fault("corrupt-saved-config-on-resume", _corrupt_saved_config, ("config.toml", "TOML")),
-        marks=pytest.mark.xfail(
-            strict=True, reason="federation/rundir.py reads the saved config.toml without ConfigError (issue 15)"
-        ),
-    ),
+    Fault("corrupt-saved-config-on-resume", _corrupt_saved_config, ("config.toml", "TOML")),
     # other commands
     Fault("app-out-is-a-file", lambda w: ["flower", "app", "--out", str(w.data())], ("data.jsonl", "is a file"), True),
     Fault("app-out-holds-another-project", _foreign_pyproject, ("pyproject.toml", "not a fedexperts"), True),

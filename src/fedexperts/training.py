@@ -28,7 +28,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import IGNORE_INDEX
@@ -166,7 +165,6 @@ def train_local(
     total_rounds: int = 1,
     round_index: int = 0,
     proximal: Callable[[], torch.Tensor] | None = None,
-    progress: bool = False,
     description: str = "train",
 ) -> TrainResult:
     """Run ``settings.steps_per_round`` optimizer steps on ``batches`` (cycled if it runs out).
@@ -205,7 +203,7 @@ def train_local(
     start = time.perf_counter()
     steps = range(settings.steps_per_round)
     try:
-        for step in tqdm(steps, desc=description, disable=not progress, leave=False):
+        for step in steps:
             learning_rate = cosine_learning_rate(
                 round_index * settings.steps_per_round + step,
                 peak=settings.learning_rate,

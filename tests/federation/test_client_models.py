@@ -6,6 +6,7 @@ import transformers
 
 from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
 from fedexperts.algorithms.registry import build_algorithm
+from fedexperts.data.expertbench import ExpertBench
 from fedexperts.errors import FedExpertsError
 from fedexperts.experiment import ClientModels, build_setting
 from fedexperts.federation.accounting import held_bytes
@@ -14,6 +15,7 @@ from fedexperts.federation.payload import decode, encode
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import ClientInfo
 from fedexperts.models import load_meta, tiny_model
+from fedexperts.models.builtin import RECIPES, build_tokenizer
 
 
 def downlink(setting, client_id):
@@ -54,6 +56,7 @@ def test_a_flower_node_runs_fedmoe_without_ever_loading_the_full_model(micro_con
 def test_budget_0_4_clients_hold_under_45_percent_of_the_full_model(tmp_path):
     folder = tmp_path / "olmoe"
     tiny_model("olmoe", num_experts=16, intermediate_size=32).save_pretrained(folder)
+    build_tokenizer(ExpertBench.from_seed(0), RECIPES["micro"]).save_pretrained(folder)
     config = FedMoEConfig(fedmoe=FedMoEOptions(budget_fraction=0.4, full_budget_every=0))
     server, node = build_algorithm(config, client_ids=["c"]), build_algorithm(config, client_ids=["c"])
     full = transformers.AutoModelForCausalLM.from_pretrained(folder)

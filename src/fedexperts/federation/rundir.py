@@ -66,7 +66,7 @@ def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
     try:
         saved = build_config(tomllib.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, FedExpertsError) as error:
-        raise RunError(f"cannot resume {run_dir}: {path} is unreadable ({error})") from None
+        raise RunError(f"cannot resume {run_dir}: {path} is not a readable TOML config ({error})") from None
     mine, theirs = config.model_dump(mode="json"), saved.model_dump(mode="json")
     differing = sorted(_differences(mine, theirs))
     if differing:

@@ -7,11 +7,13 @@ import transformers
 from fedexperts.algorithms.fedavg.config import FedAvgConfig
 from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import TrainConfig
+from fedexperts.data.expertbench import ExpertBench
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation.accounting import held_bytes
 from fedexperts.federation.payload import decode, encode
 from fedexperts.interface import ClientInfo, LocalData
 from fedexperts.models import load_meta, load_sub_moe, tiny_model
+from fedexperts.models.builtin import RECIPES, build_tokenizer
 from fedexperts.training import train_local
 from tests.algorithms.fedmoe.common import fedmoe, per_layer
 from tests.algorithms.helpers import batches_for
@@ -21,6 +23,7 @@ from tests.algorithms.helpers import batches_for
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("olmoe")
     tiny_model("olmoe", seed=4).save_pretrained(path)
+    build_tokenizer(ExpertBench.from_seed(0), RECIPES["micro"]).save_pretrained(path)  # a node loads it too
     return path
 
 
