@@ -18,7 +18,8 @@ def test_flex_run_analysis_has_usage_per_layer_and_gate_openings(micro_config):
 
 
 def test_fedmoe_usage_is_zero_on_experts_a_client_does_not_hold(micro_config):
-    result = run_experiment(micro_config("algorithm.name=fedmoe", "federation.rounds=2", "eval.every=0"))
+    overrides = ("algorithm.name=fedmoe", "algorithm.fedmoe.warmup_rounds=0", "federation.rounds=2", "eval.every=0")
+    result = run_experiment(micro_config(*overrides))
     analysis = analyse_run(result.run_dir)
     assert not analysis["gates"]
     layers = analysis["layers"]

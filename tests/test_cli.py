@@ -243,7 +243,7 @@ import sys
 import torch
 import fedexperts.federation.server as server
 
-def checkpoint(self, round_number, global_state):
+def checkpoint(self, global_state):
     secret = {"input_ids": torch.arange(987650, 987660), "weights": torch.full((4, 4), 7.125)}
     raise RuntimeError("the checkpoint could not be written")
 

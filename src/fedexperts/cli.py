@@ -175,7 +175,6 @@ def compare(
     Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
     """
     from fedexperts.config import check_local_paths, load_config
-    from fedexperts.federation.rundir import is_run_dir
     from fedexperts.studies import STUDIES
     from fedexperts.studies import study as find_study
 
@@ -213,6 +212,7 @@ def compare(
         check_local_paths(config)
 
     from fedexperts.federation.inprocess import run_experiment
+    from fedexperts.federation.rundir import is_run_dir
     from fedexperts.progress import RunProgress
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report

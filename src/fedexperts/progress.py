@@ -44,7 +44,7 @@ def round_line(record: dict[str, Any]) -> str:
 def failure_lines(record: dict[str, Any]) -> list[str]:
     """One line per client of the round that failed or was refused, with the reason."""
     return [
-        f"  {client} {entry['status']}: {entry['error']}"
+        f"  {client} {entry['status']}: {entry.get('error') or 'no reason given'}"
         for client, entry in record["clients"].items()
         if entry["status"] != "ok"
     ]

@@ -126,6 +126,7 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                     total_rounds=config.federation.rounds,
                     round_index=task.round - 1,
                     proximal=algorithm.proximal_term(context),
+                    description=client.client_id,
                 )
             metrics.update({"train_loss": result.loss, "train_tokens": result.tokens})
             uplink = algorithm.uplink(context)
