@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedexperts import atomic
 from fedexperts.cli import app
 
 runner = CliRunner()
@@ -82,16 +82,16 @@ class World:
         return ["run", f'model.name="{model or self.micro}"', f'output_dir="{self.out}"', *TINY, *extra]
 
     def refuse_writes(self, code: int) -> None:
-        """Every temporary file fedexperts makes under ``out`` fails with ``code`` (as a full or read-only disk)."""
-        real = tempfile.mkstemp
+        """Every file or folder fedexperts stages under ``out`` fails with ``code`` (as a full or read-only disk)."""
+        for name in ("_new_file", "_new_folder"):
+            real = getattr(atomic, name)
 
-        def mkstemp(*args: object, **kwargs: object) -> tuple[int, str]:
-            folder = str(kwargs.get("dir", ""))
-            if folder.startswith(str(self.out)):
-                raise OSError(code, os.strerror(code), folder)
-            return real(*args, **kwargs)  # type: ignore[call-overload,no-any-return]
+            def refusing(path: Path, real: Callable[[Path], None] = real) -> None:
+                if str(path).startswith(str(self.out)):
+                    raise OSError(code, os.strerror(code), str(path))
+                real(path)
 
-        self.monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+            self.monkeypatch.setattr(atomic, name, refusing)
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,10 @@ def _foreign_pyproject(w: World) -> list[str]:
 
 
 def _corrupt_saved_config(w: World) -> list[str]:
-    (w.out / "default").mkdir(parents=True)
+    """A finished run's saved config.toml overwritten with garbage, then resumed."""
+    assert CliRunner().invoke(app, [*w.run(), "federation.rounds=1"]).exit_code == 0
     (w.out / "default" / "config.toml").write_text("this is [not toml")
-    return [*w.run(), "--resume"]
+    return [*w.run(), "federation.rounds=1", "--resume"]
 
 
 def _relative_source(w: World) -> list[str]:

@@ -41,15 +41,6 @@ def round_line(record: dict[str, Any]) -> str:
     )
 
 
-def failure_lines(record: dict[str, Any]) -> list[str]:
-    """One line per client of the round that failed or was refused, with the reason."""
-    return [
-        f"  {client} {entry['status']}: {entry.get('error') or 'no reason given'}"
-        for client, entry in record["clients"].items()
-        if entry["status"] != "ok"
-    ]
-
-
 def _stage(event: ClientEvent, rounds: int) -> str:
     return "final evaluation" if event.task.round > rounds else f"round {event.task.round}/{rounds}"
 
@@ -116,7 +107,5 @@ class RunProgress:
     def on_round(self, record: dict[str, Any]) -> None:
         """A round ended: its summary line, and the rounds bar steps."""
         self.console.print(round_line(record), markup=False)
-        for line in failure_lines(record):
-            self.console.print(line, markup=False, highlight=False, style="yellow")
         if self._bars is not None and self._rounds_bar is not None:
             self._bars.update(self._rounds_bar, completed=record["round"])
