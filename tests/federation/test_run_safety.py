@@ -228,7 +228,7 @@ def test_a_diverging_client_is_failed_with_its_reason_and_the_round_goes_on(micr
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())  # the console wraps long lines
     assert "round 1: 2/3 clients ok" in output
-    assert "client-1 failed: DivergenceError: client-1 diverged: the trainable weights' RMS went from" in output
+    assert "client-1 (2/3): failed: DivergenceError: client-1 diverged: the trainable weights' RMS went from" in output
     assert "lower train.learning_rate" in output
 
 
