@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from fedexperts.cli_common import ConfigArgs, config_and_overrides, console, wrote
+from fedexperts.cli_studies import studies_app
 from fedexperts.errors import FedExpertsError
 from fedexperts.failures import user_errors
 
@@ -23,15 +24,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,  # rich's tracebacks print every frame's locals: clients' tokens and weights
 )
-console = Console(soft_wrap=True)  # soft wrap: a long path stays one line, whatever the terminal's width
-_ARGS = "\\[CONFIG.toml] \\[key=value ...]"
-"""The ``[CONFIG] [key=value ...]`` words, escaped for rich markup (typer renders help as markup)."""
-_ARGS_METAVAR = "[CONFIG.toml] [KEY=VALUE]..."
-ConfigArgs = Annotated[
-    list[str] | None,
-    typer.Argument(metavar=_ARGS_METAVAR, help=f"{_ARGS} (no config: the default)", show_default=False),
-]
-"""A command's ``[CONFIG] [key=value ...]`` words (see :func:`_config_and_overrides`)."""
 
 
 def _print_version(value: bool) -> None:
@@ -73,18 +65,6 @@ def demo(
     run_demo(model_type, seed, console)
 
 
-def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str]]:
-    """``[CONFIG] [key=value ...]``: words with ``=`` are overrides, one other word is the TOML file."""
-    files = [arg for arg in args or [] if "=" not in arg]
-    if len(files) > 1:
-        raise FedExpertsError(f"one config file at most, got {', '.join(files)} (overrides are key=value)")
-    return (Path(files[0]) if files else None), [arg for arg in args or [] if "=" in arg]
-
-
-def _wrote(paths: list[Path]) -> None:
-    console.print(f"wrote {', '.join(str(p) for p in paths)}", markup=False, highlight=False)
-
-
 @app.command(context_settings={"allow_extra_args": False})
 @user_errors
 def run(
@@ -104,7 +84,7 @@ def run(
     """
     from fedexperts.config import check_local_paths, load_config
 
-    path, overrides = _config_and_overrides(args)
+    path, overrides = config_and_overrides(args)
     config = load_config(path, overrides)  # before torch loads: a bad config is reported in about a second
     check_local_paths(config)
 
@@ -130,7 +110,7 @@ def run(
         )
     written = write_report(result.run_dir)
     console.print(final_table(load_run(result.run_dir)))
-    _wrote(written)
+    wrote(written)
 
 
 @app.command()
@@ -139,7 +119,7 @@ def routing(run_dir: Annotated[Path, typer.Argument(help="A run directory writte
     """Expert usage heatmaps of every client's final model and, for FLEx, gate openings per category."""
     from fedexperts.analysis import analyse_run, plot_analysis
 
-    _wrote(plot_analysis(analyse_run(run_dir), run_dir))
+    wrote(plot_analysis(analyse_run(run_dir), run_dir))
 
 
 @app.command()
@@ -150,94 +130,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 
     written = write_report(run_dir)
     console.print(final_table(load_run(run_dir)))
-    _wrote(written)
-
-
-_DEFAULT_METHODS = ("local", "fedavg", "flex")
-
-
-@app.command()
-@user_errors
-def compare(
-    args: Annotated[
-        list[str] | None, typer.Argument(metavar=_ARGS_METAVAR, help=f"{_ARGS} shared by every run", show_default=False)
-    ] = None,
-    study: Annotated[str | None, typer.Option(help="A preset study (see --list-studies); args still apply.")] = None,
-    algorithms: Annotated[str | None, typer.Option(help="Comma-separated algorithm names.")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated federation seeds (data stays fixed).")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Folder of the runs and comparison (default: output_dir/name).")
-    ] = None,
-    list_studies: bool = typer.Option(False, "--list-studies", help="List the preset studies and exit."),
-) -> None:
-    """Run several algorithms and seeds on the same data and partition; report mean and 95% CI per method.
-
-    Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
-    """
-    from fedexperts.config import check_local_paths, load_config
-    from fedexperts.studies import STUDIES
-    from fedexperts.studies import study as find_study
-
-    if list_studies:
-        for known in STUDIES.values():
-            console.print(f"[bold]{known.name}[/]: {escape(known.description)} ({', '.join(known.algorithms)})")
-        return
-    path, overrides = _config_and_overrides(args)
-    preset = find_study(study) if study else None
-    names = [
-        name.strip() for name in (algorithms or ",".join(preset.algorithms if preset else _DEFAULT_METHODS)).split(",")
-    ]
-    names = [name for name in names if name]
-    seed_text = seeds or ",".join(str(seed) for seed in (preset.seeds if preset else (0, 1, 2)))
-    try:
-        seed_values = [int(seed) for seed in seed_text.split(",") if seed.strip()]
-    except ValueError:
-        raise FedExpertsError(f"--seeds must be comma-separated integers, got {seed_text!r}") from None
-    if not names or not seed_values:
-        raise FedExpertsError("--algorithms and --seeds must each name at least one value")
-
-    def method(name: str) -> list[str]:
-        """A method's overrides: the study's (shared, then the method's own), the user's, then the method's name."""
-        study_overrides = [*preset.run_overrides(name), f"name={preset.name}"] if preset is not None else []
-        return [*study_overrides, *overrides, f"algorithm.name={name}"]
-
-    base = load_config(path, method(names[0]))
-    folder = out or base.output_dir / base.name
-    runs = [  # every run's config is validated before the first one starts, and before torch loads
-        (name, seed, load_config(path, [*method(name), f"federation.seed={seed}"]))
-        for name in names
-        for seed in seed_values
-    ]
-    for _name, _seed, config in runs:
-        check_local_paths(config)
-
-    from fedexperts.federation.inprocess import run_experiment
-    from fedexperts.federation.rundir import is_run_dir
-    from fedexperts.progress import RunProgress
-    from fedexperts.reporting import compare as compare_runs
-    from fedexperts.reporting import comparison_table, load_run, write_comparison, write_report
-    from fedexperts.reporting.schema import METRICS_FILE
-
-    groups: dict[str, list[Any]] = {}
-    for name, seed, config in runs:
-        run_dir = folder / name / f"seed-{seed}"
-        finished = (run_dir / METRICS_FILE).exists() and load_run(run_dir).final is not None
-        if not finished:
-            console.print(f"[bold]{escape(name)}[/], seed {seed} -> {escape(str(run_dir))}")
-            with RunProgress(console, config.federation.rounds) as progress:
-                run_experiment(
-                    config,
-                    run_dir,
-                    resume=is_run_dir(run_dir),
-                    on_round=progress.on_round,
-                    on_client=progress.on_client,
-                )
-            write_report(run_dir)
-        groups.setdefault(name, []).append(load_run(run_dir))
-    pairs = [pair for pair in (preset.pairs if preset else ()) if all(name in groups for name in pair)]
-    comparison = compare_runs(groups, pairs=pairs)
-    console.print(comparison_table(comparison))
-    _wrote(write_comparison(folder, comparison))
+    wrote(written)
 
 
 @app.command()
@@ -383,6 +276,7 @@ def plan(
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs: every key, its default and description.")
+app.add_typer(studies_app)  # compare, claims: top-level commands
 app.add_typer(config_app, name="config")
 
 
@@ -399,7 +293,7 @@ def config_show(
     from fedexperts.config import load_config
     from fedexperts.config_toml import config_toml
 
-    path, overrides = _config_and_overrides(args)
+    path, overrides = config_and_overrides(args)
     typer.echo(config_toml(load_config(path, overrides), every_key=defaults), nl=False)
 
 
@@ -422,7 +316,7 @@ def flower_simulate(
     """Run one experiment on Flower's simulation engine (Ray): one SuperNode per client, on this machine."""
     from fedexperts.config import check_local_paths, load_config
 
-    path, overrides = _config_and_overrides(args)
+    path, overrides = config_and_overrides(args)
     config = load_config(path, overrides)
     check_local_paths(config)
 
@@ -452,7 +346,7 @@ def flower_write_app(
     from fedexperts.config import load_config
     from fedexperts.federation.flower.app_dir import write_app
 
-    path, overrides = _config_and_overrides(args)
+    path, overrides = config_and_overrides(args)
     written = write_app(load_config(path, overrides), out)
     console.print(
         f"wrote {written}; run it with: flwr run {out} <connection> [--run-config 'key=value ...']", markup=False

@@ -16,13 +16,23 @@ from dataclasses import dataclass, field
 
 from fedexperts.errors import FedExpertsError
 
-_COMMON = (
-    "federation.rounds=5",
-    "train.steps_per_round=10",
-    "eval.max_examples=24",
-    "eval.union_examples=40",
-    "eval.probes=48",
+_DECIDING_EVAL = (
+    "data.items=6000",
+    "eval.every=0",
+    "eval.max_examples=100",
+    "eval.union_examples=100",
+    "eval.probes=100",
 )
+"""Scores that can decide: 6000 ExpertBench items give every client of these studies at least 100 test rows
+(the smallest Dirichlet client has 122), each scored on 100, with 100 pooled rows and 100 probes each. Only the
+final evaluation runs (``eval.every=0``): it is what the comparison reads, and per-round scoring at this size
+would double a run's time (``rounds to 90%`` is therefore not measured)."""
+DECIDING_SEEDS = (0, 1, 2, 3, 4)
+"""Five seeds: the fewest at which a paired t-interval is usable (4 degrees of freedom, t = 2.78); the
+signed-rank test still cannot go below p = 0.0625 there, which every comparison states."""
+_COMMON = ("federation.rounds=5", "train.steps_per_round=10", *_DECIDING_EVAL)
+"""50 local steps per client in all: the built-in model's LoRA and grafted experts move its scores within that
+(docs/RESULTS.md), and a 30-run study stays under an hour on 2 cores."""
 
 
 @dataclass(frozen=True)
@@ -34,15 +44,18 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)
     method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Overrides for one method only (applied after ``overrides``): keys of one algorithm are errors in another."""
-    pairs: tuple[tuple[str, str], ...] = ()
-    """Methods whose difference the comparison reports paired by seed (``(a, b)``: ``a - b``)."""
+    reference: str | None = None
+    """The study's proposed method: the comparison reports every other method's paired difference to it."""
 
     def run_overrides(self, algorithm: str) -> list[str]:
         """The study's overrides of ``algorithm``'s runs: the shared ones, its own, then its name."""
         return [*self.overrides, *self.method_overrides.get(algorithm, ()), f"algorithm.name={algorithm}"]
 
 
-_FLEX_METHODS = ("local", "fedavg", "fedprox", "dense", "flex")
+_FLEX_METHODS = ("local", "fedavg", "fedprox", "dense", "random-expert", "flex")
+_FLEX_PER_METHOD: dict[str, tuple[str, ...]] = {"random-expert": ("algorithm.personal=true",)}
+"""FLEx's random-experts baseline: a random pretrained expert grafted per layer and kept personal, as FLEx's
+official code runs it (the expert adapters are never averaged)."""
 
 _PAPER_CATEGORIES = '["closed_qa", "information_extraction", "classification", "summarization"]'
 _FLEX_PAPER = (
@@ -72,8 +85,6 @@ _FLEX_PAPER = (
 _FLEX_PAPER_METHODS = ("local", "fedavg", "fedprox", "random-expert", "flex")
 """What the FLEx paper compares that fedexperts has (not its FedAdagrad/FedAdam/FedYogi/SCAFFOLD rows:
 the first three are ``algorithm.server.rule`` of fedavg, SCAFFOLD is not implemented)."""
-_FLEX_PAPER_PER_METHOD: dict[str, tuple[str, ...]] = {"random-expert": ("algorithm.personal=true",)}
-"""The official random-experts baseline never averages the expert adapters."""
 
 STUDIES: dict[str, Study] = {
     study.name: study
@@ -83,18 +94,27 @@ STUDIES: dict[str, Study] = {
             "FLEx's pathological split: each of 5 clients holds one task category, in its own answer style",
             (*_COMMON, "federation.clients=5", "data.scheme=pathological", "data.classes_per_client=1"),
             _FLEX_METHODS,
+            seeds=DECIDING_SEEDS,
+            method_overrides=_FLEX_PER_METHOD,
+            reference="flex",
         ),
         Study(
             "flex-dirichlet-0.5",
             "FLEx's Dirichlet split over categories, alpha 0.5 (skewed), 5 clients",
             (*_COMMON, "federation.clients=5", "data.scheme=dirichlet", "data.alpha=0.5"),
             _FLEX_METHODS,
+            seeds=DECIDING_SEEDS,
+            method_overrides=_FLEX_PER_METHOD,
+            reference="flex",
         ),
         Study(
             "flex-dirichlet-1.0",
             "FLEx's Dirichlet split over categories, alpha 1.0 (milder), 5 clients",
             (*_COMMON, "federation.clients=5", "data.scheme=dirichlet", "data.alpha=1.0"),
             _FLEX_METHODS,
+            seeds=DECIDING_SEEDS,
+            method_overrides=_FLEX_PER_METHOD,
+            reference="flex",
         ),
         Study(
             "flex-paper-pathological",
@@ -103,7 +123,8 @@ STUDIES: dict[str, Study] = {
             (*_FLEX_PAPER, "federation.clients=4", "data.scheme=pathological", "data.classes_per_client=1"),
             _FLEX_PAPER_METHODS,
             seeds=(0,),
-            method_overrides=_FLEX_PAPER_PER_METHOD,
+            method_overrides=_FLEX_PER_METHOD,
+            reference="flex",
         ),
         *(
             Study(
@@ -119,7 +140,8 @@ STUDIES: dict[str, Study] = {
                 ),
                 _FLEX_PAPER_METHODS,
                 seeds=(0,),
-                method_overrides=_FLEX_PAPER_PER_METHOD,
+                method_overrides=_FLEX_PER_METHOD,
+                reference="flex",
             )
             for name, alpha in (("flex-paper-dirichlet", "0.5"), ("flex-paper-dirichlet-1.0", "1.0"))
         ),
@@ -130,23 +152,19 @@ STUDIES: dict[str, Study] = {
             (
                 'model.name="builtin:experts32"',
                 "federation.clients=10",
-                "data.items=2000",
+                *_DECIDING_EVAL,
                 "data.scheme=pathological",
                 "data.classes_per_client=1",
                 "federation.fraction=0.5",
                 "federation.rounds=12",
                 "train.steps_per_round=5",
-                "eval.every=0",
-                "eval.max_examples=24",
-                "eval.union_examples=40",
-                "eval.probes=48",
                 "algorithm.fedmoe.budget_fraction=0.4",
                 "algorithm.fedmoe.full_budget_every=2",
                 "algorithm.fedmoe.warmup_rounds=2",
             ),
             ("random-moe", "fedmoe"),
-            seeds=(0, 1, 2, 3, 4),
-            pairs=(("fedmoe", "random-moe"),),
+            seeds=DECIDING_SEEDS,
+            reference="fedmoe",
         ),
     )
 }

@@ -10,6 +10,7 @@ from fedexperts.reporting import (
     comparison_table,
     estimate,
     load_run,
+    paired_table,
     write_comparison,
 )
 
@@ -143,21 +144,41 @@ def test_paired_differences_by_seed_tell_apart_what_the_per_method_intervals_can
             "a": _group(tmp_path, "a", [0.22, 0.62, 0.42]),
             "b": _group(tmp_path, "b", [0.20, 0.60, 0.40]),
         },
-        pairs=[("a", "b")],
+        reference="a",
     )
+    assert comparison.pairs == (("a", "b"),)
     assert comparison.verdict("personalized_rouge_l").overlap is True
     paired = comparison.paired("personalized_rouge_l", "a", "b")
     assert paired.n == 3 and paired.mean == pytest.approx(0.02) and paired.ci == pytest.approx(0.0, abs=1e-9)
     text = comparison_markdown(comparison)
     assert "## a − b, paired by seed" in text
     assert "the interval excludes 0: a is better" in text
-    with pytest.raises(ComparisonError, match="paired methods without runs: 'c'"):
-        compare({"a": comparison.runs["a"]}, pairs=[("a", "c")])
+    with pytest.raises(ComparisonError, match="reference method 'c' has no runs"):
+        compare({"a": comparison.runs["a"]}, reference="c")
+
+
+def test_every_method_is_paired_with_the_reference_and_only_seeds_both_ran_count(tmp_path):
+    comparison = compare(
+        {
+            "a": _group(tmp_path, "a", [0.3, 0.4, 0.5]),
+            "ref": _group(tmp_path, "ref", [0.5, 0.5, 0.5, 0.9]),
+            "c": _group(tmp_path, "c", [0.1, 0.2]),
+        },
+        reference="ref",
+    )
+    assert comparison.pairs == (("ref", "a"), ("ref", "c"))
+    assert comparison.paired("personalized_rouge_l", "ref", "a").values == pytest.approx((0.2, 0.1, 0.0))
+    with_c = comparison.paired("personalized_rouge_l", "ref", "c")
+    assert with_c.seeds == (0, 1) and with_c.values == pytest.approx((0.4, 0.3))
+    assert compare({"a": comparison.runs["a"]}).pairs == ()  # no reference: no paired section
+    table = paired_table(comparison)
+    assert table is not None and [str(column.header) for column in table.columns][1:] == ["− a", "− c"]
+    assert paired_table(compare({"a": comparison.runs["a"]})) is None
 
 
 def test_a_paired_interval_containing_zero_says_so(tmp_path):
     comparison = compare(
         {"a": _group(tmp_path, "a", [0.3, 0.5, 0.4]), "b": _group(tmp_path, "b", [0.4, 0.4, 0.4])},
-        pairs=[("a", "b")],
+        reference="a",
     )
     assert "the interval contains 0: no difference is shown" in comparison_markdown(comparison)

@@ -13,6 +13,7 @@ from fedexperts.reporting.compare import (
     estimate,
     write_comparison,
 )
+from fedexperts.reporting.paired import PairedDifference, paired_difference, paired_table
 from fedexperts.reporting.plots import plot_bytes, plot_clients, plot_comparison, plot_rounds
 from fedexperts.reporting.runs import (
     Failure,
@@ -52,6 +53,7 @@ __all__ = [
     "FinalRecord",
     "MeanScores",
     "Metric",
+    "PairedDifference",
     "Parameters",
     "PeakMemory",
     "RoundMean",
@@ -71,6 +73,8 @@ __all__ = [
     "final_table",
     "load_run",
     "mean_scores",
+    "paired_difference",
+    "paired_table",
     "plot_bytes",
     "plot_clients",
     "plot_comparison",

@@ -21,6 +21,7 @@ from rich.text import Text
 from fedexperts.atomic import atomic_file
 from fedexperts.errors import FedExpertsError
 from fedexperts.reporting import format as fmt
+from fedexperts.reporting.paired import PairedDifference, paired_difference, paired_lines
 from fedexperts.reporting.runs import RunRecord
 
 CONFIDENCE = 0.95
@@ -166,8 +167,15 @@ class Comparison:
     metrics: tuple[Metric, ...]
     estimates: dict[str, dict[str, Estimate]]
     """Metric key, then method label."""
-    pairs: tuple[tuple[str, str], ...] = ()
-    """Methods whose difference is reported paired by seed (``(a, b)``: ``a - b``)."""
+    reference: str | None = None
+    """The method every other one is compared with, paired by seed (``reference - other``)."""
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """``(reference, other)`` for every other method: the paired differences the report shows."""
+        if self.reference is None:
+            return ()
+        return tuple((self.reference, label) for label in self.labels if label != self.reference)
 
     def metric(self, key: str) -> Metric:
         for metric in self.metrics:
@@ -200,8 +208,8 @@ class Comparison:
             overlap = abs(first.mean - second.mean) <= first.ci + second.ci
         return Verdict(metric, ranked[0], ranked[1], overlap, tied)
 
-    def paired(self, key: str, first: str, second: str) -> Estimate:
-        """``first - second`` on one metric, seed by seed over the seeds both have: mean and CI of the differences.
+    def paired(self, key: str, first: str, second: str) -> PairedDifference:
+        """``first - second`` on one metric, seed by seed over the seeds both have (see :mod:`.paired`).
 
         Runs of one seed share the data, partition and initialisation, so the paired interval is the one
         that tells two methods apart (the per-method intervals also carry the seeds' spread).
@@ -210,7 +218,7 @@ class Comparison:
         one = {run.info.seed: metric.value(run) for run in self.runs[first]}
         other = {run.info.seed: metric.value(run) for run in self.runs[second]}
         shared = sorted(seed for seed in one.keys() & other.keys() if one[seed] is not None and other[seed] is not None)
-        return estimate([float(one[seed]) - float(other[seed]) for seed in shared])  # type: ignore[arg-type]
+        return paired_difference(shared, [float(one[seed]) - float(other[seed]) for seed in shared])  # type: ignore[arg-type]
 
     def duplicate_seeds(self, label: str) -> list[int]:
         """Seeds that occur more than once in a group (usually the same run loaded twice)."""
@@ -221,9 +229,10 @@ class Comparison:
 def compare(
     groups: Mapping[str, Sequence[RunRecord]],
     metrics: Sequence[Metric] = METRICS,
-    pairs: Sequence[tuple[str, str]] = (),
+    reference: str | None = None,
 ) -> Comparison:
-    """Estimate every metric for every method (group label) over its seeds, and the ``pairs``' paired differences."""
+    """Estimate every metric for every method (group label) over its seeds; with a ``reference`` method, every
+    other method's paired difference to it is reported too."""
     if not groups:
         raise ComparisonError("nothing to compare: no groups of runs")
     empty = [label for label, runs in groups.items() if not runs]
@@ -242,10 +251,9 @@ def compare(
         }
         for metric in metrics
     }
-    unknown = [label for pair in pairs for label in pair if label not in runs]
-    if unknown:
-        raise ComparisonError(f"paired methods without runs: {', '.join(map(repr, unknown))}")
-    return Comparison(tuple(runs), runs, tuple(metrics), estimates, tuple((a, b) for a, b in pairs))
+    if reference is not None and reference not in runs:
+        raise ComparisonError(f"reference method {reference!r} has no runs; methods: {', '.join(runs)}")
+    return Comparison(tuple(runs), runs, tuple(metrics), estimates, reference)
 
 
 def _cell(comparison: Comparison, metric: Metric, label: str) -> str:
@@ -289,23 +297,6 @@ def verdict_line(comparison: Comparison, verdict: Verdict) -> str:
     return f"{head} {best}; {runner_up}; {outcome}."
 
 
-def paired_line(comparison: Comparison, metric: Metric, first: str, second: str) -> str:
-    """One sentence: the mean per-seed difference, its 95% interval and whether the interval excludes 0."""
-    item = comparison.paired(metric.key, first, second)
-    head = f"{metric.label}:"
-    if item.mean is None:
-        return f"{head} no seed has both values."
-    if item.ci is None:
-        return f"{head} {item.mean:+.4g} (one seed: no interval)."
-    low, high = item.mean - item.ci, item.mean + item.ci
-    better = (item.mean > 0) == metric.higher_is_better
-    if low <= 0 <= high:
-        outcome = "the interval contains 0: no difference is shown"
-    else:
-        outcome = f"the interval excludes 0: {first if better else second} is better"
-    return f"{head} {item.mean:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}] over {item.n} seeds; {outcome}."
-
-
 def comparison_markdown(comparison: Comparison) -> str:
     """``comparison.md``: the table of mean ± CI per metric and method, then the best method per metric."""
     labels = comparison.labels
@@ -327,8 +318,7 @@ def comparison_markdown(comparison: Comparison) -> str:
     lines += ["", "## Best method per metric", ""]
     lines += [f"- {verdict_line(comparison, comparison.verdict(metric.key))}" for metric in comparison.metrics]
     for first, second in comparison.pairs:
-        lines += ["", f"## {first} − {second}, paired by seed", ""]
-        lines += [f"- {paired_line(comparison, metric, first, second)}" for metric in comparison.metrics]
+        lines += ["", f"## {first} − {second}, paired by seed", "", *paired_lines(comparison, first, second)]
     notes = [
         f"- {label}: seeds occurring more than once: {', '.join(map(str, seeds))}"
         for label in labels

@@ -180,7 +180,8 @@ def plot_bytes(record: RunRecord, path: str | Path) -> Path:
 
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
-    """Mean personalized ROUGE-L and exact match per method, with 95% CI error bars (none for one seed)."""
+    """Mean personalized ROUGE-L and exact match per method, with 95% CI error bars (none for one seed); with a
+    reference method, a second panel of its paired differences to every other method, with their intervals."""
     labels = list(comparison.labels)
     keys = ("personalized_rouge_l", "personalized_exact_match")
     estimates = [[comparison.estimate(key, label) for label in labels] for key in keys]
@@ -193,8 +194,9 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
         for key, row, color in zip(keys, estimates, ("tab:orange", "tab:blue"), strict=True)
     ]
     errors = [[item.ci for item in row] for row in estimates]
-    figure = _figure(max(5.0, 1.2 * len(labels) + 2.5), 3.8)
-    axes = figure.add_subplot()
+    width = max(5.0, 1.2 * len(labels) + 2.5)
+    figure = _figure(width + (4.5 if comparison.pairs else 0.0), 3.8)
+    axes = figure.add_subplot(1, 2 if comparison.pairs else 1, 1)
     _grouped_bars(axes, labels, series, errors)
     seeds = ", ".join(f"{label}: n={len(comparison.runs[label])}" for label in labels)
     axes.set_xlabel(f"method ({seeds})", fontsize="small")
@@ -202,4 +204,24 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     axes.set_ylim(0, 1.05)
     axes.set_title("personalized score per method, 95% CI")
     axes.legend(fontsize="small")
+    if comparison.pairs:
+        _paired_differences(figure.add_subplot(1, 2, 2), comparison, keys)
     return _save(figure, path)
+
+
+def _paired_differences(axes: Axes, comparison: Comparison, keys: Sequence[str]) -> None:
+    """Horizontal intervals of ``reference - other`` per method and metric, a line at 0."""
+    others = [other for _, other in comparison.pairs]
+    offsets = np.linspace(-0.15, 0.15, len(keys))
+    for key, offset, color in zip(keys, offsets, ("tab:orange", "tab:blue"), strict=True):
+        items = [comparison.paired(key, first, second) for first, second in comparison.pairs]
+        means = [np.nan if item.mean is None else item.mean for item in items]
+        spans = [0.0 if item.ci is None else item.ci for item in items]
+        positions = np.arange(len(others)) + offset
+        axes.errorbar(means, positions, xerr=spans, fmt="o", color=color, capsize=3, label=comparison.metric(key).label)
+    axes.axvline(0.0, color="grey", linewidth=1)
+    axes.set_yticks(np.arange(len(others)), [f"− {other}" for other in others], fontsize="small")
+    axes.invert_yaxis()
+    axes.set_xlabel(f"{comparison.reference} − method, per seed (mean, 95% CI)", fontsize="small")
+    axes.set_title("paired by seed")
+    axes.legend(fontsize="x-small")
