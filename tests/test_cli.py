@@ -58,11 +58,17 @@ def test_run_prints_rounds_and_the_client_table_and_report_rebuilds(micro_model_
 
 def test_compare_reports_mean_and_interval_per_method(micro_model_path, tmp_path):
     args = micro_args(micro_model_path, tmp_path, "eval.union_examples=0", "eval.probes=0")
-    result = runner.invoke(app, ["compare", *args, "--algorithms", "local,fedavg", "--seeds", "0,1"])
+    wrong = runner.invoke(app, ["compare", *args, "--algorithms", "local,fedavg", "--reference", "flex"])
+    assert wrong.exit_code == 2 and "--reference 'flex' is not one of the compared methods" in wrong.output
+    assert not (tmp_path / "default").exists()  # refused before any run
+    command = ["compare", *args, "--algorithms", "local,fedavg", "--seeds", "0,1", "--reference", "fedavg"]
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
+    assert "paired by seed: fedavg − each method" in result.output
     assert (tmp_path / "default" / "comparison.md").is_file()
     text = (tmp_path / "default" / "comparison.md").read_text()
     assert "local" in text and "fedavg" in text and "±" in text
+    assert "## fedavg − local, paired by seed" in text and "cannot give p below 0.5" in text
     assert sorted(p.name for p in (tmp_path / "default" / "fedavg").iterdir()) == ["seed-0", "seed-1"]
 
 

@@ -182,3 +182,19 @@ def test_a_paired_interval_containing_zero_says_so(tmp_path):
         reference="a",
     )
     assert "the interval contains 0: no difference is shown" in comparison_markdown(comparison)
+
+
+def test_a_reference_adds_the_paired_panel_and_table_to_the_files(tmp_path):
+    comparison = compare(
+        {"a": _group(tmp_path, "a", [0.3, 0.5, 0.4]), "b": _group(tmp_path, "b", [0.2, 0.45, 0.38])},
+        reference="a",
+    )
+    plain = write_comparison(tmp_path / "plain", compare(dict(comparison.runs)))
+    written = write_comparison(tmp_path / "paired", comparison)
+    assert written[1].read_bytes().startswith(PNG_MAGIC)
+    assert written[1].stat().st_size != plain[1].stat().st_size  # the second panel is drawn
+    text = written[0].read_text()
+    assert "| metric | mean difference | 95% CI | Wilcoxon p | detectable (80% power) | outcome |" in text
+    # differences 0.1, 0.05, 0.02: all positive, so the exact two-sided p is 2 / 2**3
+    assert "| personalized ROUGE-L | +0.0567 | [" in text and "| 0.25 |" in text
+    assert "cannot give p below 0.25" in text
