@@ -170,13 +170,16 @@ def test_too_few_successful_clients_fail_the_run_and_keep_the_last_checkpoint(mi
 
     def broken_in_round_two(setting, store, task, received):
         if task.round == 2 and task.client_id != "client-0":
-            raise RuntimeError("boom")
+            raise RuntimeError("boom\n" * 500)  # a long, multi-line reason
         return real(setting, store, task, received)
 
     monkeypatch.setattr(inprocess, "run_client", broken_in_round_two)
     config = micro_config("federation.min_clients=3", "federation.min_successful=2")
-    with pytest.raises(RunError, match=r"round 2: 1 of 3 clients succeeded.*min_successful=2"):
+    with pytest.raises(RunError, match=r"round 2: 1 of 3 clients succeeded.*min_successful=2") as failure:
         run_experiment(config)
+    message = str(failure.value)
+    assert "\n" not in message and len(message) < 600  # each reason clipped to one short line
+    assert "client-1: " in message and "client-2: " in message and "boom boom" in message and "…" in message
     run_dir = config.output_dir / config.name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-000001.safetensors"]
 

@@ -316,10 +316,9 @@ class Federation:
         tasks = [ClientTask(client_id, round_number, evaluate=evaluate, validate=validate) for client_id in sampled]
         entries, updates = self._exchange(tasks, global_state)
         if len(updates) < federation.min_successful:
-            problems = "; ".join(f"{cid}: {e.error}" for cid, e in entries.items() if e.error)
             raise RunError(
                 f"round {round_number}: {len(updates)} of {len(sampled)} clients succeeded, fewer than "
-                f"federation.min_successful={federation.min_successful} ({problems})"
+                f"federation.min_successful={federation.min_successful} ({_failure_summary(entries)})"
             )
         aggregate_start = time.perf_counter()
         global_state = self.algorithm.aggregate(global_state, updates)
@@ -374,3 +373,19 @@ def _unanswered(entry: Mapping[str, Any], status: str, error: str, delivery: Del
     """The entry of a client with no usable reply: who it is and what was sent, without reported numbers."""
     seconds = schema.ClientSeconds(train=0.0, eval=0.0, total=delivery.seconds)
     return schema.validate(schema.ClientRound, {**entry, "status": status, "error": error, "seconds": seconds})
+
+
+_SHOWN_FAILURES = 3
+_FAILURE_CHARACTERS = 160
+
+
+def _failure_summary(entries: Mapping[str, schema.ClientRound]) -> str:
+    """The first few clients' failure reasons, each clipped: a one-line error stays one readable line."""
+    failed = [(cid, " ".join((entry.error or "").split())) for cid, entry in entries.items() if entry.error]
+    shown = [
+        f"{cid}: {text if len(text) <= _FAILURE_CHARACTERS else text[: _FAILURE_CHARACTERS - 1] + '…'}"
+        for cid, text in failed[:_SHOWN_FAILURES]
+    ]
+    if len(failed) > _SHOWN_FAILURES:
+        shown.append(f"and {len(failed) - _SHOWN_FAILURES} more")
+    return "; ".join(shown)
