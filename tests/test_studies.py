@@ -45,3 +45,22 @@ def test_the_paper_presets_are_listed():
     assert result.exit_code == 0, result.output
     assert "flex-paper-pathological" in result.output and "flex-paper-dirichlet" in result.output
     assert "random-expert" in result.output
+
+
+def _documented_compare_commands():
+    """Every ``fedexperts compare --study`` command in docs/RESULTS.md, continuation lines joined."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "RESULTS.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.startswith("fedexperts compare --study")]
+
+
+def test_the_results_page_commands_name_real_studies_with_valid_overrides():
+    commands = _documented_compare_commands()
+    assert len(commands) >= 4
+    for words in commands:
+        preset = STUDIES[words[words.index("--study") + 1]]
+        overrides = [word for word in words if "=" in word and not word.startswith("--")]
+        for method in preset.algorithms:
+            load_config(None, [*preset.run_overrides(method), *overrides])
