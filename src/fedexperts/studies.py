@@ -20,13 +20,14 @@ _DECIDING_EVAL = (
     "data.items=6000",
     "eval.every=0",
     "eval.max_examples=100",
-    "eval.union_examples=100",
+    "eval.union_examples=40",
     "eval.probes=100",
 )
 """Scores that can decide: 6000 ExpertBench items give every client of these studies at least 100 test rows
-(the smallest Dirichlet client has 122), each scored on 100, with 100 pooled rows and 100 probes each. Only the
-final evaluation runs (``eval.every=0``): it is what the comparison reads, and per-round scoring at this size
-would double a run's time (``rounds to 90%`` is therefore not measured)."""
+(the smallest Dirichlet client has 122), each scored on 100, and 100 knowledge probes (log-likelihood, cheap).
+The pooled union set stays at 40 rows: generation dominates a run's time on 2 cores, and no claim reads the
+union score. Only the final evaluation runs (``eval.every=0``): it is what the comparison reads, and per-round
+scoring at this size would double a run's time (``rounds to 90%`` is therefore not measured)."""
 DECIDING_SEEDS = (0, 1, 2, 3, 4)
 """Five seeds: the fewest at which a paired t-interval is usable (4 degrees of freedom, t = 2.78); the
 signed-rank test still cannot go below p = 0.0625 there, which every comparison states."""
