@@ -31,7 +31,18 @@ from fedexperts.federation.server import Delivery, Federation
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import Payload
 
-ALGORITHMS = ("local", "fedavg", "dense", "flex", "random-expert", "fedmoe", "random-moe")
+ALGORITHMS = (
+    "local",
+    "fedavg",
+    "dense",
+    "flex",
+    "random-expert",
+    "fedmoe",
+    "random-moe",
+    "fedsa-lora",
+    "ffa-lora",
+    "feddpa",
+)
 RUN = (
     "federation.clients=5",
     "federation.rounds=2",

@@ -28,7 +28,10 @@ def test_toml_file_and_dotted_overrides(tmp_path):
     ("overrides", "message"),
     [
         (["federation.rounds=0"], r"federation\.rounds: Input should be greater than or equal to 1"),
-        (["algorithm.name=fedsgd"], r"algorithm\.name: .*'local', 'fedavg', .*'flex', .*'fedmoe' or 'random-moe'"),
+        (
+            ["algorithm.name=fedsgd"],
+            r"algorithm\.name: .*'local', 'fedavg', .*'flex', .*'fedmoe', 'random-moe', .*'ffa-lora' or 'feddpa'",
+        ),
         (["algorithm.server.rule=sgd"], r"rule: Input should be 'fedavg', 'fedavgm'"),
         (["train.lr=1"], r"override 'train\.lr': unknown key \(did you mean train\.learning_rate\?\)"),
         (["rounds"], "expected dotted.key=value"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -146,6 +147,15 @@ class Algorithm(Protocol):
 
     def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
         """An extra local loss term (FedProx), or ``None``."""
+        ...
+
+    def training_phases(self, context: ClientContext) -> Sequence[AbstractContextManager[object]]:
+        """The local training runs of this client step, in order (at least one).
+
+        The runtime runs ``train.steps_per_round`` optimizer steps inside each (a fresh optimizer over
+        what is trainable then): a phase sets what trains and restores the model on exit. FedDPA
+        trains its local adapter, then its global one; every other algorithm has one phase.
+        """
         ...
 
     def uplink(self, context: ClientContext) -> Payload:

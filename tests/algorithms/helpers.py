@@ -1,8 +1,10 @@
-"""Training batches for algorithm tests: random tokens with the first four positions unsupervised."""
+"""Algorithm tests' training batches (random tokens, the first four positions unsupervised) and client rounds."""
 
 import torch
 
-from fedexperts.training import IGNORE_INDEX
+from fedexperts.config import TrainConfig
+from fedexperts.interface import ClientInfo, ClientUpdate, LocalData
+from fedexperts.training import IGNORE_INDEX, train_local
 
 
 def batches_for(model, seed, count=2):
@@ -14,3 +16,22 @@ def batches_for(model, seed, count=2):
         labels[:, :4] = IGNORE_INDEX
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
+
+
+def train_phases(algorithm, context, batches, *, steps=3, learning_rate=5e-2):
+    """Train ``context.model`` as the client step does: ``steps`` steps inside each of the algorithm's phases."""
+    settings = TrainConfig(steps_per_round=steps, learning_rate=learning_rate)
+    for phase in algorithm.training_phases(context):
+        with phase:
+            train_local(context.model, batches, settings)
+
+
+def client_round(algorithm, model, global_state, name, *, seed, examples=8, personal=None, round_number=1):
+    """One client's round on ``model``: setup from the downlink and its kept state, training, uplink and state."""
+    info = ClientInfo(name, examples)
+    batches = batches_for(model, seed)
+    data = LocalData(info, lambda: iter(batches), round_number)
+    context = algorithm.setup_client(model, algorithm.downlink(global_state, info), personal, data)
+    torch.manual_seed(seed)
+    train_phases(algorithm, context, batches)
+    return ClientUpdate(info, algorithm.uplink(context)), algorithm.personal_state(context)

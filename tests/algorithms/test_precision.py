@@ -103,7 +103,9 @@ def _eval_set(tokenizer):
     return EvalSet(tuple(p for p, _ in pairs), tuple(r for _, r in pairs), tuple(rows))
 
 
-@pytest.mark.parametrize(("family", "name"), [("qwen2_moe", "flex"), ("olmoe", "fedavg"), ("olmoe", "fedmoe")])
+@pytest.mark.parametrize(
+    ("family", "name"), [("qwen2_moe", "flex"), ("olmoe", "fedavg"), ("olmoe", "fedmoe"), ("olmoe", "feddpa")]
+)
 def test_evaluation_and_generation_run_on_a_bf16_base_with_float32_trainables(tokenizer, family, name):
     base = tiny_model(family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).to(torch.bfloat16)
     settings = {"fedmoe": {"budget_fraction": 0.9}} if name == "fedmoe" else {}  # the tokenizer's embeddings

@@ -6,6 +6,8 @@ from dataclasses import replace
 import pytest
 
 from fedexperts.algorithms.fedavg.config import FedAvgConfig
+from fedexperts.algorithms.fedsa_lora.config import FedSALoRAConfig
+from fedexperts.algorithms.ffa_lora.config import FFALoRAConfig
 from fedexperts.algorithms.flex.config import FlexConfig
 from fedexperts.models.tiny import tiny_config
 from fedexperts.moe import Role
@@ -56,6 +58,19 @@ def test_presets_are_plain_json_and_plan_the_same_as_config_files(tmp_path, pres
     from_file = plan(tmp_path, FedAvgConfig())
     assert from_file.model == str(tmp_path)
     assert replace(from_file, model="gpt-oss-20b") == preset_plans["gpt-oss-20b"]
+
+
+def test_ffa_and_fedsa_lora_send_half_of_fedavgs_bytes_on_olmoe_at_equal_rank(preset_plans):
+    """OLMoE-1B-7B's attention projections are square (as many key-value heads as heads): A and B are one size."""
+    fedavg = preset_plans["olmoe-1b-7b"]
+    ffa, fedsa = plan("olmoe-1b-7b", FFALoRAConfig()), plan("olmoe-1b-7b", FedSALoRAConfig())
+    assert 2 * ffa.trainable_params == fedavg.trainable_params == fedsa.trainable_params
+    assert ffa.by_role[Role.FROZEN] == fedavg.by_role[Role.FROZEN] + ffa.trainable_params  # A is frozen
+    for half in (ffa, fedsa):  # FFA-LoRA sends B, FedSA-LoRA sends A (and keeps B)
+        assert 2 * half.uplink_tensors == fedavg.uplink_tensors and 2 * half.downlink_tensors == fedavg.downlink_tensors
+        assert half.uplink_bytes == pytest.approx(fedavg.uplink_bytes / 2, rel=1e-3)
+        assert half.downlink_bytes == pytest.approx(fedavg.downlink_bytes / 2, rel=1e-3)
+    assert ffa.personal_bytes == 0 and fedsa.personal_bytes == pytest.approx(fedavg.uplink_bytes / 2, rel=1e-3)
 
 
 def test_bad_inputs_are_plan_errors_naming_the_input_and_the_presets(tmp_path):

@@ -13,8 +13,11 @@ if TYPE_CHECKING:
     from fedexperts.algorithms.aggregation import ServerOptimizer, weighted_average
     from fedexperts.algorithms.base import BaseAlgorithm, attention_linear_names, scope_rules
     from fedexperts.algorithms.fedavg.algorithm import FedAvg, FedProx, MoEAsDense
+    from fedexperts.algorithms.feddpa.algorithm import FedDPA
     from fedexperts.algorithms.fedmoe.algorithm import FedMoE
     from fedexperts.algorithms.fedmoe.random_moe import RandomMoE
+    from fedexperts.algorithms.fedsa_lora.algorithm import FedSALoRA
+    from fedexperts.algorithms.ffa_lora.algorithm import FFALoRA
     from fedexperts.algorithms.flex.algorithm import FLEx, grafted_experts
     from fedexperts.algorithms.local.algorithm import LocalOnly
     from fedexperts.algorithms.random_expert.algorithm import RandomExpert
@@ -30,6 +33,9 @@ _WHERE = {
     "FedAvg": "fedavg.algorithm",
     "FedProx": "fedavg.algorithm",
     "MoEAsDense": "fedavg.algorithm",
+    "FedDPA": "feddpa.algorithm",
+    "FedSALoRA": "fedsa_lora.algorithm",
+    "FFALoRA": "ffa_lora.algorithm",
     "FedMoE": "fedmoe.algorithm",
     "RandomMoE": "fedmoe.random_moe",
     "FLEx": "flex.algorithm",
@@ -47,10 +53,13 @@ _WHERE = {
 __all__ = [
     "AlgorithmConfig",
     "BaseAlgorithm",
+    "FFALoRA",
     "FLEx",
     "FedAvg",
+    "FedDPA",
     "FedMoE",
     "FedProx",
+    "FedSALoRA",
     "LocalOnly",
     "LoraConfig",
     "MoEAsDense",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import peft
 import torch
@@ -128,7 +129,7 @@ class BaseAlgorithm:
         whatever the base's dtype: AdamW's small updates would round away in bf16.
         """
         self._inject_lora(model)
-        self.roles = parameter_roles(model, self.rules)
+        self.roles = self._assign_roles(model)
         self._by_role.clear()
         apply_roles(model, self.roles)
         if not any(role is not Role.FROZEN for role in self.roles.values()):
@@ -142,13 +143,26 @@ class BaseAlgorithm:
 
     def _inject_lora(self, model: nn.Module) -> None:
         if self.lora is not None:
-            config = peft.LoraConfig(
-                r=self.lora.rank,
-                lora_alpha=self.lora.alpha,
-                lora_dropout=self.lora.dropout,
-                target_modules=attention_linear_names(model, self.lora.targets),
-            )
-            peft.inject_adapter_in_model(config, model)
+            peft.inject_adapter_in_model(self._peft_config(model), model)
+
+    def _peft_config(self, model: nn.Module) -> peft.LoraConfig:
+        """peft's config of the attention LoRA (``self.lora``) on ``model``'s attention linears."""
+        if self.lora is None:
+            raise FedExpertsError(f"{self.name}: this algorithm has no LoRA settings")
+        return peft.LoraConfig(
+            r=self.lora.rank,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=attention_linear_names(model, self.lora.targets),
+        )
+
+    def _assign_roles(self, model: nn.Module) -> dict[str, Role]:
+        """Every parameter's role, once LoRA is in (default: by kind, :attr:`rules`).
+
+        A subclass refines it below the kind: FedSA-LoRA keeps LoRA's B factors personal, FFA-LoRA
+        freezes the A factors (:mod:`fedexperts.algorithms.lora`).
+        """
+        return parameter_roles(model, self.rules)
 
     def _learn(self, model: nn.Module) -> None:
         """What a subclass reads of the prepared base once, before anything becomes float32 (default: nothing).
@@ -223,6 +237,10 @@ class BaseAlgorithm:
     def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
         """An extra local loss term (FedProx); none by default."""
         return None
+
+    def training_phases(self, context: ClientContext) -> Sequence[AbstractContextManager[object]]:
+        """One local training run over every trainable parameter (FedDPA trains two adapters in turn)."""
+        return (nullcontext(),)
 
     def uplink(self, context: ClientContext) -> Payload:
         tensors = {name: param.detach().clone() for name, param in self._params(context.model, Role.SHARED).items()}

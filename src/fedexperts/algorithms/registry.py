@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 from pydantic import Field, TypeAdapter
 
 from fedexperts.algorithms.fedavg.config import DenseConfig, FedAvgConfig, FedProxConfig
+from fedexperts.algorithms.feddpa.config import FedDPAConfig
 from fedexperts.algorithms.fedmoe.config import FedMoEConfig, RandomMoEConfig
+from fedexperts.algorithms.fedsa_lora.config import FedSALoRAConfig
+from fedexperts.algorithms.ffa_lora.config import FFALoRAConfig
 from fedexperts.algorithms.flex.config import FlexConfig
 from fedexperts.algorithms.local.config import LocalConfig
 from fedexperts.algorithms.random_expert.config import RandomExpertConfig
@@ -34,6 +37,9 @@ CONFIGS: tuple[type[AlgorithmSettings], ...] = (
     RandomExpertConfig,
     FedMoEConfig,
     RandomMoEConfig,
+    FedSALoRAConfig,
+    FFALoRAConfig,
+    FedDPAConfig,
 )
 
 DEFAULT_ALGORITHM = "flex"

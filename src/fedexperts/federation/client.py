@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fedexperts.data.tokenize import InstructionCollator
+from fedexperts.errors import FedExpertsError
 from fedexperts.evaluation import Scores, instruction_scores, mmlu_scores, multiple_choice_accuracy, pad_token_id
 from fedexperts.experiment import Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
@@ -119,16 +120,24 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                     pad,
                     derived_seed(config.federation.seed, task.round, client.index, 1),
                 )
-                result = train_local(
-                    model,
-                    batches,
-                    config.train,
-                    total_rounds=config.federation.rounds,
-                    round_index=task.round - 1,
-                    proximal=algorithm.proximal_term(context),
-                    description=client.client_id,
-                )
-            metrics.update({"train_loss": result.loss, "train_tokens": result.tokens})
+                results = []
+                for phase in algorithm.training_phases(context):  # one, unless the algorithm trains in turns
+                    with phase:
+                        results.append(
+                            train_local(
+                                model,
+                                batches,
+                                config.train,
+                                total_rounds=config.federation.rounds,
+                                round_index=task.round - 1,
+                                proximal=algorithm.proximal_term(context),
+                                description=client.client_id,
+                            )
+                        )
+            if not results:
+                raise FedExpertsError(f"{algorithm.name}: no training phase for {client.client_id}")
+            # the loss of the last phase, whose result is sent; the tokens of every phase
+            metrics.update({"train_loss": results[-1].loss, "train_tokens": sum(r.tokens for r in results)})
             uplink = algorithm.uplink(context)
             personal = algorithm.personal_state(context)
             if personal is not None:

@@ -38,7 +38,7 @@ def assert_close(left, right, where):
         assert left == right, where
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "flex", "fedmoe"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "flex", "fedmoe", "ffa-lora", "feddpa"])
 def test_flower_simulation_gives_the_in_process_results(micro_config, tmp_path, algorithm):
     config = micro_config(f"algorithm.name={algorithm}", "federation.clients=2", "federation.min_clients=2")
     local = run_experiment(config, tmp_path / "inprocess")
@@ -54,7 +54,7 @@ def test_flower_simulation_gives_the_in_process_results(micro_config, tmp_path, 
     assert in_process.keys() == on_flower.keys()
     for name, tensor in in_process.items():
         assert (on_flower[name] - tensor).abs().max() <= TOLERANCE, name
-    if algorithm == "flex":  # personal experts and gates: on each node's disk, as the in-process run kept them
+    if algorithm in ("flex", "feddpa"):  # personal experts and gates, local adapters: on each node's disk
         for client in ("client-0", "client-1"):
             kept = load_file(tmp_path / "inprocess" / "clients" / f"{client}.safetensors")
             [node_file] = (tmp_path / "flower" / "nodes").glob(f"run-*/partition-{client[-1]}/{client}.safetensors")
