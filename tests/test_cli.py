@@ -212,6 +212,7 @@ def _absolute(config):
         [],
         ["algorithm.name=fedprox", "algorithm.mu=0.1", "algorithm.lora.targets=['q_proj']", "federation.rounds=7"],
         ["algorithm.name=fedmoe", "federation.clients=2", "algorithm.fedmoe.budgets=[1000, 2000]"],
+        ["algorithm.name=dense", "algorithm.expert_weighting=tokens", "algorithm.server.rule=fedyogi"],
         ["data.categories=['a', 'b']", "train.max_grad_norm=0.5", "eval.rouge_tokenizer=characters"],
     ],
 )

@@ -95,6 +95,9 @@ class ClientContext:
     idle: bool = False
     """The algorithm has nothing for this client this round (a FedMoE budget client waiting for stage 1): the
     runtime neither evaluates nor trains it, and replies with its uplink."""
+    routed_tokens: dict[str, list[int]] | None = None
+    """Per MoE layer of ``model``, the real tokens routed to each of its experts over local training (set by the
+    runtime after training when :attr:`Algorithm.counts_routing`; ``None`` until then)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,12 @@ class Algorithm(Protocol):
     """Every parameter of the prepared model and its role (frozen, shared, personal)."""
     client_sub_moes: bool
     """Whether :meth:`client_experts` may name a subset of the experts: a client then needs only those."""
+
+    @property
+    def counts_routing(self) -> bool:
+        """Whether the runtime counts, during local training only, the real tokens each MoE layer of the context's
+        model routes to each of its experts, into :attr:`ClientContext.routed_tokens` (for :meth:`uplink`)."""
+        ...
 
     def prepare(self, model: nn.Module) -> None:
         """Once per process, on the base model (or a meta-device copy of it): inject adapters, graft, assign roles."""

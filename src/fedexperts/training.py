@@ -35,6 +35,7 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
 from fedexperts.moe.params import NO_WEIGHT_DECAY
 from fedexperts.moe.precision import autocast_for
+from fedexperts.moe.routing import RoutingRecorder
 
 
 def cosine_learning_rate(
@@ -150,6 +151,20 @@ def captured_router_logits(model: nn.Module, enabled: bool) -> Iterator[list[tup
             handle.remove()
 
 
+@contextmanager
+def recorded_routing(recorder: RoutingRecorder | None, batch: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Count the real tokens the routers send to each expert in the forward inside the block.
+
+    The recorder's hooks are on only for the forward itself: gradient checkpointing reruns the
+    forward during the backward, which must not count twice.
+    """
+    if recorder is None:
+        yield
+        return
+    with recorder, recorder.mask(batch.get("attention_mask"), batch.get("decoder_attention_mask")):
+        yield
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -165,6 +180,7 @@ def train_local(
     total_rounds: int = 1,
     round_index: int = 0,
     proximal: Callable[[], torch.Tensor] | None = None,
+    routing: RoutingRecorder | None = None,
     description: str = "train",
 ) -> TrainResult:
     """Run ``settings.steps_per_round`` optimizer steps on ``batches`` (cycled if it runs out).
@@ -178,7 +194,8 @@ def train_local(
     saturates the model: the weights explode while the loss stays flat).
 
     ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` returns an
-    extra loss term (FedProx's ``mu/2 ||w - w_global||^2``). The caller seeds torch for
+    extra loss term (FedProx's ``mu/2 ||w - w_global||^2``). ``routing`` counts the tokens every training
+    forward routes to each expert (:func:`recorded_routing`). The caller seeds torch for
     reproducibility; the loop itself draws no randomness besides the model's dropout.
     """
     params = trainable_parameters(model)
@@ -218,7 +235,8 @@ def train_local(
                 batch = {key: value.to(device) for key, value in next(source).items()}
                 labels = batch.pop("labels")
                 with autocast, captured_router_logits(model, settings.router_aux_loss_coef > 0) as router_logits:
-                    outputs = model(**batch)
+                    with recorded_routing(routing, batch):
+                        outputs = model(**batch)
                     loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
                     objective = loss
                     if router_logits:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedexperts.algorithms import ServerConfig, ServerOptimizer, ServerRule, weighted_average
+from fedexperts.algorithms.settings import ServerVariant
 from fedexperts.errors import FedExpertsError
 
 
@@ -65,17 +66,62 @@ def test_fedadagrad_hand_worked():
     assert x["w"].item() == pytest.approx(0.5 * 0.1 / (math.sqrt(1.01) + 0.1), rel=1e-6)
 
 
+def test_flower_fedadam_bias_corrects_its_step_hand_worked():
+    # m = 0.1, v = 0 * 0.99 + 0.01 * 1 = 0.01; Flower's t + 1 = 2: lr * sqrt(1 - 0.99^2) / (1 - 0.9^2)
+    config = ServerConfig(rule=ServerRule.FEDADAM, variant=ServerVariant.FLOWER, lr=0.5, tau=0.1)
+    x = ServerOptimizer(config).step({"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])})
+    corrected = 0.5 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    assert x["w"].item() == pytest.approx(corrected * 0.1 / (math.sqrt(0.01) + 0.1), rel=1e-6)
+
+
+def test_flower_fedadagrad_has_no_first_moment_hand_worked():
+    # m = delta = 1, v = 0 + 1; x = 0.5 * 1 / (1 + 0.1), whatever beta1 says
+    config = ServerConfig(rule=ServerRule.FEDADAGRAD, variant=ServerVariant.FLOWER, lr=0.5, beta1=0.9, tau=0.1)
+    x = ServerOptimizer(config).step({"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])})
+    assert x["w"].item() == pytest.approx(0.5 / 1.1, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        (ServerRule.FEDAVG, 1.0),
+        (ServerRule.FEDAVGM, 1.0),
+        (ServerRule.FEDADAGRAD, 0.1),
+        (ServerRule.FEDADAM, 0.1),
+        (ServerRule.FEDYOGI, 0.01),
+    ],
+)
+def test_an_unset_lr_is_the_rules_default_and_a_set_one_wins(rule, expected):
+    assert ServerConfig(rule=rule).lr is None
+    assert ServerConfig(rule=rule).learning_rate == expected
+    assert ServerConfig(rule=rule, lr=1.0).learning_rate == 1.0
+
+
+def test_adaptive_rules_first_step_is_about_lr_per_coordinate():
+    """Why the adaptive defaults are below 1: a mean change well above tau (here 0.5) moves a weight by about lr."""
+    for rule in (ServerRule.FEDADAM, ServerRule.FEDYOGI):
+        default = ServerOptimizer(ServerConfig(rule=rule)).step({"w": torch.zeros(1)}, {"w": torch.full((1,), 0.5)})
+        explicit = ServerOptimizer(ServerConfig(rule=rule, lr=1.0)).step(
+            {"w": torch.zeros(1)}, {"w": torch.full((1,), 0.5)}
+        )
+        lr = ServerConfig(rule=rule).learning_rate
+        assert 0.5 * lr < default["w"].item() < lr
+        assert explicit["w"].item() == pytest.approx(default["w"].item() / lr, rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", list(ServerVariant))
 @pytest.mark.parametrize("rule", list(ServerRule))
-def test_state_round_trip_continues_identically(rule):
+def test_state_round_trip_continues_identically(rule, variant):
     start = {"w": torch.tensor([0.5, -1.0])}
     targets = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([3.0, 1.0])}]
-    uninterrupted = ServerOptimizer(ServerConfig(rule=rule, lr=0.3))
+    config = ServerConfig(rule=rule, variant=variant, lr=0.3)
+    uninterrupted = ServerOptimizer(config)
     x = start
     for target in targets:
         x = uninterrupted.step(x, target)
-    first = ServerOptimizer(ServerConfig(rule=rule, lr=0.3))
+    first = ServerOptimizer(config)
     y = first.step(start, targets[0])
-    resumed = ServerOptimizer(ServerConfig(rule=rule, lr=0.3))
+    resumed = ServerOptimizer(config)
     resumed.load_state(first.state())
     for target in targets[1:]:
         y = resumed.step(y, target)

@@ -54,6 +54,7 @@ def test_the_server_copies_every_scores_field_a_reply_carries():
         ("algorithm.name=fedavg", "algorithm.server.rule=fedyogi", "algorithm.server.lr=0.01"),
         ("algorithm.name=fedavg", 'algorithm.scope="non-expert"'),
         ("algorithm.name=dense",),
+        ("algorithm.name=dense", "algorithm.expert_weighting=tokens"),
     ],
     ids=lambda overrides: "-".join(part.split("=")[1].strip('"') for part in overrides),
 )

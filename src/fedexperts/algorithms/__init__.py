@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedexperts.algorithms.aggregation import ServerOptimizer, weighted_average
     from fedexperts.algorithms.base import BaseAlgorithm, attention_linear_names, scope_rules
+    from fedexperts.algorithms.expert_weighting import token_weighted_average
     from fedexperts.algorithms.fedavg.algorithm import FedAvg, FedProx, MoEAsDense
     from fedexperts.algorithms.feddpa.algorithm import FedDPA
     from fedexperts.algorithms.fedmoe.algorithm import FedMoE
@@ -22,7 +23,14 @@ if TYPE_CHECKING:
     from fedexperts.algorithms.local.algorithm import LocalOnly
     from fedexperts.algorithms.random_expert.algorithm import RandomExpert
     from fedexperts.algorithms.registry import AlgorithmConfig, build_algorithm
-    from fedexperts.algorithms.settings import LoraConfig, ServerConfig, ServerRule, SharedScope
+    from fedexperts.algorithms.settings import (
+        ExpertWeighting,
+        LoraConfig,
+        ServerConfig,
+        ServerRule,
+        ServerVariant,
+        SharedScope,
+    )
 
 _WHERE = {
     "ServerOptimizer": "aggregation",
@@ -30,6 +38,7 @@ _WHERE = {
     "BaseAlgorithm": "base",
     "attention_linear_names": "base",
     "scope_rules": "base",
+    "token_weighted_average": "expert_weighting",
     "FedAvg": "fedavg.algorithm",
     "FedProx": "fedavg.algorithm",
     "MoEAsDense": "fedavg.algorithm",
@@ -44,15 +53,18 @@ _WHERE = {
     "RandomExpert": "random_expert.algorithm",
     "AlgorithmConfig": "registry",
     "build_algorithm": "registry",
+    "ExpertWeighting": "settings",
     "LoraConfig": "settings",
     "ServerConfig": "settings",
     "ServerRule": "settings",
+    "ServerVariant": "settings",
     "SharedScope": "settings",
 }
 
 __all__ = [
     "AlgorithmConfig",
     "BaseAlgorithm",
+    "ExpertWeighting",
     "FFALoRA",
     "FLEx",
     "FedAvg",
@@ -68,11 +80,13 @@ __all__ = [
     "ServerConfig",
     "ServerOptimizer",
     "ServerRule",
+    "ServerVariant",
     "SharedScope",
     "attention_linear_names",
     "build_algorithm",
     "grafted_experts",
     "scope_rules",
+    "token_weighted_average",
     "weighted_average",
 ]
 

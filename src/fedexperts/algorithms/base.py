@@ -12,13 +12,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import peft
 import torch
 from torch import nn
 
 from fedexperts.algorithms.aggregation import ServerOptimizer, weighted_average
-from fedexperts.algorithms.settings import LoraConfig, ServerConfig, SharedScope
+from fedexperts.algorithms.expert_weighting import EXPERT_TOKENS_KEY, keep_rows, reported_tokens, token_weighted_average
+from fedexperts.algorithms.settings import ExpertWeighting, LoraConfig, ServerConfig, SharedScope
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import (
     EXAMPLES_KEY,
@@ -30,8 +32,8 @@ from fedexperts.interface import (
     State,
     validate_update,
 )
-from fedexperts.moe.families import family_for, unwrap_model
-from fedexperts.moe.params import ParamKind, Role, RoleRules, apply_roles, parameter_roles
+from fedexperts.moe.families import family_for, moe_layers, unwrap_model
+from fedexperts.moe.params import ExpertSlot, ParamKind, Role, RoleRules, apply_roles, expert_slots, parameter_roles
 from fedexperts.moe.precision import float32_masters, master_copy
 
 _NON_EXPERT = (
@@ -111,10 +113,17 @@ class BaseAlgorithm:
         *,
         lora: LoraConfig | None = None,
         server: ServerConfig | None = None,
+        expert_weighting: ExpertWeighting = ExpertWeighting.EXAMPLES,
     ) -> None:
         self.rules = rules
         self.lora = lora
         self.server = ServerOptimizer(server or ServerConfig())
+        self.weighs_tokens = expert_weighting is ExpertWeighting.TOKENS
+        """Routed experts are averaged by the tokens clients routed to them (``algorithm.expert_weighting``)."""
+        self.expert_slots: dict[str, ExpertSlot] = {}
+        """With :attr:`weighs_tokens`: the shared tensors that hold routed experts (set by :meth:`prepare`)."""
+        self.expert_counts: dict[str, int] = {}
+        """With :attr:`weighs_tokens`: each MoE layer's expert count, the length of its reported token counts."""
         self.roles: dict[str, Role] = {}
         self._initial_personal: State = {}
         self._by_role: weakref.WeakKeyDictionary[nn.Module, dict[Role, dict[str, nn.Parameter]]] = (
@@ -140,6 +149,24 @@ class BaseAlgorithm:
         self._initial_personal = {
             name: param.detach().clone() for name, param in self._params(model, Role.PERSONAL).items()
         }
+        if self.weighs_tokens:
+            self._learn_expert_slots(model)
+
+    def _learn_expert_slots(self, model: nn.Module) -> None:
+        """Which shared tensors hold routed experts, for ``expert_weighting = "tokens"`` (none is an error)."""
+        base = unwrap_model(model)
+        self.expert_counts = {layer.name: layer.num_experts for layer in moe_layers(base)}
+        self.expert_slots = self._shared_expert_slots(model)
+        if not self.expert_slots:
+            raise FedExpertsError(
+                f"{self.name}: algorithm.expert_weighting 'tokens' needs shared routed experts or routers, "
+                "and none is shared"
+            )
+
+    def _shared_expert_slots(self, model: nn.Module) -> dict[str, ExpertSlot]:
+        """The global state's tensors that hold routed experts (default: the shared ones :func:`expert_slots` names)."""
+        shared = self._params(model, Role.SHARED)
+        return {name: slot for name, slot in expert_slots(model).items() if name in shared}
 
     def _inject_lora(self, model: nn.Module) -> None:
         if self.lora is not None:
@@ -244,7 +271,18 @@ class BaseAlgorithm:
 
     def uplink(self, context: ClientContext) -> Payload:
         tensors = {name: param.detach().clone() for name, param in self._params(context.model, Role.SHARED).items()}
-        return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples})
+        return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples, **self._tokens_metadata(context)})
+
+    @property
+    def counts_routing(self) -> bool:
+        """Whether the runtime counts the tokens routed to each expert in local training (:attr:`weighs_tokens`)."""
+        return self.weighs_tokens
+
+    def _tokens_metadata(self, context: ClientContext) -> dict[str, Any]:
+        """The routed-token counts the runtime recorded, when experts are weighed by them (else nothing)."""
+        if not self.weighs_tokens or context.routed_tokens is None:
+            return {}
+        return {EXPERT_TOKENS_KEY: context.routed_tokens}
 
     def personal_state(self, context: ClientContext) -> Payload | None:
         personal = self._params(context.model, Role.PERSONAL)
@@ -265,13 +303,31 @@ class BaseAlgorithm:
     def check_update(self, update: Payload, global_state: State, client: ClientInfo) -> None:
         """Refuse (``PayloadError``) an update whose keys, shapes, dtypes or values the server cannot average."""
         validate_update(update, global_state, sender=client.client_id)
+        if self.weighs_tokens:
+            reported_tokens(update.metadata, self.expert_counts, sender=client.client_id)
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
-        """Example-weighted average of the shared tensors, applied by the server optimizer."""
+        """Example-weighted average of the shared tensors, applied by the server optimizer.
+
+        With :attr:`weighs_tokens` each routed expert is averaged by the tokens clients routed to it, and one
+        nobody routed to keeps its value (:mod:`~fedexperts.algorithms.expert_weighting`).
+        """
         if not updates:
             return dict(global_state)
-        averaged = weighted_average([(u.payload.tensors, float(u.client.num_examples)) for u in updates])
-        return self.server.step(global_state, averaged)
+        if not self.weighs_tokens:
+            averaged = weighted_average([(u.payload.tensors, float(u.client.num_examples)) for u in updates])
+            return self.server.step(global_state, averaged)
+        replies = [
+            (
+                u.payload.tensors,
+                float(u.client.num_examples),
+                reported_tokens(u.payload.metadata, self.expert_counts, sender=u.client.client_id),
+            )
+            for u in updates
+        ]
+        slots = {name: slot for name, slot in self.expert_slots.items() if name in global_state}
+        averaged, unrouted = token_weighted_average(global_state, replies, slots)
+        return keep_rows(global_state, self.server.step(global_state, averaged), unrouted)
 
     def _params(self, model: nn.Module, role: Role) -> dict[str, nn.Parameter]:
         if not self.roles:

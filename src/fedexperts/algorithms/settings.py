@@ -36,6 +36,37 @@ class ServerRule(StrEnum):
     FEDYOGI = "fedyogi"
 
 
+class ServerVariant(StrEnum):
+    """Whose reading of the adaptive server rules (:mod:`fedexperts.algorithms.aggregation` gives both in full)."""
+
+    PAPER = "paper"
+    """Reddi et al.'s Algorithm 2: the second moment starts at ``tau**2``, no bias correction, FedAdagrad keeps
+    a first moment."""
+    FLOWER = "flower"
+    """``flwr.serverapp.strategy``: the second moment starts at 0, FedAdam bias-corrects its step, FedAdagrad
+    has no first moment."""
+
+
+DEFAULT_SERVER_LR: dict[ServerRule, float] = {
+    ServerRule.FEDAVG: 1.0,
+    ServerRule.FEDAVGM: 1.0,
+    ServerRule.FEDADAGRAD: 0.1,
+    ServerRule.FEDADAM: 0.1,
+    ServerRule.FEDYOGI: 0.01,
+}
+"""``algorithm.server.lr`` when unset: 1 takes FedAvg's average as it is (and is Flower's FedAvgM default);
+the adaptive rules take Flower's defaults (``eta`` of its FedAdagrad, FedAdam, FedYogi). Their first step moves
+each weight by about ``lr`` wherever the clients' mean change is well above ``tau``, whatever its size, so 1
+would move such weights by about 1."""
+
+
+class ExpertWeighting(StrEnum):
+    """How the server weighs clients when it averages a routed expert's tensors."""
+
+    EXAMPLES = "examples"
+    TOKENS = "tokens"
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are frozen; a field's docstring is its description
     (``fedexperts config show`` prints it)."""
@@ -59,20 +90,33 @@ class LoraConfig(Section):
 
 
 class ServerConfig(Section):
-    """The server rule applied to the averaged client result (Reddi et al., 2021)."""
+    """The server rule applied to the averaged client result (Reddi et al., 2021; Hsu et al., 2019)."""
 
     rule: ServerRule = ServerRule.FEDAVG
     """How the server applies the averaged update: plain averaging, or a server optimizer (Reddi et al.)."""
-    lr: float = Field(1.0, gt=0)
-    """Server learning rate (``fedavg``: 1 takes the average as it is)."""
+    variant: ServerVariant = ServerVariant.PAPER
+    """The adaptive rules as written in Reddi et al.'s Algorithm 2 (``paper``: second moment started at
+    ``tau**2``, no bias correction, FedAdagrad with a first moment) or as Flower's strategies compute them
+    (``flower``: second moment started at 0, FedAdam's step bias-corrected, FedAdagrad without a first moment,
+    so ``beta1`` is unused there). ``fedavg`` and ``fedavgm`` are the same under both."""
+    lr: float | None = Field(None, gt=0)
+    """Server learning rate. Unset: the rule's default, 1 for ``fedavg`` (the average as it is) and ``fedavgm``,
+    0.1 for ``fedadagrad`` and ``fedadam``, 0.01 for ``fedyogi`` (Flower's defaults: an adaptive rule's first
+    step moves a weight by about ``lr`` wherever the clients' mean change is well above ``tau``)."""
     momentum: float = Field(0.9, ge=0, lt=1)
-    """``fedavgm``: server momentum."""
+    """``fedavgm``: server momentum (Flower's FedAvgM defaults to 0, which is plain FedAvg)."""
     beta1: float = Field(0.9, ge=0, lt=1)
-    """``fedadagrad``, ``fedadam``, ``fedyogi``: first-moment decay."""
+    """``fedadagrad`` (``paper`` variant only), ``fedadam``, ``fedyogi``: first-moment decay."""
     beta2: float = Field(0.99, ge=0, lt=1)
     """``fedadam``, ``fedyogi``: second-moment decay."""
     tau: float = Field(1e-3, gt=0)
-    """Adaptive rules: added to ``sqrt(v)`` in the step; the second moment ``v`` starts at ``tau**2``."""
+    """Adaptive rules: added to ``sqrt(v)`` in the step (and, ``paper`` variant, the second moment ``v`` starts
+    at ``tau**2``)."""
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the rule's default (:data:`DEFAULT_SERVER_LR`) when it is unset."""
+        return DEFAULT_SERVER_LR[self.rule] if self.lr is None else self.lr
 
 
 class AlgorithmSettings(Section):
@@ -116,6 +160,28 @@ class FederatedSettings(ScopedSettings):
     """A scoped algorithm whose server aggregates with a server rule."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+class ExpertWeightingSettings(Section):
+    """Mixed into the configs of algorithms that can share routed experts or router rows."""
+
+    expert_weighting: ExpertWeighting = ExpertWeighting.EXAMPLES
+    """How each shared routed expert (its rows of the fused expert tensors and of the router) is averaged:
+    ``examples`` weighs every client by its training examples, as every other tensor; ``tokens`` weighs each
+    expert by the real tokens each client routed to it during its local training (activation-aware, after
+    FLAME and FedAlign-MoE), so an expert a client hardly used is not pulled back towards its copy, and an
+    expert no client routed to keeps its global value."""
+
+    def unshared_experts(self) -> str | None:
+        """Why these settings share no routed expert or router row, which ``tokens`` weighs (``None``: they do)."""
+        return None
+
+    @model_validator(mode="after")
+    def _tokens_need_shared_experts(self) -> ExpertWeightingSettings:
+        reason = self.unshared_experts() if self.expert_weighting is ExpertWeighting.TOKENS else None
+        if reason is not None:
+            raise ValueError(f"algorithm.expert_weighting 'tokens' weighs shared routed experts and routers: {reason}")
+        return self
 
 
 def dotted_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:

@@ -20,6 +20,8 @@ from fedexperts.experiment import Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import ClientInfo, LocalData, Payload
+from fedexperts.moe.families import unwrap_model
+from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.training import train_local
 
 
@@ -113,6 +115,7 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
         if task.train and context.idle:
             uplink = algorithm.uplink(context)  # the algorithm's reply that the client sat the round out
         elif task.train:
+            recorder = RoutingRecorder(unwrap_model(model)) if algorithm.counts_routing else None
             with watch.phase("train"):
                 batches = shuffled_batches(
                     client.train,
@@ -131,11 +134,14 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                                 total_rounds=config.federation.rounds,
                                 round_index=task.round - 1,
                                 proximal=algorithm.proximal_term(context),
+                                routing=recorder,
                                 description=client.client_id,
                             )
                         )
             if not results:
                 raise FedExpertsError(f"{algorithm.name}: no training phase for {client.client_id}")
+            if recorder is not None:
+                context.routed_tokens = {name: counts.tolist() for name, counts in recorder.counts().items()}
             # the loss of the last phase, whose result is sent; the tokens of every phase
             metrics.update({"train_loss": results[-1].loss, "train_tokens": sum(r.tokens for r in results)})
             uplink = algorithm.uplink(context)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedexperts.moe.families import family_for, moe_layers, unwrap_model
+from fedexperts.moe.families import ExpertLayout, family_for, moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_EXPERTS, PERSONAL_GATE
 from fedexperts.moe.personal_lora import PERSONAL_LORA
 
@@ -117,6 +117,39 @@ def parameter_kinds(model: nn.Module) -> dict[str, ParamInfo]:
         module_info[name] = ParamInfo(kind, adapter)
         adapter_modules.update(f"{name}.{child}" for child in _adapter_containers(module))
     return {name: module_info[name.rpartition(".")[0]] for name, _ in root.named_parameters()}
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Which routed experts of an MoE layer a parameter holds.
+
+    ``expert is None``: its rows (dim 0) are the layer's experts in order (fused expert tensors,
+    router rows and biases); else the whole tensor belongs to that one expert (one module per expert).
+    """
+
+    layer: str
+    """The MoE layer's name (:attr:`~fedexperts.moe.families.MoELayer.name`)."""
+    expert: int | None = None
+
+
+def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
+    """Every parameter that belongs to routed experts, by name: what can be weighed per expert."""
+    base = unwrap_model(model)
+    params = dict(base.named_parameters())
+    slots: dict[str, ExpertSlot] = {}
+    for layer in moe_layers(base):
+        family = layer.family
+        rows = [f"{layer.router_name}.{tensor}" for tensor in family.router_expert_tensors]
+        if family.layout is ExpertLayout.MODULE_PER_EXPERT:
+            for expert in range(layer.num_experts):
+                module = layer.experts[f"expert_{expert}"]
+                prefix = f"{layer.experts_name}.expert_{expert}"
+                owned = {f"{prefix}.{name}": ExpertSlot(layer.name, expert) for name, _ in module.named_parameters()}
+                slots.update(owned)
+        else:
+            rows += [f"{layer.experts_name}.{tensor}" for tensor in family.expert_tensors]
+        slots.update({name: ExpertSlot(layer.name) for name in rows if name in params})
+    return slots
 
 
 def parameter_roles(model: nn.Module, rules: RoleRules) -> dict[str, Role]:

@@ -5,7 +5,7 @@ import torch
 from fedexperts.algorithms.fedmoe.algorithm import HELD_KEY, SCORE_KEY, FedMoE
 from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions, RandomMoEConfig, RandomMoEOptions
 from fedexperts.algorithms.fedmoe.random_moe import RandomMoE
-from fedexperts.algorithms.settings import ServerConfig
+from fedexperts.algorithms.settings import ExpertWeighting, ServerConfig
 from fedexperts.federation.payload import decode, encode
 from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload
 from fedexperts.models import tiny_model
@@ -27,11 +27,12 @@ MECHANICS = {"warmup_rounds": 0, "wait_for_stage_1": False}
 the config's default, has its own tests)."""
 
 
-def fedmoe(budgets=None, *, server=None, **settings):
+def fedmoe(budgets=None, *, server=None, expert_weighting=ExpertWeighting.EXAMPLES, **settings):
     """``FedMoE`` with ``budgets`` by client id (``None``: ``budget_fraction``) and other ``fedmoe`` settings."""
     settings = {**MECHANICS, **settings}
     client_ids = _budgets(budgets, settings)
-    config = FedMoEConfig(server=server or ServerConfig(), fedmoe=FedMoEOptions(**settings))
+    options = FedMoEOptions(**settings)
+    config = FedMoEConfig(server=server or ServerConfig(), fedmoe=options, expert_weighting=expert_weighting)
     return FedMoE(config, client_ids=client_ids)
 
 

@@ -110,3 +110,34 @@ def test_rows_no_update_held_are_put_back():
     assert torch.equal(kept["experts.w"][2], before["experts.w"][2])  # expert 2: nobody
     assert torch.equal(kept["gate.weight"][2], before["gate.weight"][2])
     assert torch.equal(kept["gate.bias"], stepped["gate.bias"])  # not named: left as stepped
+
+
+def test_row_weights_weigh_each_holder_by_the_tokens_it_routed_to_that_expert():
+    a, b = two_updates()
+    rows = {"experts.w": global_rows()["experts.w"]}
+    # a holds experts [1, 0] and routed 0 and 4 tokens to them; b holds expert 1 and routed 2 tokens to it.
+    a = ExpertUpdate(
+        a.weight, {"experts.w": a.rows["experts.w"]}, {"experts.w": [1, 0]}, row_weights={"experts.w": [0, 4]}
+    )
+    b = ExpertUpdate(b.weight, {"experts.w": b.rows["experts.w"]}, {"experts.w": [1]}, row_weights={"experts.w": [2]})
+    averaged = modular_average(rows, [a, b])
+    # expert 0: a's 4.0; expert 1: b's 6.0 alone (by examples (2 + 3 * 6) / 4 = 5); expert 2: held by nobody, 7
+    torch.testing.assert_close(averaged["experts.w"], torch.tensor([[[4.0], [4.0]], [[6.0], [6.0]], [[7.0], [7.0]]]))
+    nobody = ExpertUpdate(1, {"experts.w": torch.zeros(1, 2, 1)}, {"experts.w": [1]}, row_weights={"experts.w": [0]})
+    assert torch.equal(modular_average(rows, [nobody])["experts.w"], rows["experts.w"])
+    kept = keep_unheld_rows(rows, {"experts.w": rows["experts.w"] + 1}, [nobody], ["experts.w"])
+    assert torch.equal(kept["experts.w"], rows["experts.w"])  # held, but routed to by nobody: put back
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"experts.w": [1, 2]}, "one finite non-negative weight per held row"),
+        ({"experts.w": [-1]}, "non-negative"),
+        ({"other": [1]}, "name exactly"),
+    ],
+)
+def test_bad_row_weights(weights, message):
+    update = ExpertUpdate(1, {"experts.w": torch.zeros(1, 2, 1)}, {"experts.w": [1]}, row_weights=weights)
+    with pytest.raises(FedExpertsError, match=message):
+        modular_average(global_rows(), [update])

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from fedexperts.algorithms import build_algorithm
+from fedexperts.algorithms.expert_weighting import EXPERT_TOKENS_KEY
 from fedexperts.algorithms.fedmoe.activation import estimate_activation
 from fedexperts.algorithms.fedmoe.algorithm import ACTIVATION_PREFIX, HELD_KEY, MEASURE_KEY, FedMoEContext
 from fedexperts.algorithms.fedmoe.recommend import recommend
 from fedexperts.algorithms.fedmoe.records import Source
 from fedexperts.algorithms.fedmoe.search import choose_sub_moe
-from fedexperts.algorithms.settings import ServerConfig, ServerRule
+from fedexperts.algorithms.settings import ExpertWeighting, ServerConfig, ServerRule
 from fedexperts.config import ConfigError, load_config
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation.payload import decode, encode
-from fedexperts.interface import ClientContext, ClientInfo, ClientUpdate, LocalData
+from fedexperts.interface import ClientContext, ClientInfo, ClientUpdate, LocalData, PayloadError
 from fedexperts.models import tiny_model
 from fedexperts.moe import moe_layers
 from tests.algorithms.fedmoe.common import (
@@ -164,6 +165,38 @@ def test_modular_aggregation_averages_each_expert_among_its_holders(sizes):
     gate = "model.layers.0.mlp.gate.weight"
     torch.testing.assert_close(again[gate][0], new[gate][0], rtol=0, atol=0)  # expert 0: c0 only, not sampled
     assert not torch.equal(again[gate][1], new[gate][1])  # expert 1: c1 moved it (momentum included)
+
+
+def test_tokens_weigh_each_holder_by_the_tokens_it_routed_to_the_expert(sizes):
+    full, _, _ = sizes
+    tokens = ExpertWeighting.TOKENS
+    algorithm = fedmoe(
+        dict.fromkeys(["c0", "c1"], full - 1), server=ServerConfig(rule=ServerRule.FEDAVGM), expert_weighting=tokens
+    )
+    model, state = prepared(algorithm)
+    algorithm.assign("c0", per_layer(0, 1))
+    algorithm.assign("c1", per_layer(1, 2))
+
+    def reply(client, value, counts):  # counts per held expert, in held order, in every layer
+        payload = filled(algorithm, model, state, client, value)
+        routed = {layer: list(counts) for layer in algorithm.layout.layer_names}
+        return dataclasses.replace(payload, metadata={**payload.metadata, EXPERT_TOKENS_KEY: routed})
+
+    updates = [
+        ClientUpdate(ClientInfo("c0", 1), reply("c0", 1.0, [4, 0])),
+        ClientUpdate(ClientInfo("c1", 3), reply("c1", 3.0, [0, 6])),
+    ]
+    for update in updates:
+        algorithm.check_update(update.payload, state, update.client)
+    new = algorithm.aggregate(state, updates)
+    for name in algorithm.layout.rows:  # experts and router rows alike
+        assert torch.all(new[name][0] == 1.0) and torch.all(new[name][2] == 3.0), name
+        torch.testing.assert_close(new[name][1], state[name][1], rtol=0, atol=0)  # held by both, routed by neither
+    for name in algorithm.layout.dense:
+        assert torch.all(new[name] == 2.5)  # by examples, as ever
+    wrong = reply("c0", 1.0, [4, 0, 1])
+    with pytest.raises(PayloadError, match="must list 2 counts, got 3"):
+        algorithm.check_update(wrong, state, ClientInfo("c0", 1))
 
 
 def test_a_reply_that_is_not_the_slice_it_was_sent_is_refused(sizes):

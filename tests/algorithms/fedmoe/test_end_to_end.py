@@ -111,6 +111,25 @@ def test_random_moe_end_to_end(micro_config, micro_budgets):
         assert all(entry["status"] == "ok" for entry in record["clients"].values())
 
 
+def test_fedmoe_weighs_experts_by_routed_tokens_end_to_end(micro_config, micro_budgets):
+    """Loaded sub-MoEs count their held experts' tokens in training; the server accepts and averages by them."""
+    overrides = (
+        "algorithm.name=fedmoe",
+        micro_budgets,
+        "algorithm.fedmoe.warmup_rounds=0",
+        "algorithm.expert_weighting=tokens",
+        "federation.client_model=sub-moe",
+        "eval.every=0",
+        *CHEAP_FINAL,
+    )
+    result = run_experiment(micro_config(*overrides))
+    _, first, second, _final = result.records
+    assert all(entry["status"] == "ok" for record in (first, second) for entry in record["clients"].values())
+    assert all(second["clients"][f"client-{i}"]["train_loss"] is not None for i in (1, 2))  # sub-MoEs sent rows
+    tensors, _ = checkpoint(result.run_dir)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
 def test_no_structure_decision_reads_a_test_row(micro_config, micro_budgets, monkeypatch):
     """Test rows poisoned (references replaced, tokens reversed): the test scores change, no structure does."""
     from dataclasses import replace

@@ -32,6 +32,8 @@ def test_every_config_key_round_trips_through_a_flat_flower_run_config():
     [
         *([f"algorithm.name={name}"] for name in algorithm_names()),
         ["algorithm.name=fedavg", 'algorithm.scope="non-expert"'],
+        ["algorithm.name=dense", "algorithm.expert_weighting=tokens", "algorithm.server.variant=flower"],
+        ["algorithm.name=fedavg", "algorithm.server.rule=fedadam", "algorithm.server.lr=0.5"],
         ["algorithm.flex.calibration_tokens=512"],
         ["algorithm.flex.personal_training=lora", "algorithm.flex.personal_lora.rank=4"],
     ],

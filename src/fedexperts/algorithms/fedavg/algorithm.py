@@ -29,7 +29,12 @@ class FedAvg(BaseAlgorithm):
         seed: int = 0,
     ) -> None:
         config = config or FedAvgConfig()
-        super().__init__(scope_rules(config.scope), lora=config.lora_or_none, server=config.server)
+        super().__init__(
+            scope_rules(config.scope),
+            lora=config.lora_or_none,
+            server=config.server,
+            expert_weighting=config.expert_weighting,
+        )
         self.scope = config.scope
 
 
@@ -64,5 +69,7 @@ class MoEAsDense(BaseAlgorithm):
         self, config: DenseConfig | None = None, *, client_ids: Sequence[str] | None = None, seed: int = 0
     ) -> None:
         config = config or DenseConfig()
-        super().__init__(scope_rules(SharedScope.EVERYTHING), server=config.server)
+        super().__init__(
+            scope_rules(SharedScope.EVERYTHING), server=config.server, expert_weighting=config.expert_weighting
+        )
         self.scope = SharedScope.EVERYTHING

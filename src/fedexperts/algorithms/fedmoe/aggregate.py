@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedexperts.algorithms.aggregation import weighted_average
+from fedexperts.algorithms.expert_weighting import keep_rows
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import State
 
@@ -32,6 +33,15 @@ class ExpertUpdate:
     rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
     held: Mapping[str, Sequence[int]] = field(default_factory=dict)
     dense: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    row_weights: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    """Per tensor, a weight for each held row in ``held`` order (``algorithm.expert_weighting = "tokens"``: the
+    tokens the client routed to that expert). Empty: every row weighs ``weight``."""
+
+    def weights_of(self, name: str) -> torch.Tensor:
+        """The weight of each held row of ``name`` (float64)."""
+        if self.row_weights:
+            return torch.tensor([float(w) for w in self.row_weights[name]], dtype=torch.float64)
+        return torch.full((len(self.held[name]),), float(self.weight), dtype=torch.float64)
 
 
 def _check_update(position: int, update: ExpertUpdate, global_rows: Mapping[str, torch.Tensor]) -> None:
@@ -55,15 +65,24 @@ def _check_update(position: int, update: ExpertUpdate, global_rows: Mapping[str,
             raise FedExpertsError(
                 f"update {position}: {name} held indices {indices} must be distinct and in [0, {full.shape[0]})"
             )
+    if update.row_weights:
+        if set(update.row_weights) != set(update.rows):
+            raise FedExpertsError(f"update {position}: row weights must name exactly the tensors it sends")
+        for name, weights in update.row_weights.items():
+            values = [float(w) for w in weights]
+            if len(values) != len(update.held[name]) or not all(math.isfinite(w) and w >= 0 for w in values):
+                raise FedExpertsError(
+                    f"update {position}: {name} needs one finite non-negative weight per held row, got {len(values)}"
+                )
 
 
 def modular_average(global_rows: Mapping[str, torch.Tensor], updates: Sequence[ExpertUpdate]) -> State:
-    """Each expert row averaged, weighted by examples, over only the clients that hold it.
+    """Each expert row averaged, weighted by examples (or its row weights), over only the clients that hold it.
 
     Reading of the paper's modular aggregation: an expert is a module; clients that pruned it
     neither train nor send it, so they must not pull it towards their stale copy. A row nobody
-    holds keeps its global value. Accumulated in float64; results on the CPU in each global
-    tensor's dtype (as :func:`weighted_average`).
+    holds (or, with row weights, nobody routed to) keeps its global value. Accumulated in float64;
+    results on the CPU in each global tensor's dtype (as :func:`weighted_average`).
     """
     for position, update in enumerate(updates):
         _check_update(position, update, global_rows)
@@ -76,8 +95,10 @@ def modular_average(global_rows: Mapping[str, torch.Tensor], updates: Sequence[E
                 continue
             index = torch.tensor([int(i) for i in update.held[name]], dtype=torch.long)
             rows = update.rows[name].detach().to(device="cpu", dtype=torch.float64)
-            sums.index_add_(0, index, rows * update.weight)
-            weights.index_add_(0, index, torch.full((len(index),), float(update.weight), dtype=torch.float64))
+            row_weights = update.weights_of(name)
+            shape = (-1,) + (1,) * (full.dim() - 1)
+            sums.index_add_(0, index, rows * row_weights.reshape(shape))
+            weights.index_add_(0, index, row_weights)
         result = full.detach().to(device="cpu", dtype=torch.float64).clone()
         held = weights > 0
         shape = (-1,) + (1,) * (full.dim() - 1)
@@ -113,17 +134,17 @@ def aggregate_fedmoe(
 
 
 def keep_unheld_rows(before: State, stepped: State, updates: Sequence[ExpertUpdate], names: Iterable[str]) -> State:
-    """``stepped`` with every row of ``names`` that no update held put back to its value in ``before``.
+    """``stepped`` with every row of ``names`` no update held with a positive weight put back as in ``before``.
 
     A server optimizer with momentum would otherwise move a row nobody trained this round; rows no
     sampled client held keep their value under every server rule (their moments still decay).
     """
+    masks: dict[str, torch.Tensor] = {}
     for name in names:
         touched = torch.zeros(before[name].shape[0], dtype=torch.bool)
         for update in updates:
             if name in update.held:
-                touched[list(update.held[name])] = True
-        kept = stepped[name].clone()
-        kept[~touched] = before[name][~touched]
-        stepped[name] = kept
-    return stepped
+                index = torch.tensor([int(i) for i in update.held[name]], dtype=torch.long)
+                touched[index[update.weights_of(name) > 0]] = True
+        masks[name] = ~touched
+    return keep_rows(before, stepped, masks)

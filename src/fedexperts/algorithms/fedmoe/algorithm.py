@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedexperts.algorithms.base import BaseAlgorithm, is_client_model, scope_rules
+from fedexperts.algorithms.expert_weighting import reported_tokens
 from fedexperts.algorithms.fedmoe.aggregate import ExpertUpdate, aggregate_fedmoe, keep_unheld_rows
 from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
 from fedexperts.algorithms.fedmoe.layout import Layout, Structure
@@ -107,7 +108,8 @@ class FedMoE(BaseAlgorithm):
                 f"{self.name}: scope 'everything' would send every expert; the held experts already travel, "
                 "so choose attention-lora, attention or non-expert"
             )
-        super().__init__(fedmoe_rules(config.scope), lora=config.lora_or_none, server=config.server)
+        lora, server, weighting = config.lora_or_none, config.server, config.expert_weighting
+        super().__init__(fedmoe_rules(config.scope), lora=lora, server=server, expert_weighting=weighting)
         self.scope = config.scope
         self.measure_examples = config.fedmoe.measure_examples
         self.layout = Layout()
@@ -280,6 +282,7 @@ class FedMoE(BaseAlgorithm):
         if context.structure is not None:
             tensors.update(sent_rows(context.model, self.layout, context.structure, self.name))
             metadata[HELD_KEY] = self.layout.held(context.structure)
+            metadata.update(self._tokens_metadata(context))  # the sub-MoE's experts are the held ones, in order
         elif context.activation is not None:
             for name, vector in zip(self.layout.layer_names, context.activation, strict=True):
                 tensors[ACTIVATION_PREFIX + name] = vector.detach().to(device="cpu", dtype=torch.float64)
@@ -307,6 +310,8 @@ class FedMoE(BaseAlgorithm):
             for name, layer in self.layout.rows.items():
                 shape = (len(plan.structure[layer]), *global_state[name].shape[1:])
                 expected[name] = torch.empty(shape, device="meta")
+            if self.weighs_tokens:
+                self._routed_tokens(update.metadata, plan.structure, sender)
         elif plan.measure:
             for name, count in zip(self.layout.layer_names, self.layout.num_experts, strict=True):
                 expected[ACTIVATION_PREFIX + name] = torch.empty(count, device="meta")
@@ -344,11 +349,20 @@ class FedMoE(BaseAlgorithm):
         tensors = update.payload.tensors
         rows: dict[str, torch.Tensor] = {}
         held: dict[str, list[int]] = {}
+        row_weights: dict[str, list[int]] = {}
         if plan.structure is not None:
             rows = {name: tensors[name] for name in self.layout.rows}
             held = {name: plan.structure[layer] for name, layer in self.layout.rows.items()}
+            if self.weighs_tokens:  # each held expert's rows (experts and router) weigh the tokens routed to it
+                tokens = self._routed_tokens(update.payload.metadata, plan.structure, update.client.client_id)
+                row_weights = {name: tokens[self.layout.layer_names[layer]] for name, layer in self.layout.rows.items()}
         dense = {name: tensors[name] for name in self.layout.dense}
-        return ExpertUpdate(float(update.client.num_examples), rows, held, dense)
+        return ExpertUpdate(float(update.client.num_examples), rows, held, dense, row_weights)
+
+    def _routed_tokens(self, metadata: dict[str, Any], structure: Structure, sender: str) -> dict[str, list[int]]:
+        """The reply's checked token counts: one per held expert of each layer, in held order."""
+        lengths = {name: len(kept) for name, kept in self.layout.held(structure).items()}
+        return reported_tokens(metadata, lengths, sender=sender)
 
     def _reply(self, update: ClientUpdate) -> Reply:
         """What the schedule reads of a (checked) reply."""

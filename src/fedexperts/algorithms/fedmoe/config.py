@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from fedexperts.algorithms.settings import FederatedSettings, Section
+from fedexperts.algorithms.settings import ExpertWeightingSettings, FederatedSettings, Section
 
 
 class FedMoEOptions(Section):
@@ -43,7 +43,7 @@ class RandomMoEOptions(FedMoEOptions):
     so every federation seed draws its own sub-MoEs."""
 
 
-class FedMoEConfig(FederatedSettings):
+class FedMoEConfig(ExpertWeightingSettings, FederatedSettings):
     name: Literal["fedmoe"] = "fedmoe"
     builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.algorithm:FedMoE"
     decides_on_validation: ClassVar[bool] = True

@@ -22,7 +22,7 @@ from fedexperts.algorithms.fedmoe.layout import Layout, Structure
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import Payload, State
 from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layers, unwrap_model
-from fedexperts.moe.params import ParamKind, Role, parameter_kinds
+from fedexperts.moe.params import ParamKind, Role, expert_slots, parameter_kinds
 from fedexperts.moe.precision import autocast_for, to_master
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.moe.surgery import expert_map, select_experts
@@ -118,11 +118,8 @@ def layout_of(
     """
     base = unwrap_model(model)
     params = dict(base.named_parameters())
-    rows: dict[str, int] = {}
-    for index, layer in enumerate(layers):
-        names = [f"{layer.router_name}.{tensor}" for tensor in layer.family.router_expert_tensors]
-        names += [f"{layer.experts_name}.{tensor}" for tensor in layer.family.expert_tensors]
-        rows.update({each: index for each in names if each in params})
+    index_of = {layer.name: index for index, layer in enumerate(layers)}
+    rows = {each: index_of[slot.layer] for each, slot in expert_slots(base).items() if slot.expert is None}
     kinds = parameter_kinds(base)
     shared = [each for each, role in roles.items() if role is Role.SHARED]
     stray = [

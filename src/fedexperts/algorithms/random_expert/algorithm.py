@@ -26,7 +26,7 @@ from fedexperts.algorithms.settings import SharedScope
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import EXAMPLES_KEY, ClientContext, LocalData, Payload, State
 from fedexperts.moe.families import ExpertLayout, moe_layers, unwrap_model
-from fedexperts.moe.params import NO_WEIGHT_DECAY, ParamKind, Role, RoleRules
+from fedexperts.moe.params import NO_WEIGHT_DECAY, ExpertSlot, ParamKind, Role, RoleRules, expert_slots
 
 
 def row_key(name: str, expert: int) -> str:
@@ -44,7 +44,7 @@ class RandomExpert(BaseAlgorithm):
         config = config or RandomExpertConfig()
         rules = scope_rules(SharedScope.ATTENTION_LORA)
         shared = RoleRules(base={ParamKind.ROUTED_EXPERT: Role.SHARED}, adapters=dict(rules.adapters))
-        super().__init__(shared, lora=config.lora, server=config.server)
+        super().__init__(shared, lora=config.lora, server=config.server, expert_weighting=config.expert_weighting)
         self.personal = config.personal
         self.seed = 0
         self.chosen: dict[str, int] = {}
@@ -71,6 +71,13 @@ class RandomExpert(BaseAlgorithm):
             mask[expert] = 1
             parameter.register_hook(_masker(mask))
             setattr(parameter, NO_WEIGHT_DECAY, True)
+
+    def _shared_expert_slots(self, model: nn.Module) -> dict[str, ExpertSlot]:
+        """Each shared chosen row is its expert's whole tensor (none when the rows are personal)."""
+        if self.personal:
+            return {}
+        slots = expert_slots(model)
+        return {row_key(name, e): ExpertSlot(slots[name].layer, e) for name, e in self.chosen.items()}
 
     def _chosen_rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The chosen expert row of every fused expert tensor (views), under ``TENSOR@expert=J``."""
@@ -104,7 +111,7 @@ class RandomExpert(BaseAlgorithm):
 
     def uplink(self, context: ClientContext) -> Payload:
         tensors = {name: tensor.detach().clone() for name, tensor in self._rows(context.model).items()}
-        return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples})
+        return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples, **self._tokens_metadata(context)})
 
     def personal_state(self, context: ClientContext) -> Payload | None:
         if not self.personal:

@@ -6,10 +6,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from fedexperts.algorithms.settings import AlgorithmSettings, LoraConfig, ServerConfig
+from fedexperts.algorithms.settings import AlgorithmSettings, ExpertWeightingSettings, LoraConfig, ServerConfig
 
 
-class RandomExpertConfig(AlgorithmSettings):
+class RandomExpertConfig(ExpertWeightingSettings, AlgorithmSettings):
     """Always attention LoRA (the FLEx code's baseline); the chosen expert rows are shared too, or personal."""
 
     name: Literal["random-expert"] = "random-expert"
@@ -21,3 +21,6 @@ class RandomExpertConfig(AlgorithmSettings):
     from its own trained rows, a new client from the pretrained ones) while attention LoRA is still
     averaged. FLEx's code excludes its random experts from aggregation (it trains LoRA on them, and
     restarts them from the untrained adapter every round); ``False`` shares and averages the rows."""
+
+    def unshared_experts(self) -> str | None:
+        return "with personal = true the chosen experts are never sent" if self.personal else None
