@@ -30,6 +30,7 @@ from fedexperts.moe.personal import (
     graft_personal_experts,
     grafts,
     load_personal,
+    merge_personal_lora,
     personal_state_dict,
     regraft,
     remove_personal_experts,
@@ -48,6 +49,8 @@ from fedexperts.moe.surgery import (
     save_pruned,
     scatter_expert_rows,
     select_experts,
+    stock_config,
+    write_pruned,
 )
 
 __all__ = [
@@ -82,6 +85,7 @@ __all__ = [
     "grafts",
     "load_personal",
     "load_pruned",
+    "merge_personal_lora",
     "moe_layer_by_name",
     "moe_layers",
     "one_expert_output",
@@ -99,6 +103,8 @@ __all__ = [
     "select_experts",
     "set_grafted_experts",
     "state_by_role",
+    "stock_config",
     "supported_model_types",
     "suspended_grafts",
+    "write_pruned",
 ]
