@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fedexperts import cli_export
 from fedexperts.errors import FedExpertsError
 from fedexperts.failures import user_errors
 
@@ -382,6 +383,7 @@ def plan(
     console.print(plan_table(make_plan(model, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype)))
 
 
+cli_export.register(app)
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs: every key, its default and description.")
 app.add_typer(config_app, name="config")
 
