@@ -285,6 +285,8 @@ def test_an_unexpected_error_in_a_run_is_a_short_traceback_without_locals(micro_
         ["flower", "simulate", "train.lr=1"],
         ["config", "show", "algorithm.name=nosuch"],
         ["partition", "missing.csv"],
+        ["export", "missing-run", "--global", "--out", "exported"],
+        ["generate", "missing-folder", "a prompt"],
     ],
     ids=" ".join,
 )

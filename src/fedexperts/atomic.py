@@ -1,5 +1,7 @@
 """Atomic writes: a crash mid-save never leaves a half-written file or folder in place.
 
+Torch-free (:func:`save_file` imports it when called), so run manifests are too.
+
 The temporary beside the target is created with the ordinary modes (0666 for a file, 0777 for a
 folder, less the umask), not ``tempfile``'s private 0600/0700, so what lands in place is readable
 as any file the user writes. Its name is ``.{target name}.{8 hex digits}.tmp``, which
@@ -16,9 +18,10 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 """The name of what :func:`atomic_file` leaves beside its target when the process is killed mid-write."""
@@ -78,6 +81,40 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+@contextmanager
+def atomic_new_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it becomes ``path``, which must be new or empty.
+
+    Unlike :func:`atomic_directory`, nothing at ``path`` is ever deleted: the final rename replaces an
+    empty folder only, and fails (``OSError``) if a file or a non-empty folder is there by then.
+    Every file written inside gets the usual mode (0666 less the umask), whatever its writer chose.
+    """
+    target = Path(path)
+    staging = _beside(target, ".tmp", _new_folder)
+    try:
+        yield staging
+        _usual_file_modes(staging)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _usual_file_modes(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, 0o666 & ~umask)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, imported when first called: the rest of this module (run manifests) is torch-free."""
+    from safetensors.torch import save_file as save
+
+    save(dict(tensors), path, metadata=metadata)
 
 
 def save_tensors(

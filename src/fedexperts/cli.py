@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from fedexperts import cli_export
 from fedexperts.cli_common import ConfigArgs, config_and_overrides, console, wrote
 from fedexperts.cli_studies import studies_app
 from fedexperts.errors import FedExpertsError
@@ -275,6 +276,7 @@ def plan(
     console.print(plan_table(make_plan(model, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype)))
 
 
+cli_export.register(app)
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs: every key, its default and description.")
 app.add_typer(studies_app)  # compare, claims: top-level commands
 app.add_typer(config_app, name="config")

@@ -24,7 +24,20 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.moe.params import Role
 
 State = dict[str, torch.Tensor]
-"""Named tensors under the model's own parameter names (an expert row: ``NAME@expert=J``)."""
+"""Named tensors under the model's own parameter names (an expert row: ``NAME@expert=J``, :func:`row_key`)."""
+_ROW = "@expert="
+
+
+def row_key(name: str, expert: int) -> str:
+    """The state key of row ``expert`` of the fused expert tensor ``name``."""
+    return f"{name}{_ROW}{expert}"
+
+
+def parse_row_key(key: str) -> tuple[str, int | None]:
+    """``(parameter name, expert row)`` of a state key; the row is ``None`` for a whole tensor."""
+    name, found, expert = key.partition(_ROW)
+    return name, int(expert) if found else None
+
 
 EXAMPLES_KEY = "examples"
 """Reply metadata: the client's training example count (the aggregation weight)."""

@@ -16,7 +16,7 @@ from fedexperts.moe import (
     scatter_expert_rows,
     select_experts,
 )
-from fedexperts.moe.surgery import EXPERT_MAP_FILE
+from fedexperts.moe.surgery import EXPERT_MAP_FILE, stock_config
 
 from .helpers import masked_router_logits
 
@@ -201,6 +201,45 @@ def test_pruned_model_saves_and_loads(model_type, tmp_path, batch_factory):
     assert expert_map(loaded) == mapping
     assert [layer.num_experts for layer in moe_layers(loaded)][:2] == [6, len(keep[names[1]])]
     torch.testing.assert_close(logits(loaded, batch), expected)
+
+
+def test_a_pruned_model_with_tied_embeddings_saves_and_loads(tmp_path, batch_factory):
+    model = tiny_model("olmoe", tie_word_embeddings=True)
+    select_experts(model, {moe_layers(model)[0].name: [1, 2, 5]})
+    batch = batch_factory(model)
+    loaded = load_pruned(save_pruned(model, tmp_path / "sub"))
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch))
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_a_model_pruned_alike_in_every_layer_is_a_stock_model_of_that_count(model_type, batch_factory):
+    import transformers
+
+    model = tiny_model(model_type)
+    keep = KEEP_GROUPED if model_type == "deepseek_v3" else KEEP
+    select_experts(model, {layer.name: keep for layer in moe_layers(model)})
+    config = stock_config(model)
+    assert config is not None
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    torch.manual_seed(0)
+    stock = auto.from_config(config).eval()
+    stock.load_state_dict(model.state_dict(), strict=True)
+    batch = batch_factory(model)
+    torch.testing.assert_close(logits(stock, batch), logits(model, batch))
+
+
+def test_per_layer_counts_and_broken_groups_have_no_stock_config():
+    model = tiny_model("olmoe")
+    first, second, *_ = moe_layers(model)
+    assert stock_config(model) is not None  # unpruned
+    select_experts(model, {first.name: [0, 1, 2], second.name: [3, 4]})
+    assert stock_config(model) is None
+    grouped = tiny_model("deepseek_v3")
+    select_experts(
+        grouped, {layer.name: [0, 1, 2, 3] for layer in moe_layers(grouped)}
+    )  # one group left: its groups change
+    assert stock_config(grouped) is None
 
 
 def test_saving_over_an_existing_folder_replaces_it_whole(tmp_path):

@@ -19,7 +19,7 @@ from fedexperts.evaluation import Scores, instruction_scores, mmlu_scores, multi
 from fedexperts.experiment import Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
 from fedexperts.federation.state import ClientStateStore
-from fedexperts.interface import ClientInfo, LocalData, Payload
+from fedexperts.interface import ClientContext, ClientInfo, LocalData, Payload
 from fedexperts.moe.families import unwrap_model
 from fedexperts.moe.routing import RoutingRecorder
 from fedexperts.training import train_local
@@ -66,6 +66,20 @@ def _scores(prefix: str, scores: Scores) -> dict[str, float | int]:
     return {f"{prefix}_{key}": value for key, value in scores.as_dict().items()}
 
 
+def start_client(
+    setting: Setting, store: ClientStateStore, index: int, received: Payload, data: LocalData
+) -> ClientContext:
+    """The client's model for this step (``context.model``), as every client step builds it.
+
+    The setting's model for this downlink (the shared base or the client's own sub-MoE), the seed of
+    ``(federation.seed, round, client index)``, and the algorithm's setup from the received tensors and
+    the client's committed state. ``fedexperts export`` builds a run's client model through here too.
+    """
+    client_model = setting.client_model(received)  # the shared base, or this client's own sub-MoE
+    torch.manual_seed(derived_seed(setting.config.federation.seed, data.round, index))  # after any LoRA init
+    return setting.algorithm.setup_client(client_model, received, store.load(data.client.client_id), data)
+
+
 def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, received: Payload) -> Payload:
     """Run one client task on the model the setting gives it; the reply carries the uplink and the metrics.
 
@@ -83,10 +97,8 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     watch = Stopwatch()
     metrics: dict[str, Any] = {"examples": client.num_examples}
     with peak_memory(setting.device) as peak:
-        client_model = setting.client_model(received)  # the shared base, or this client's own sub-MoE
-        torch.manual_seed(derived_seed(config.federation.seed, task.round, client.index))  # after any LoRA init
         local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
-        context = algorithm.setup_client(client_model, received, store.load(client.client_id), local)
+        context = start_client(setting, store, client.index, received, local)
         model = context.model
         evaluate_options: dict[str, Any] = {
             "max_new_tokens": config.eval.max_new_tokens,

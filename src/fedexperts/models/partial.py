@@ -106,7 +106,7 @@ def load_sub_moe(
         select_experts(model, keep)
     rows = _expert_rows(model)
     with _Checkpoint(source, naming) as checkpoint:
-        _compute_non_persistent_buffers(model, torch.device(device))
+        compute_non_persistent_buffers(model, torch.device(device))
         for names, tensor in _tensors(model):
             value = checkpoint.read(names, tensor, rows.get(names[0]))
             _assign(model, names, value.to(device=device, dtype=tensor.dtype), tensor)
@@ -160,7 +160,7 @@ def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield (f"{module_name}.{name}" if module_name else name), buffer
 
 
-def _compute_non_persistent_buffers(model: PreTrainedModel, device: torch.device) -> None:
+def compute_non_persistent_buffers(model: PreTrainedModel, device: torch.device) -> None:
     """Give non-persistent buffers real storage and let the model's initialiser compute them.
 
     It runs before any weight is loaded: their modules' parameters are still on meta, where

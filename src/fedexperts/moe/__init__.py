@@ -32,6 +32,7 @@ from fedexperts.moe.personal import (
     graft_personal_experts,
     grafts,
     load_personal,
+    merge_personal_lora,
     personal_state_dict,
     regraft,
     remove_personal_experts,
@@ -50,6 +51,8 @@ from fedexperts.moe.surgery import (
     save_pruned,
     scatter_expert_rows,
     select_experts,
+    stock_config,
+    write_pruned,
 )
 
 __all__ = [
@@ -86,6 +89,7 @@ __all__ = [
     "grafts",
     "load_personal",
     "load_pruned",
+    "merge_personal_lora",
     "moe_layer_by_name",
     "moe_layers",
     "one_expert_output",
@@ -103,6 +107,8 @@ __all__ = [
     "select_experts",
     "set_grafted_experts",
     "state_by_role",
+    "stock_config",
     "supported_model_types",
     "suspended_grafts",
+    "write_pruned",
 ]

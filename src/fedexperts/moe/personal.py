@@ -170,6 +170,23 @@ def reset_personal_lora(block: nn.Module) -> None:
                 module.reset_lora_parameters(PERSONAL_ADAPTER, True)
 
 
+def merge_personal_lora(model: PreTrainedModel) -> list[str]:
+    """Fold every graft's fused-expert LoRA (:class:`FusedExpertLora`) into its personal experts; the layers done.
+
+    The grafts then compute as before without the adapter module. LoRA that peft put on the gates
+    (and module-per-expert personal experts) is peft's to merge, like any other peft layer.
+    """
+    done = []
+    for name in grafts(model):
+        block = model.get_submodule(name)
+        lora = getattr(block, PERSONAL_LORA, None)
+        if isinstance(lora, FusedExpertLora):
+            lora.merge_into(block.get_submodule(PERSONAL_EXPERTS))
+            delattr(block, PERSONAL_LORA)
+            done.append(name)
+    return done
+
+
 def _base_key(key: str) -> str | None:
     """A grafted module's state key without peft's segments; ``None`` for a LoRA adapter tensor."""
     if ".lora_" in f".{key}":

@@ -72,6 +72,17 @@ class FusedExpertLora(nn.Module):
         for b in self.lora_B.values():
             b.zero_()
 
+    @torch.no_grad()
+    def merge_into(self, experts: nn.Module) -> None:
+        """Add the deltas to the experts' own weights (``W_e + (alpha / r) B_e A_e`` in their layout).
+
+        The merged experts alone then compute what they computed with this module (up to rounding).
+        """
+        for name, a in self.lora_A.items():
+            weight = experts.get_parameter(name)
+            delta = self.scaling * torch.matmul(self.lora_B[name], a)  # (E, out, in)
+            weight.add_((delta.transpose(1, 2) if self.transposed else delta).to(weight.dtype))
+
     def _project(self, experts: nn.Module, hidden: torch.Tensor, name: str) -> torch.Tensor:
         weight = experts.get_parameter(name)
         bias = experts.get_parameter(f"{name}_bias") if experts.has_bias else None

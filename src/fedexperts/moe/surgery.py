@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,18 +251,52 @@ def save_pruned(model: PreTrainedModel, directory: str | Path) -> Path:
     converts fused experts back to the hub layout on save. The folder is written atomically.
     """
     target = Path(directory)
-    mapping = expert_map(model)
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
     with atomic_directory(target) as staging:
-        config.save_pretrained(staging)
-        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / EXPERT_MAP_FILE).write_text(json.dumps(mapping.to_json(), indent=2))
+        write_pruned(model, staging)
     return target
 
 
-def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a model saved by :func:`save_pruned`, with its per-layer expert counts and map."""
+def write_pruned(model: PreTrainedModel, folder: Path) -> None:
+    """Write :func:`save_pruned`'s files into the existing ``folder`` (the caller makes it atomic)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / EXPERT_MAP_FILE).write_text(json.dumps(expert_map(model).to_json(), indent=2))
+
+
+def stock_config(model: PreTrainedModel) -> Any | None:
+    """A stock config that describes ``model`` as it is now, or ``None`` when no stock config can.
+
+    A sub-MoE that keeps the same number of experts in every MoE layer, with unchanged expert
+    groups, is a stock model of that expert count (its router rows are already sliced); per-layer
+    counts, or DeepSeek groups changed by the pruning, have no stock config.
+    """
+    mapping = expert_map(model)
+    counts = {len(indices) for indices in mapping.local_to_global.values()}
+    if len(counts) > 1 or mapping.flat_routing:
+        return None
+    config = copy.deepcopy(model.config)
+    family = family_for(config)
+    if any(plan != (int(config.n_group), int(config.topk_group)) for plan in mapping.groups.values()):
+        return None
+    if counts:
+        setattr(config, family.num_experts_field, counts.pop())
+    config.architectures = [type(model).__name__]
+    return config
+
+
+def load_pruned(
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    prepare: Callable[[PreTrainedModel], None] | None = None,
+) -> PreTrainedModel:
+    """Load a model saved by :func:`save_pruned`, with its per-layer expert counts and map.
+
+    ``prepare`` changes the pruned model (on the meta device) before the weights load, e.g. grafts
+    the personal experts the weights file also holds (:func:`fedexperts.export.load_personalized`).
+    """
     source = Path(directory)
     for needed in ("config.json", WEIGHTS_FILE, EXPERT_MAP_FILE):
         if not (source / needed).is_file():
@@ -287,7 +321,10 @@ def load_pruned(directory: str | Path, *, dtype: torch.dtype | None = None) -> P
     select_experts(model, structure)
     for name, (num_group, topk_group) in mapping.groups.items():
         layers[name].router.num_group, layers[name].router.topk_group = num_group, topk_group
+    if prepare is not None:
+        prepare(model)
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives tied parameters separate storage: tie them again
     initialise_non_persistent_buffers(model)
     try:
         missing, unexpected = load_model(model, str(source / WEIGHTS_FILE), strict=False)

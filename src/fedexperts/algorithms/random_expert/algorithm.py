@@ -24,13 +24,9 @@ from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
 from fedexperts.algorithms.random_expert.config import RandomExpertConfig
 from fedexperts.algorithms.settings import SharedScope
 from fedexperts.errors import FedExpertsError
-from fedexperts.interface import EXAMPLES_KEY, ClientContext, LocalData, Payload, State
+from fedexperts.interface import EXAMPLES_KEY, ClientContext, LocalData, Payload, State, row_key
 from fedexperts.moe.families import ExpertLayout, moe_layers, unwrap_model
 from fedexperts.moe.params import NO_WEIGHT_DECAY, ExpertSlot, ParamKind, Role, RoleRules, expert_slots
-
-
-def row_key(name: str, expert: int) -> str:
-    return f"{name}@expert={expert}"
 
 
 class RandomExpert(BaseAlgorithm):
