@@ -13,7 +13,8 @@ from fedexperts.reporting.compare import (
     estimate,
     write_comparison,
 )
-from fedexperts.reporting.paired import PairedDifference, paired_difference, paired_table
+from fedexperts.reporting.intervals import PairedDifference, paired_difference
+from fedexperts.reporting.paired import paired_table
 from fedexperts.reporting.plots import plot_bytes, plot_clients, plot_comparison, plot_rounds
 from fedexperts.reporting.runs import (
     Failure,

@@ -21,10 +21,10 @@ from rich.text import Text
 from fedexperts.atomic import atomic_file
 from fedexperts.errors import FedExpertsError
 from fedexperts.reporting import format as fmt
-from fedexperts.reporting.paired import PairedDifference, paired_difference, paired_lines
+from fedexperts.reporting.intervals import CONFIDENCE, Estimate, PairedDifference, estimate, paired_difference
+from fedexperts.reporting.paired import paired_lines
 from fedexperts.reporting.runs import RunRecord
 
-CONFIDENCE = 0.95
 MARKDOWN_FILE = "comparison.md"
 PLOT_FILE = "comparison.png"
 
@@ -104,41 +104,6 @@ METRICS: tuple[Metric, ...] = (
         lambda value: f"{value:.2f}",
     ),
 )
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A metric over seeds: the values, their mean and the CI half-width (``None`` below two values)."""
-
-    values: tuple[float, ...]
-    mean: float | None
-    ci: float | None
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        if self.mean is None or self.ci is None:
-            return None
-        return self.mean - self.ci, self.mean + self.ci
-
-
-def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
-    """Mean and two-sided Student-t CI half-width of ``values`` (a small sample of seeds)."""
-    from scipy.stats import t
-
-    sample = tuple(float(value) for value in values)
-    n = len(sample)
-    if n == 0:
-        return Estimate(sample, None, None)
-    mean = math.fsum(sample) / n
-    if n == 1:
-        return Estimate(sample, mean, None)
-    deviation = math.sqrt(math.fsum((value - mean) ** 2 for value in sample) / (n - 1))
-    quantile = float(t.ppf(0.5 + confidence / 2, n - 1))
-    return Estimate(sample, mean, quantile * deviation / math.sqrt(n))
 
 
 @dataclass(frozen=True)

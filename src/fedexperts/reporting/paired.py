@@ -1,91 +1,17 @@
-"""Paired differences between two methods over the seeds both ran: the quantity that tells methods apart.
-
-Every method of a study runs on the same data, partition and client sampling for a given seed, so
-the per-seed difference removes the seeds' shared swing; its interval is usually far narrower than
-the two per-method intervals. For differences ``d_1 .. d_n`` this module reports:
-
-- the mean and the two-sided 95% Student-t interval half-width ``t(0.975, n-1) * s_d / sqrt(n)``;
-- the two-sided Wilcoxon signed-rank p-value (scipy's ``wilcoxon``: exact below 50 seeds without
-  ties, zeros dropped as Wilcoxon's own method does; all differences zero gives p = 1). Its smallest
-  possible value is ``2 / 2**n``: with 5 seeds it can never go below 0.0625, which the report says;
-- the smallest difference the seeds could have detected: the paired t-test's minimum detectable
-  effect at alpha 0.05 (two-sided) and 80% power for the spread observed,
-  ``(t(0.975, n-1) + t(0.80, n-1)) * s_d / sqrt(n)`` (the usual noncentral approximation).
-"""
+"""Rendering paired differences: a Markdown section per pair, a cell, a terminal table (see :mod:`.intervals`)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
 
 from fedexperts.reporting import format as fmt
+from fedexperts.reporting.intervals import PairedDifference
 
 if TYPE_CHECKING:
     from fedexperts.reporting.compare import Comparison, Metric
-
-CONFIDENCE = 0.95
-POWER = 0.80
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Per-seed differences ``first - second`` of one metric and what they show."""
-
-    seeds: tuple[int, ...]
-    values: tuple[float, ...]
-    mean: float | None
-    ci: float | None
-    """Half-width of the 95% t-interval (``None`` below two seeds)."""
-    p_value: float | None
-    """Two-sided Wilcoxon signed-rank p-value (``None`` below two seeds)."""
-    detectable: float | None
-    """Smallest difference detectable at alpha 0.05 with 80% power for this spread (``None`` below two seeds)."""
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        if self.mean is None or self.ci is None:
-            return None
-        return self.mean - self.ci, self.mean + self.ci
-
-    @property
-    def smallest_p(self) -> float | None:
-        """The smallest two-sided p-value the signed-rank test can give at this many seeds."""
-        return None if self.n < 2 else 2.0 / 2.0**self.n
-
-    @property
-    def excludes_zero(self) -> bool:
-        interval = self.interval
-        return interval is not None and (interval[0] > 0 or interval[1] < 0)
-
-
-def paired_difference(seeds: Sequence[int], values: Sequence[float]) -> PairedDifference:
-    """Mean, t-interval, signed-rank p-value and detectable difference of per-seed differences."""
-    from scipy.stats import t, wilcoxon
-
-    sample = tuple(float(value) for value in values)
-    n = len(sample)
-    if n == 0:
-        return PairedDifference(tuple(seeds), sample, None, None, None, None)
-    mean = math.fsum(sample) / n
-    if n == 1:
-        return PairedDifference(tuple(seeds), sample, mean, None, None, None)
-    spread = math.sqrt(math.fsum((value - mean) ** 2 for value in sample) / (n - 1)) / math.sqrt(n)
-    critical = float(t.ppf(0.5 + CONFIDENCE / 2, n - 1))
-    if all(value == 0 for value in sample):
-        p_value = 1.0
-    else:
-        p_value = float(wilcoxon(sample, zero_method="wilcox", alternative="two-sided").pvalue)
-    detectable = (critical + float(t.ppf(POWER, n - 1))) * spread
-    return PairedDifference(tuple(seeds), sample, mean, critical * spread, p_value, detectable)
 
 
 def signed(metric: Metric, value: float) -> str:
