@@ -198,3 +198,11 @@ def test_a_reference_adds_the_paired_panel_and_table_to_the_files(tmp_path):
     # differences 0.1, 0.05, 0.02: all positive, so the exact two-sided p is 2 / 2**3
     assert "| personalized ROUGE-L | +0.0567 | [" in text and "| 0.25 |" in text
     assert "cannot give p below 0.25" in text
+
+
+def test_rounds_to_90_is_left_out_when_no_run_evaluated_its_rounds(tmp_path):
+    evaluated = compare({"a": _group(tmp_path, "a", [0.3, 0.5])})
+    assert "rounds_to_90" in [metric.key for metric in evaluated.metrics]
+    final_only = compare({"b": _group(tmp_path, "b", [0.3, 0.5], curve=())})
+    assert "rounds_to_90" not in [metric.key for metric in final_only.metrics]
+    assert "rounds to 90%" not in comparison_markdown(final_only)

@@ -102,6 +102,7 @@ METRICS: tuple[Metric, ...] = (
         False,
         lambda run: _optional_int(run.rounds_to_90),
         lambda value: f"{value:.2f}",
+        optional=True,  # only runs that evaluate every round (``eval.every``) have it
     ),
 )
 

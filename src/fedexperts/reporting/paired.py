@@ -65,7 +65,7 @@ def paired_lines(comparison: Comparison, first: str, second: str) -> list[str]:
             paired_outcome(metric, item, first, second),
         )
         lines.append("| " + " | ".join(fmt.markdown_cell(cell) for cell in cells) + " |")
-    if seeds:
+    if len(seeds) > 1:
         smallest = 2.0 / 2.0 ** len(seeds)
         lines += [
             "",
