@@ -53,7 +53,8 @@ class Study:
         return [*self.overrides, *self.method_overrides.get(algorithm, ()), f"algorithm.name={algorithm}"]
 
 
-_FLEX_METHODS = ("local", "fedavg", "fedprox", "dense", "random-expert", "flex")
+_FLEX_METHODS = ("local", "fedavg", "fedprox", "dense", "random-expert", "fedsa-lora", "ffa-lora", "feddpa", "flex")
+"""FLEx's baselines, the LoRA-FL methods reviewers ask for (FedSA-LoRA, FFA-LoRA, FedDPA), and FLEx."""
 _FLEX_PER_METHOD: dict[str, tuple[str, ...]] = {"random-expert": ("algorithm.personal=true",)}
 """FLEx's random-experts baseline: a random pretrained expert grafted per layer and kept personal, as FLEx's
 official code runs it (the expert adapters are never averaged)."""
