@@ -53,7 +53,7 @@ def test_every_paper_claim_has_a_row_even_before_any_study_ran(tmp_path):
     assert {row.claim.paper for row in rows} == {"FLEx", "FedMoE"}
     text = claims_markdown(rows)
     assert text.count("\n") == len(CLAIMS) + 2
-    assert "fedmoe its searched and recommended sub-MoEs beat randomly chosen ones" in text
+    assert "fedmoe picks sub-MoEs (search, recommendation) that beat randomly chosen ones (random-moe;" in text
     with pytest.raises(FedExpertsError, match="does not exist"):
         claim_rows(tmp_path / "missing")
 

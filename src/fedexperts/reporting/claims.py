@@ -23,13 +23,14 @@ from pathlib import Path
 from fedexperts.atomic import atomic_file
 from fedexperts.errors import FedExpertsError
 from fedexperts.reporting import format as fmt
-from fedexperts.reporting.compare import Comparison, compare
+from fedexperts.reporting.compare import METRICS, Comparison, compare
 from fedexperts.reporting.paired import paired_cell
 from fedexperts.reporting.runs import RunRecord, load_run
 from fedexperts.reporting.schema import METRICS_FILE
 
 BEGIN = "<!-- claims:begin (fedexperts claims STUDIES_DIR --write FILE rewrites this part) -->"
 END = "<!-- claims:end -->"
+_METRIC_LABELS = {metric.key: metric.label for metric in METRICS}
 _FLEX_STUDIES = ("flex-pathological", "flex-dirichlet-0.5", "flex-dirichlet-1.0")
 
 
@@ -49,7 +50,7 @@ class Claim:
 
 
 def _flex_claims(study: str) -> list[Claim]:
-    retained = "FLEx the highest MMLU of the compared methods (49.74 on Qwen1.5-MoE)"
+    retained = "the highest MMLU of the compared methods (49.74, Qwen1.5-MoE)"
     return [
         Claim(
             "FLEx",
@@ -63,7 +64,7 @@ def _flex_claims(study: str) -> list[Claim]:
         Claim(
             "FLEx",
             "personalizes better than FedAvg",
-            "avg ROUGE-L 43.13 vs 42.37 for the best federated baseline",
+            "reported average ROUGE-L 43.13 vs 42.37 for the best federated baseline",
             study,
             "personalized_rouge_l",
             "flex",
@@ -71,7 +72,7 @@ def _flex_claims(study: str) -> list[Claim]:
         ),
         Claim(
             "FLEx",
-            "the grafted expert beats a random expert trained personally",
+            "grafts an expert that beats a random expert trained personally",
             "above the random-experts baseline (paper's ablation)",
             study,
             "personalized_rouge_l",
@@ -96,7 +97,7 @@ CLAIMS: tuple[Claim, ...] = (
     *(claim for study in _FLEX_STUDIES for claim in _flex_claims(study)),
     Claim(
         "FedMoE",
-        "its searched and recommended sub-MoEs beat randomly chosen ones",
+        "picks sub-MoEs (search, recommendation) that beat randomly chosen ones",
         "above randomMoE on its task mix (paper's tables; not transcribed here)",
         "fedmoe-experts32",
         "personalized_rouge_l",
@@ -105,7 +106,7 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "FedMoE",
-        "a budget client holds only its sub-MoE (memory)",
+        "lets a budget client hold only its sub-MoE (memory)",
         "sub-MoE memory below the full model's",
         "fedmoe-experts32",
         "peak_memory_bytes",
@@ -192,7 +193,7 @@ def claims_markdown(rows: Sequence[ClaimRow]) -> str:
         claim = row.claim
         cells = (
             claim.paper,
-            f"{claim.method} {claim.text} ({claim.baseline}; {claim.metric.replace('_', ' ')})",
+            f"{claim.method} {claim.text} ({claim.baseline}; {_METRIC_LABELS.get(claim.metric, claim.metric)})",
             claim.study,
             claim.paper_number,
             row.ours,
