@@ -35,3 +35,19 @@ def client_round(algorithm, model, global_state, name, *, seed, examples=8, pers
     torch.manual_seed(seed)
     train_phases(algorithm, context, batches)
     return ClientUpdate(info, algorithm.uplink(context)), algorithm.personal_state(context)
+
+
+def assert_states_and_checkpoint_split(result, personal: str, shared: str) -> None:
+    """Two ok rounds; client states hold only ``personal`` keys, the last checkpoint's shared ones ``shared``."""
+    from safetensors.torch import load_file
+
+    assert [line["kind"] for line in result.records] == ["run", "round", "round", "final"]
+    for record in result.records[1:3]:
+        assert all(entry["status"] == "ok" for entry in record["clients"].values())
+    states = sorted((result.run_dir / "clients").glob("*.safetensors"))
+    assert [path.stem for path in states] == ["client-0", "client-1", "client-2"]
+    for path in states:
+        assert load_file(path) and all(personal in key for key in load_file(path))
+    checkpoint = sorted((result.run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
+    kept = [key for key in load_file(checkpoint) if key.startswith("global/")]
+    assert kept and all(shared in key for key in kept)

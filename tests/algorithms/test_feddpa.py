@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedexperts.algorithms import FedDPA
 from fedexperts.algorithms.feddpa.config import FedDPAConfig, FedDPAOptions
@@ -18,7 +17,7 @@ from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload
 from fedexperts.models import tiny_model
 from fedexperts.moe import Role
 from fedexperts.training import IGNORE_INDEX, train_local
-from tests.algorithms.helpers import batches_for, client_round, train_phases
+from tests.algorithms.helpers import assert_states_and_checkpoint_split, batches_for, client_round, train_phases
 
 
 def prepared(**options):
@@ -202,15 +201,6 @@ def test_encoder_decoder_models_are_refused():
 
 def test_feddpa_end_to_end_keeps_the_local_adapter_on_disk(micro_config):
     result = run_experiment(micro_config("algorithm.name=feddpa"))
-    assert [line["kind"] for line in result.records] == ["run", "round", "round", "final"]
-    for record in result.records[1:3]:
-        assert all(entry["status"] == "ok" for entry in record["clients"].values())
-    states = sorted((result.run_dir / "clients").glob("*.safetensors"))
-    assert [path.stem for path in states] == ["client-0", "client-1", "client-2"]
-    for path in states:
-        assert load_file(path) and all(".local." in key for key in load_file(path))
-    checkpoint = sorted((result.run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
-    shared = [key for key in load_file(checkpoint) if key.startswith("global/")]
-    assert shared and all(".default." in key for key in shared)
+    assert_states_and_checkpoint_split(result, ".local.", ".default.")
     for scores in result.records[-1]["clients"].values():
         assert 0.0 <= scores["own"]["rouge_l"] <= 1.0

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedexperts.algorithms import FedSALoRA
 from fedexperts.algorithms.lora import LoraFactor, lora_tensors
@@ -10,7 +9,7 @@ from fedexperts.federation.inprocess import run_experiment
 from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload, PayloadError
 from fedexperts.models import tiny_model
 from fedexperts.moe import Role
-from tests.algorithms.helpers import client_round
+from tests.algorithms.helpers import assert_states_and_checkpoint_split, client_round
 
 
 def prepared():
@@ -82,13 +81,4 @@ def test_the_server_refuses_an_update_that_carries_b():
 
 def test_fedsa_lora_end_to_end_keeps_b_on_disk_and_a_in_the_checkpoint(micro_config):
     result = run_experiment(micro_config("algorithm.name=fedsa-lora"))
-    assert [line["kind"] for line in result.records] == ["run", "round", "round", "final"]
-    for record in result.records[1:3]:
-        assert all(entry["status"] == "ok" for entry in record["clients"].values())
-    states = sorted((result.run_dir / "clients").glob("*.safetensors"))
-    assert [path.stem for path in states] == ["client-0", "client-1", "client-2"]
-    for path in states:
-        assert load_file(path) and all(".lora_B." in key for key in load_file(path))
-    checkpoint = sorted((result.run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
-    shared = [key for key in load_file(checkpoint) if key.startswith("global/")]
-    assert shared and all(".lora_A." in key for key in shared)
+    assert_states_and_checkpoint_split(result, ".lora_B.", ".lora_A.")
