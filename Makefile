@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; override (e.g. TORCH_SPEC="torch>=2.6") on machines with a GPU build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test setup dev lint typecheck unit bench clean
+.PHONY: run test setup dev lint typecheck unit soak bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ unit: dev
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
+
+# Long runs on real processes (Flower deployments killed and resumed, churn): not in `make test`.
+soak: dev
+	$(BIN)/python -m pytest -m soak
 
 bench: dev
 	$(BIN)/python -m benchmarks

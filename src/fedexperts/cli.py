@@ -313,6 +313,9 @@ def flower_simulate(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete the run in the run directory first (only the files fedexperts wrote)."
     ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a stopped run in its run directory (checked first), nodes' states included."
+    ),
     cpus_per_client: float = typer.Option(1.0, help="CPU cores each simulated client (Ray actor) takes."),
 ) -> None:
     """Run one experiment on Flower's simulation engine (Ray): one SuperNode per client, on this machine."""
@@ -333,7 +336,12 @@ def flower_simulate(
     )
     progress = RunProgress(console, config.federation.rounds, live=False)  # Ray's own log would break live bars
     result = run_simulation(
-        config, target, overwrite=overwrite, cpus_per_client=cpus_per_client, on_round=progress.on_round
+        config,
+        target,
+        resume=resume,
+        overwrite=overwrite,
+        cpus_per_client=cpus_per_client,
+        on_round=progress.on_round,
     )
     console.print(final_table(load_run(result.run_dir)))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -87,8 +88,12 @@ class RunManifest:
         rounds_done: int = 0,
         files: Mapping[str, FileEntry] | None = None,
         pending: Iterable[str] = (),
+        uid: str | None = None,
     ) -> None:
         self.folder = folder
+        self.uid = uid or uuid.uuid4().hex
+        """This run's own id, made when the run directory is: what Flower nodes key a run's personal states by,
+        so that a resumed ServerApp (a new Flower run id) finds them, and a fresh run in the same folder does not."""
         self.created_folder = created_folder
         """fedexperts made the folder itself (so it may remove it once it holds nothing)."""
         self.rounds_done = rounds_done
@@ -117,6 +122,7 @@ class RunManifest:
                 rounds_done=int(data["rounds_done"]),
                 files=files,
                 pending=data["pending"],
+                uid=data.get("uid"),
             )
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ManifestError(f"{path}: unreadable run manifest ({error})") from None
@@ -124,6 +130,7 @@ class RunManifest:
     def save(self) -> None:
         data: dict[str, Any] = {
             "format": _FORMAT,
+            "uid": self.uid,
             "created_folder": self.created_folder,
             "rounds_done": self.rounds_done,
             "pending": sorted(self.pending),

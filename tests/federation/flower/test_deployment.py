@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from fedexperts.federation.flower.app_dir import write_app
 from fedexperts.federation.flower.deployment import LocalDeployment, free_port, write_node_key
+from fedexperts.runfiles import RunManifest
 
 
 def records(run_dir):
@@ -44,7 +45,7 @@ def test_flex_runs_on_a_tls_deployment_and_personal_state_stays_on_each_node(mic
         status, details = deployment.wait(run_id)
         assert status == "finished:completed", details
 
-    run_dir = config.output_dir / config.name / f"flower-run-{run_id}"
+    run_dir = config.output_dir / config.name
     lines = records(run_dir)
     rounds = [line for line in lines if line["kind"] == "round"]
     assert [line["round"] for line in rounds] == [1, 2]
@@ -52,7 +53,7 @@ def test_flex_runs_on_a_tls_deployment_and_personal_state_stays_on_each_node(mic
     final = next(line for line in lines if line["kind"] == "final")
     assert all(entry["status"] == "ok" and entry["own"] for entry in final["clients"].values())
     for partition in (0, 1):
-        own = deployment.state_dir(partition) / f"run-{run_id}" / f"partition-{partition}"
+        own = deployment.state_dir(partition) / f"run-{RunManifest.load(run_dir).uid}" / f"partition-{partition}"
         state = load_file(own / f"client-{partition}.safetensors")
         assert state and all("personal" in name or "gate" in name for name in state), sorted(state)[:3]
         other = 1 - partition
@@ -76,10 +77,11 @@ def test_a_killed_supernode_fails_its_round_keeps_its_state_and_rejoins(micro_co
     write_app(config, app)
     with LocalDeployment(tmp_path / "deployment", nodes=2) as deployment:
         run_id = deployment.run(app)
-        run_dir = config.output_dir / config.name / f"flower-run-{run_id}"
+        run_dir = config.output_dir / config.name
         wait_for(run_dir / "records" / "round-000001.json")
         deployment.kill_node(1)
-        node_files = sorted((deployment.state_dir(1) / f"run-{run_id}").rglob("*.safetensors"))
+        node_run = f"run-{RunManifest.load(run_dir).uid}"
+        node_files = sorted((deployment.state_dir(1) / node_run).rglob("*.safetensors"))
         assert node_files  # what it trained in round 1, staged or committed
         for path in node_files:
             assert load_file(path)  # intact: readable safetensors, not a torn write
@@ -95,7 +97,8 @@ def test_a_killed_supernode_fails_its_round_keeps_its_state_and_rejoins(micro_co
     assert rounds[6]["client-1"]["status"] == "ok"  # rejoined after its restart
     final = next(line for line in lines if line["kind"] == "final")
     assert all(entry["status"] == "ok" for entry in final["clients"].values())
-    state_file = deployment.state_dir(1) / f"run-{run_id}" / "partition-1" / "client-1.safetensors"
+    node_run = f"run-{RunManifest.load(run_dir).uid}"
+    state_file = deployment.state_dir(1) / node_run / "partition-1" / "client-1.safetensors"
     assert load_file(state_file)
 
 

@@ -20,7 +20,9 @@ def test_tensors_metadata_and_task_survive_the_record_with_their_dtypes():
         "half": torch.randn(2, dtype=torch.float16),
     }
     task = ClientTask("client-3", 2, train=False, union=True)
-    record = payload_to_record(Payload(tensors, {"examples": 7, "phase": "train"}), task=task, commit_round=1)
+    record = payload_to_record(
+        Payload(tensors, {"examples": 7, "phase": "train"}), task=task, commit_round=1, run_uid="0a1b2c"
+    )
     arrays = record["arrays"]
     assert isinstance(arrays, ArrayRecord)
     assert arrays["layer.weight"].dtype == "float32"  # numpy has no bfloat16: sent widened, exactly
@@ -31,7 +33,16 @@ def test_tensors_metadata_and_task_survive_the_record_with_their_dtypes():
     for name, tensor in tensors.items():
         assert back.tensors[name].dtype == tensor.dtype
         assert torch.equal(back.tensors[name], tensor)
-    assert task_of(record) == (task, 1)
+    assert task_of(record) == (task, 1, "0a1b2c")
+
+
+def test_a_task_without_a_run_id_or_with_a_path_in_it_is_refused():
+    """The node builds a folder name from the run id: nothing but letters and digits gets there."""
+    task = ClientTask("client-0", 1)
+    with pytest.raises(PayloadError, match="not a fedexperts task"):
+        task_of(payload_to_record(Payload({}), task=task))
+    with pytest.raises(PayloadError, match="is not an id"):
+        task_of(payload_to_record(Payload({}), task=task, run_uid="../../etc"))
 
 
 def test_bytes_are_flowers_own_count_of_the_records():

@@ -2,11 +2,13 @@
 
 Each message runs the same client step as the in-process runtime
 (:func:`~fedexperts.federation.client.run_client`). The client's personal state (FLEx personal
-experts and gates, ...) lives on the node's own disk, under ``state-dir/run-<run id>/partition-<id>``,
-in safetensors files written atomically; ``context.state`` holds only a small record of what the
-node last did. A trained state is *staged*; it becomes current when a later message says its
-round was accepted and checkpointed by the server (``commit-round``), and anything else staged is
-dropped then, so a refused or lost update never becomes the client's state.
+experts and gates, ...) lives on the node's own disk, under ``state-dir/run-<run uid>/partition-<id>``
+(the fedexperts run's own id, which the server sends with every task: a resumed ServerApp is a new
+Flower run but the same fedexperts run), in safetensors files written atomically; ``context.state``
+holds only a small record of what the node last did. A trained state is *staged*; it becomes
+current when a later message says its round was accepted and checkpointed by the server
+(``commit-round``), and anything else staged is dropped then, so a refused or lost update never
+becomes the client's state.
 
 In a deployment every message starts a fresh ClientApp process, so the node rebuilds its setting
 each time (the base model is memory-mapped from safetensors; the time is reported as
@@ -56,9 +58,9 @@ def default_state_dir() -> Path:
     return cache_root() / "nodes"
 
 
-def node_store(state_dir: Path, run_id: int, partition: int) -> ClientStateStore:
-    """The personal-state store of one partition in one Flower run."""
-    return ClientStateStore(Path(state_dir).expanduser() / f"run-{run_id}" / f"partition-{partition}")
+def node_store(state_dir: Path, run_uid: str, partition: int) -> ClientStateStore:
+    """The personal-state store of one partition in one fedexperts run (``run_uid``: its run directory's id)."""
+    return ClientStateStore(Path(state_dir).expanduser() / f"run-{run_uid}" / f"partition-{partition}")
 
 
 @dataclass
@@ -128,11 +130,11 @@ def client_app(config: ExperimentConfig | None = None, state_dir: Path | None = 
         started = time.perf_counter()
         setting = _CACHE.get(resolved, partition)
         setup_seconds = time.perf_counter() - started
-        task, commit_round = task_of(msg.content)
+        task, commit_round, run_uid = task_of(msg.content)
         own = client_ids(resolved.federation.clients)[partition]
         if task.client_id != own:
             raise FedExpertsError(f"this node serves {own} (partition {partition}), not {task.client_id}")
-        store = node_store(folder, context.run_id, partition)
+        store = node_store(folder, run_uid, partition)
         if commit_round:
             store.commit(commit_round)
         store.discard_staged(after=0)

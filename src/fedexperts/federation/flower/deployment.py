@@ -141,6 +141,7 @@ class LocalDeployment:
     port: int = field(default_factory=free_port)
     startup_timeout: float = 120.0
     ca: Path = field(init=False)
+    _certificates: tuple[Path, Path] = field(init=False)
     _link: subprocess.Popen[bytes] | None = None
     _nodes: list[_Node] = field(default_factory=list)
     _logs: list[Any] = field(default_factory=list)
@@ -201,11 +202,28 @@ class LocalDeployment:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{ca}"\n'
         )
+        self._certificates = (certificate, key)
+        self.start_superlink()
+        for partition in range(self.nodes):
+            private, public = write_node_key(self.work / "keys", f"supernode-{partition}")
+            node_id = self.register(public)
+            self._nodes.append(_Node(partition, node_id, free_port(), private, self.state_dir(partition)))
+            self.start_node(partition)
+        self._wait(lambda: self.online() >= self.nodes, f"{self.nodes} SuperNodes to come online")
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink (TLS, SuperNode auth) on its port, its state in ``work/superlink.db``.
+
+        The state is a database file, not Flower's in-memory default, so a SuperLink that is killed and
+        started again still knows the registered SuperNodes (which reconnect on their own) and its runs.
+        """
+        certificate, key = self._certificates
         self._link = subprocess.Popen(
             [
                 _tool("flower-superlink"),
-                *("--ssl-ca-certfile", str(ca), "--ssl-certfile", str(certificate), "--ssl-keyfile", str(key)),
+                *("--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(certificate), "--ssl-keyfile", str(key)),
                 "--enable-supernode-auth",
+                *("--database", str(self.work / "superlink.db")),
                 *("--host", "127.0.0.1", "--port", str(self.port)),
             ],
             env=self.env,
@@ -213,12 +231,29 @@ class LocalDeployment:
             stderr=subprocess.STDOUT,
         )
         self._wait(lambda: self.flwr("ls", CONNECTION, timeout=30).get("success") is True, "the SuperLink to answer")
-        for partition in range(self.nodes):
-            private, public = write_node_key(self.work / "keys", f"supernode-{partition}")
-            node_id = self.register(public)
-            self._nodes.append(_Node(partition, node_id, free_port(), private, self.state_dir(partition)))
-            self.start_node(partition)
-        self._wait(lambda: self.online() >= self.nodes, f"{self.nodes} SuperNodes to come online")
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything it started (its SuperExec, the ServerApp of a running run)."""
+        if self._link is not None:
+            _kill_tree(self._link.pid)
+            self._link.wait(timeout=30)
+            self._link = None
+
+    def kill_serverapp(self) -> int:
+        """SIGKILL every running ServerApp process (the SuperLink stays up); returns how many there were."""
+        link = self._link
+        if link is None:
+            return 0
+        import psutil
+
+        apps = []
+        for pid in _children(link.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any("flwr-serverapp" in part for part in psutil.Process(pid).cmdline()):
+                    apps.append(pid)
+        for pid in apps:
+            _kill_tree(pid)
+        return len(apps)
 
     def register(self, public_key: Path) -> int:
         """Register a SuperNode's public key with the SuperLink; returns the node id it will have."""

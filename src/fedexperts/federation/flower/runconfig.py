@@ -4,7 +4,9 @@ Flower run configs are flat ``dotted.key -> bool | int | float | str`` maps (nes
 are flattened by Flower itself), and ``--run-config`` may only override keys the app declares.
 So the app declares every key of the resolved experiment config: ``None`` travels as the empty
 string and a list (of integers, or of names such as LoRA targets) as a comma-separated string;
-:func:`config_from_run_config` undoes both and validates the result like any other config .
+:func:`config_from_run_config` undoes both and validates the result like any other config. Two
+keys outside the experiment config say what the ServerApp does with a run already in the run
+directory (:data:`RUN_CONTROL`): ``resume`` continues it, ``overwrite`` deletes it first.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from fedexperts.config import ConfigError, ExperimentConfig, build_config, list_valued_keys
 
 NONE = ""
+RUN_CONTROL: dict[str, bool] = {"resume": False, "overwrite": False}
+"""Run-config keys that are not experiment settings, with their defaults (declared by every app)."""
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -28,10 +32,10 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_to_run_config(config: ExperimentConfig) -> dict[str, bool | int | float | str]:
-    """Every key of ``config`` with a Flower-compatible value (``output_dir`` made absolute)."""
+    """Every key of ``config`` as a Flower value (``output_dir`` made absolute), and :data:`RUN_CONTROL`."""
     data = config.model_dump(mode="json")
     data["output_dir"] = str(config.output_dir.expanduser().resolve())
-    flat: dict[str, bool | int | float | str] = {}
+    flat: dict[str, bool | int | float | str] = dict(RUN_CONTROL)
     for key, value in _flatten(data).items():
         if value is None:
             flat[key] = NONE
@@ -59,6 +63,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     nested: dict[str, Any] = {}
     list_keys = list_valued_keys()
     for key, value in run_config.items():
+        if key in RUN_CONTROL:
+            continue
         if value == NONE:
             value = None
         elif key in list_keys and isinstance(value, str):
@@ -74,3 +80,18 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
             table = table.setdefault(part, {})
         table[leaf] = value
     return build_config(nested)
+
+
+def run_control(run_config: Mapping[str, Any]) -> dict[str, bool]:
+    """The :data:`RUN_CONTROL` keys of a run config, each checked to be a boolean."""
+    control = dict(RUN_CONTROL)
+    for key in RUN_CONTROL:
+        value = run_config.get(key, RUN_CONTROL[key])
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"run config {key}={value!r}: expected true or false")
+        control[key] = value
+    if control["resume"] and control["overwrite"]:
+        raise ConfigError("run config: resume=true continues the run and overwrite=true deletes it: choose one")
+    return control

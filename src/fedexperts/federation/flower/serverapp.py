@@ -9,10 +9,19 @@ server never sees client data. Before each round it queries nodes it has not see
 SuperNode that restarts (with a new node id) rejoins. A client whose node is offline, replies
 with an error or does not reply within ``federation.reply_timeout`` is recorded as failed and
 the round goes on, down to ``federation.min_successful``.
+
+A run is resumable (``resume=true`` in the run config, or ``resume=True`` here): the run directory
+is ``output_dir/name`` by default, so a new ``flwr run`` of the same run name finds it, verifies it
+as an in-process resume does, and continues after its last committed round with the same sampling
+seeds. Nodes keep personal states under the run directory's own id (not Flower's run id), and each
+task tells its node the last round in which that client's update was accepted and committed: the
+node commits what it staged for that round and drops anything staged later, so work of a round the
+server never committed (it died mid-round) is redone from the committed state.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,10 +36,11 @@ from fedexperts.errors import RunError
 from fedexperts.experiment import build_setting, client_ids
 from fedexperts.federation.client import ClientTask
 from fedexperts.federation.flower.clientapp import MEMBER
-from fedexperts.federation.flower.runconfig import config_from_run_config
+from fedexperts.federation.flower.runconfig import config_from_run_config, run_control
 from fedexperts.federation.flower.wire import payload_to_record, record_bytes, record_to_payload
 from fedexperts.federation.payload import transfer_dtype
 from fedexperts.federation.rundir import RunResult, discard_unstarted, prepare_run_dir
+from fedexperts.federation.runstore import RunStore
 from fedexperts.federation.server import Delivery, Federation, Member
 from fedexperts.interface import Payload, PayloadError
 
@@ -46,9 +56,11 @@ def _reason(message: Message) -> str:
 class FlowerTransport:
     """Sends each task to the SuperNode serving its client and collects the replies."""
 
-    def __init__(self, grid: Grid, config: ExperimentConfig) -> None:
+    def __init__(self, grid: Grid, config: ExperimentConfig, run_dir: Path) -> None:
         self.grid = grid
         self.config = config
+        self.run_dir = run_dir
+        self.run_uid = RunStore(run_dir).manifest.uid
         self.dtype = transfer_dtype(config.federation.transfer_dtype)
         if self.dtype is torch.bfloat16:
             raise RunError(
@@ -140,7 +152,11 @@ class FlowerTransport:
                 deliveries[task.client_id] = Delivery(0, error=f"no SuperNode serving {task.client_id} is online")
                 continue
             content = payload_to_record(
-                downlink, task=task, commit_round=self._accepted.get(task.client_id, 0), dtype=self.dtype
+                downlink,
+                task=task,
+                commit_round=self._accepted.get(task.client_id, 0),
+                run_uid=self.run_uid,
+                dtype=self.dtype,
             )
             kind = MessageType.TRAIN if task.train else MessageType.EVALUATE
             sent.append((task, Message(content, dst_node_id=node, message_type=kind), record_bytes(content)))
@@ -177,8 +193,14 @@ class FlowerTransport:
             self._accepted[client_id] = round_number
 
     def resume(self, done: int) -> None:
-        if done:
-            raise RunError("a Flower run starts afresh in its own run directory; it cannot resume a checkpoint")
+        """Each client's last committed accepted round, from the round records (what its node may commit next)."""
+        self._accepted = {}
+        store = RunStore(self.run_dir)
+        for round_number in range(1, done + 1):
+            record = json.loads(store.record_path(f"round-{round_number:06d}").read_text())
+            for client_id, entry in record["clients"].items():
+                if entry["status"] == "ok":
+                    self._accepted[client_id] = round_number
 
 
 def run_on_grid(
@@ -186,21 +208,23 @@ def run_on_grid(
     config: ExperimentConfig,
     run_dir: Path,
     *,
+    resume: bool = False,
     overwrite: bool = False,
     discard_failed_start: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Run ``config`` over the SuperNodes behind ``grid``; the run directory is written on this (server) machine.
 
-    A run that fails before completing a round is removed (``discard_failed_start``; a simulation,
+    ``resume`` continues the run in ``run_dir`` after its last committed round (verified first). A
+    run that fails before completing a round is removed (``discard_failed_start``; a simulation,
     whose nodes write into the run directory, does that itself once they have stopped).
     """
     from fedexperts.reporting import write_report
 
-    prepare_run_dir(config, run_dir, resume=False, overwrite=overwrite)
+    prepare_run_dir(config, run_dir, resume=resume, overwrite=overwrite)
     try:
         setting = build_setting(config, only_clients=[], evaluation=False)
-        transport = FlowerTransport(grid, config)
+        transport = FlowerTransport(grid, config, run_dir)
         members = transport.discover()
         federation = Federation(
             config,
@@ -224,22 +248,35 @@ def server_app(
     config: ExperimentConfig | None = None,
     run_dir: Path | None = None,
     *,
+    resume: bool = False,
     overwrite: bool = False,
     discard_failed_start: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config`` (default: the run config), writing to ``run_dir``.
 
-    ``run_dir`` defaults to ``output_dir/name/flower-run-<run id>`` on the server machine.
+    ``run_dir`` defaults to ``output_dir/name`` on the server machine; without ``config``, the run
+    config's ``resume`` and ``overwrite`` keys (:data:`~.runconfig.RUN_CONTROL`) say what to do with a
+    run already there.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        resolved = config or config_from_run_config(context.run_config)
-        target = run_dir or resolved.output_dir / resolved.name / f"flower-run-{context.run_id}"
+        if config is None:
+            resolved = config_from_run_config(context.run_config)
+            control = run_control(context.run_config)
+            wants_resume, wants_overwrite = control["resume"], control["overwrite"]
+        else:
+            resolved, wants_resume, wants_overwrite = config, resume, overwrite
         run_on_grid(
-            grid, resolved, target, overwrite=overwrite, discard_failed_start=discard_failed_start, on_round=on_round
+            grid,
+            resolved,
+            run_dir or resolved.output_dir / resolved.name,
+            resume=wants_resume,
+            overwrite=wants_overwrite,
+            discard_failed_start=discard_failed_start,
+            on_round=on_round,
         )
 
     return app

@@ -30,6 +30,7 @@ def run_simulation(
     config: ExperimentConfig,
     run_dir: Path,
     *,
+    resume: bool = False,
     overwrite: bool = False,
     state_dir: Path | None = None,
     cpus_per_client: float = 1.0,
@@ -40,7 +41,7 @@ def run_simulation(
 
     ``gpus_per_client`` defaults to 1 / (clients that fit) when CUDA is present, else 0. The CPUs are
     checked before Ray starts: Ray refuses a bad count with pages of log, or waits forever for cores
-    that are not there.
+    that are not there. ``resume`` continues the run in ``run_dir`` after its last committed round.
     """
     from flwr.simulation import run_simulation as flower_simulation
 
@@ -52,7 +53,9 @@ def run_simulation(
         )
     if gpus_per_client is None:
         gpus_per_client = 1.0 / max(1, int(cpus // cpus_per_client)) if torch.cuda.is_available() else 0.0
-    server = server_app(config, run_dir, overwrite=overwrite, discard_failed_start=False, on_round=on_round)
+    server = server_app(
+        config, run_dir, resume=resume, overwrite=overwrite, discard_failed_start=False, on_round=on_round
+    )
     client = client_app(config, state_dir or run_dir / NODES)
     try:
         flower_simulation(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -22,7 +22,7 @@ from fedexperts.federation.payload import cast_for_transfer, restore_dtypes
 from fedexperts.interface import Payload, PayloadError
 
 ARRAYS, CONFIG = "arrays", "config"
-_METADATA, _DTYPES, _TASK, _COMMIT = "metadata", "dtypes", "task", "commit-round"
+_METADATA, _DTYPES, _TASK, _COMMIT, _RUN = "metadata", "dtypes", "task", "commit-round", "run-uid"
 _UNSUPPORTED = {torch.bfloat16: torch.float32}
 """Dtypes numpy cannot hold, and the exact wider dtype they travel as."""
 
@@ -32,6 +32,7 @@ def payload_to_record(
     *,
     task: ClientTask | None = None,
     commit_round: int | None = None,
+    run_uid: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> RecordDict:
     """A message body: the tensors, their original dtypes where changed, metadata and (downlink) the task.
@@ -49,6 +50,8 @@ def payload_to_record(
         config[_TASK] = json.dumps(asdict(task), sort_keys=True)
     if commit_round is not None:
         config[_COMMIT] = commit_round
+    if run_uid is not None:
+        config[_RUN] = run_uid
     return RecordDict({ARRAYS: ArrayRecord(tensors), CONFIG: ConfigRecord(config)})
 
 
@@ -70,12 +73,25 @@ def record_to_payload(content: RecordDict, *, sender: str) -> Payload:
     return Payload(tensors, metadata)
 
 
-def task_of(content: RecordDict) -> tuple[ClientTask, int]:
-    """The task a downlink carries and the round whose staged personal state the client may commit."""
+class Downlink(NamedTuple):
+    """What a downlink asks of a node, besides its tensors."""
+
+    task: ClientTask
+    commit_round: int
+    """The round whose staged personal state the client may now commit (0: none)."""
+    run_uid: str
+    """The fedexperts run (its run directory's id) the node keeps this client's personal state under."""
+
+
+def task_of(content: RecordDict) -> Downlink:
+    """The task a downlink carries, the round the client may commit and the run it belongs to."""
     try:
         config = content[CONFIG]
         fields = json.loads(str(config[_TASK]))
-        return ClientTask(**fields), int(config.get(_COMMIT, 0))  # type: ignore[arg-type]
+        run_uid = str(config[_RUN])
+        if not run_uid.isalnum():
+            raise ValueError(f"{_RUN} {run_uid!r} is not an id")
+        return Downlink(ClientTask(**fields), int(config.get(_COMMIT, 0)), run_uid)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as error:
         raise PayloadError(f"not a fedexperts task ({error})") from error
 
