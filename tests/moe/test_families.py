@@ -17,6 +17,13 @@ EXPECTED_SPARSE = {
     "granitemoe": [f"model.layers.{i}.block_sparse_moe" for i in range(3)],
     "phimoe": [f"model.layers.{i}.mlp" for i in range(3)],
     "switch_transformers": ["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"],  # sparse_step=2
+    "qwen3_next": ["model.layers.0.mlp", "model.layers.1.mlp"],  # mlp_only_layers=[2]
+    "qwen3_5_moe_text": [f"model.layers.{i}.mlp" for i in range(3)],
+    "granitemoeshared": [f"model.layers.{i}.block_sparse_moe" for i in range(3)],
+    "granitemoehybrid": [f"model.layers.{i}.block_sparse_moe" for i in range(3)],
+    "jamba": ["model.layers.1.feed_forward", "model.layers.3.feed_forward"],  # expert_layer_period=2, offset 1
+    "lfm2_moe": ["model.layers.1.feed_forward", "model.layers.2.feed_forward"],  # num_dense_layers=1
+    "flex_olmo": [f"model.layers.{i}.mlp" for i in range(3)],
 }
 
 

@@ -31,6 +31,13 @@ _COMMON: dict[str, Any] = {
     "eos_token_id": 2,
 }
 
+_GATED_DELTANET: dict[str, Any] = {
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+}
+
 _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {
         "num_experts": 8,
@@ -82,6 +89,63 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_oss": {"num_local_experts": 8, "head_dim": 8, "layer_types": None},
     "granitemoe": {"num_local_experts": 8},
     "phimoe": {"num_local_experts": 8},
+    "qwen3_next": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "intermediate_size": 48,
+        "head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "mlp_only_layers": [2],
+        **_GATED_DELTANET,
+    },
+    "qwen3_5_moe_text": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        **_GATED_DELTANET,
+    },
+    "granitemoeshared": {
+        "num_local_experts": 8,
+        "shared_intermediate_size": 24,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.25,
+        "logits_scaling": 2.0,
+    },
+    "granitemoehybrid": {
+        "num_local_experts": 8,
+        "shared_intermediate_size": 24,
+        "layer_types": ["mamba", "attention", "mamba"],  # the hub's names (5.24 reads them as legacy)
+        "mamba_n_heads": 4,
+        "mamba_d_state": 8,
+        "mamba_chunk_size": 4,
+        "residual_multiplier": 0.5,
+    },
+    "jamba": {
+        "num_experts": 8,
+        "intermediate_size": 32,  # experts and dense MLPs alike
+        "num_hidden_layers": 4,
+        "attn_layer_period": 4,
+        "attn_layer_offset": 1,  # attention in layer 1, Mamba in 0, 2, 3
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,  # sparse in layers 1 (attention) and 3 (Mamba)
+        "mamba_d_state": 8,
+        "mamba_dt_rank": 4,
+    },
+    "lfm2_moe": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "intermediate_size": 48,
+        "num_dense_layers": 1,
+        "layer_types": ["conv", "full_attention", "conv"],
+        "use_expert_bias": True,
+        "routed_scaling_factor": 2.0,
+        "conv_L_cache": 3,
+    },
+    "flex_olmo": {"num_experts": 8},
     "switch_transformers": {
         "d_model": 32,
         "d_kv": 8,
