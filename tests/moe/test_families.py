@@ -3,7 +3,8 @@ import torch
 import transformers
 
 from fedexperts.errors import UnsupportedModelError
-from fedexperts.models import TINY_FAMILIES, tiny_config, tiny_model
+from fedexperts.models import TINY_FAMILIES, UNAVAILABLE_TINY_FAMILIES, tiny_config, tiny_model
+from fedexperts.models import tiny as tiny_module
 from fedexperts.moe import ExpertLayout, family_for, moe_layer_by_name, moe_layers, supported_model_types
 
 EXPECTED_SPARSE = {
@@ -87,6 +88,8 @@ def test_gpt_oss_layout_is_transposed_and_interleaved():
     ("model_type", "attrs"),
     [
         ("qwen2_moe", ("shared_expert", "shared_expert_gate")),
+        ("qwen3_next", ("shared_expert", "shared_expert_gate")),
+        ("qwen3_5_moe_text", ("shared_expert", "shared_expert_gate")),
         ("deepseek_v2", ("shared_experts",)),
         ("deepseek_v3", ("shared_experts",)),
         ("olmoe", ()),
@@ -129,6 +132,17 @@ def test_unknown_layer_name_is_reported():
     model = tiny_model("olmoe")
     with pytest.raises(UnsupportedModelError, match="not MoE layers"):
         moe_layer_by_name(model, ["model.layers.9.mlp"])
+
+
+@pytest.mark.parametrize("model_type", sorted(UNAVAILABLE_TINY_FAMILIES))
+def test_a_family_the_installed_transformers_lacks_is_skipped(model_type):
+    pytest.skip(UNAVAILABLE_TINY_FAMILIES[model_type])
+
+
+def test_a_tiny_config_of_a_family_transformers_lacks_says_why(monkeypatch):
+    monkeypatch.setitem(tiny_module.UNAVAILABLE_TINY_FAMILIES, "jamba", "transformers 5.17 has no model type 'jamba'")
+    with pytest.raises(UnsupportedModelError, match="transformers 5.17 has no model type 'jamba'"):
+        tiny_config("jamba")
 
 
 def test_tiny_config_of_unknown_family():

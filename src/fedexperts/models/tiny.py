@@ -3,7 +3,10 @@
 Each is a stock transformers config (hidden 32, a few layers, 8 experts, top-2) with the family's
 own quirks switched on: a dense first layer for DeepSeek, a dense layer in Qwen's
 ``mlp_only_layers``, a shared expert where the family has one, group-limited routing for DeepSeek,
-alternating sparse blocks in Switch Transformers.
+alternating sparse blocks in Switch Transformers; in hybrid models both kinds of token mixer
+(linear attention, Mamba or convolution layers beside softmax attention) and dense layers beside
+sparse ones. A family the installed transformers does not define is left out of
+:data:`TINY_FAMILIES` and listed, with the reason, in :data:`UNAVAILABLE_TINY_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import torch
 import transformers
 from transformers import PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from fedexperts.errors import UnsupportedModelError
 
@@ -166,11 +170,20 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     },
 }
 
-TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_OVERRIDES)
+UNAVAILABLE_TINY_FAMILIES: dict[str, str] = {
+    model_type: f"transformers {transformers.__version__} has no model type {model_type!r}"
+    for model_type in _FAMILY_OVERRIDES
+    if model_type not in CONFIG_MAPPING
+}
+"""Families with a tiny config that the installed transformers does not define (it is older), and why."""
+
+TINY_FAMILIES: tuple[str, ...] = tuple(t for t in _FAMILY_OVERRIDES if t not in UNAVAILABLE_TINY_FAMILIES)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedConfig:
     """A tiny config of ``model_type``; keyword arguments override any field."""
+    if model_type in UNAVAILABLE_TINY_FAMILIES:
+        raise UnsupportedModelError(UNAVAILABLE_TINY_FAMILIES[model_type])
     if model_type not in _FAMILY_OVERRIDES:
         raise UnsupportedModelError(f"no tiny config for {model_type!r}; have: {', '.join(TINY_FAMILIES)}")
     fields = dict(_FAMILY_OVERRIDES[model_type])
