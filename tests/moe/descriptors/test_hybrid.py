@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fedexperts.algorithms.base import attention_linear_names
-from fedexperts.moe import ParamKind, moe_layers, parameter_kinds, select_experts
 from fedexperts.models import tiny_model
+from fedexperts.moe import ParamKind, moe_layers, parameter_kinds, select_experts
 
 # Per layer of each tiny config: the linears attention LoRA adapts (the Mamba-2 out_proj of Granite-4
 # and Jamba's dt_proj are read by weight in a fused kernel / a matmul, so they get none).

@@ -47,7 +47,8 @@ def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
     A routed expert costs its rows of every tensor with one row per expert: the fused expert
     tensors (or its own module, for Switch Transformers) and its router rows, router bias,
     DeepSeek-V3's score-correction bias and LFM2-MoE's block-level expert bias. Everything else
-    (attention, embeddings, norms, dense MLPs, shared experts, buffers) is dense. Layers are in :func:`~fedexperts.moe.moe_layers` order.
+    (attention, embeddings, norms, dense MLPs, shared experts, buffers) is dense. Layers are in
+    :func:`~fedexperts.moe.moe_layers` order.
     """
     base = unwrap_model(model)
     total = sum(_tensor_bytes(p) for _, p in base.named_parameters()) + sum(

@@ -1,4 +1,4 @@
-"""Hybrid and shared-MLP families: Qwen3-Next, Qwen3.5-MoE, Granite-4 hybrid, Granite-MoE-shared, Jamba, LFM2-MoE, FlexOlmo.
+"""Hybrid and shared-MLP families: Qwen3-Next, Qwen3.5-MoE, Granite-4, Granite-MoE-shared, Jamba, LFM2-MoE, FlexOlmo.
 
 Each is written against its ``modeling_*.py`` in transformers 5.24; all keep transformers v5's fused
 ``gate_up_proj`` / ``down_proj`` experts behind a router that returns ``(logits, top-k weights,
