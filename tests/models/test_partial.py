@@ -203,7 +203,7 @@ def test_bad_folders_subsets_and_families_are_refused(tmp_path, olmoe_folder):
 
 
 def test_qwen3_5s_text_model_is_read_from_under_the_composite_models_language_model(tmp_path, batch_factory):
-    """A Qwen3.5 checkpoint is the vision-language model's: the text model's tensors sit under ``model.language_model``."""
+    """A Qwen3.5 checkpoint is the vision-language model's: its text model sits under ``model.language_model``."""
     if "qwen3_5_moe_text" not in TINY_FAMILIES:
         pytest.skip("this transformers has no qwen3_5_moe_text")
     model = tiny_model("qwen3_5_moe_text", seed=2)
