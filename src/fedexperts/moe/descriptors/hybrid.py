@@ -15,6 +15,19 @@ attention adapter is for. The exceptions are linears whose weight a fused kernel
 an adapter there would be skipped silently: Granite-4's Mamba-2 ``out_proj`` (``mamba_ssm``'s fused
 training kernel gets ``out_proj.weight``) and Jamba's ``dt_proj`` (multiplied by its weight, not
 called). Convolution weights are not linears and get no adapter.
+
+Shared experts: Qwen's sit in the block (``shared_expert`` and its sigmoid gate); Granite's
+``shared_mlp`` sits in the decoder layer beside the block. LFM2-MoE keeps a per-expert
+``expert_bias`` buffer on the block (added to the sigmoid scores for the choice only); it is sliced
+with the experts. As with DeepSeek-V3's correction bias, "pruned == masked original" is exact when
+that bias cannot lift a dropped expert (scored ``0 + bias`` once its logit is -inf) above a kept
+one, as with the zero bias of a fresh model; with a trained bias pruning equals masking the
+choice scores instead.
+
+Not described (yet): DBRX keeps each expert as a block of rows of 2-D ``(E * I, H)`` tensors and
+its block, not its router, makes the top-k choice; JetMoE has no experts module (the block's own
+two parallel-expert linears), a router returning sorted dispatch indices, and a second mixture of
+attention heads inside attention. Both need an expert layout beyond the fused one above.
 """
 
 from __future__ import annotations
