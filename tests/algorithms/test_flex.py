@@ -245,3 +245,22 @@ def test_personal_lora_options_need_lora_training():
     assert FlexOptions().personal_training == "full" and FlexOptions().gate_bias
     with pytest.raises(ValidationError, match=r"personal_lora applies with flex\.personal_training=lora only"):
         FlexOptions(personal_lora={"rank": 4})
+
+
+def test_flex_rounds_on_a_hybrid_model_share_lora_of_both_token_mixers():
+    """Qwen3-Next (Gated DeltaNet and softmax-attention layers): two clients train, the server averages."""
+    algorithm, model, pristine = prepared("qwen3_next")
+    start = algorithm.initial_global_state(model)
+    assert {name.split(".")[3] for name in start} == {"linear_attn", "self_attn"}  # model.layers.N.<mixer>...
+    a, a_state = client_round(algorithm, model, start, "a", seed=1)
+    b, _ = client_round(algorithm, model, start, "b", seed=2)
+    merged = algorithm.aggregate(start, [a, b])
+    moved = {name.split(".")[3] for name in start if not torch.equal(merged[name], start[name])}
+    assert moved == {"linear_attn", "self_attn"}
+    kinds = parameter_kinds(model)
+    assert {kinds[name].kind for name in a_state.tensors} == {ParamKind.PERSONAL_EXPERT, ParamKind.PERSONAL_GATE}
+    assert all(torch.isfinite(tensor).all() for tensor in a_state.tensors.values())
+    original = dict(pristine.named_parameters())
+    for name, parameter in model.named_parameters():  # the base, the Gated DeltaNet's own weights included
+        if algorithm.roles[name] is Role.FROZEN:
+            assert torch.equal(parameter, original[name.replace(".base_layer", "")]), name

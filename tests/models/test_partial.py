@@ -200,3 +200,19 @@ def test_bad_folders_subsets_and_families_are_refused(tmp_path, olmoe_folder):
     tiny_model("switch_transformers").save_pretrained(switch)
     with pytest.raises(UnsupportedModelError, match=r"Switch Transformers .* keeps one module per expert"):
         load_sub_moe(switch)
+
+
+def test_qwen3_5s_text_model_is_read_from_under_the_composite_models_language_model(tmp_path, batch_factory):
+    """A Qwen3.5 checkpoint is the vision-language model's: its text model sits under ``model.language_model``."""
+    if "qwen3_5_moe_text" not in TINY_FAMILIES:
+        pytest.skip("this transformers has no qwen3_5_moe_text")
+    model = tiny_model("qwen3_5_moe_text", seed=2)
+    model.config.save_pretrained(tmp_path)
+    state = per_expert_state(model, ("mlp", "gate_proj", "up_proj", "down_proj"))
+    state = {key.replace("model.", "model.language_model.", 1): tensor for key, tensor in state.items()}
+    state["model.visual.patch_embed.proj.weight"] = torch.zeros(2)  # the vision tower's, not read
+    save_file(state, str(tmp_path / "model.safetensors"))
+    keep = keep_of(model)
+    expected = copy.deepcopy(model)
+    select_experts(expected, keep)
+    assert_same_model(load_sub_moe(tmp_path, keep), expected, batch_factory(model))

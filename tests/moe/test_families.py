@@ -3,7 +3,8 @@ import torch
 import transformers
 
 from fedexperts.errors import UnsupportedModelError
-from fedexperts.models import TINY_FAMILIES, tiny_config, tiny_model
+from fedexperts.models import TINY_FAMILIES, UNAVAILABLE_TINY_FAMILIES, tiny_config, tiny_model
+from fedexperts.models import tiny as tiny_module
 from fedexperts.moe import ExpertLayout, family_for, moe_layer_by_name, moe_layers, supported_model_types
 
 EXPECTED_SPARSE = {
@@ -17,6 +18,13 @@ EXPECTED_SPARSE = {
     "granitemoe": [f"model.layers.{i}.block_sparse_moe" for i in range(3)],
     "phimoe": [f"model.layers.{i}.mlp" for i in range(3)],
     "switch_transformers": ["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"],  # sparse_step=2
+    "qwen3_next": ["model.layers.0.mlp", "model.layers.1.mlp"],  # mlp_only_layers=[2]
+    "qwen3_5_moe_text": [f"model.layers.{i}.mlp" for i in range(3)],
+    "granitemoeshared": [f"model.layers.{i}.block_sparse_moe" for i in range(3)],
+    "granitemoehybrid": [f"model.layers.{i}.block_sparse_moe" for i in range(3)],
+    "jamba": ["model.layers.1.feed_forward", "model.layers.3.feed_forward"],  # expert_layer_period=2, offset 1
+    "lfm2_moe": ["model.layers.1.feed_forward", "model.layers.2.feed_forward"],  # num_dense_layers=1
+    "flex_olmo": [f"model.layers.{i}.mlp" for i in range(3)],
 }
 
 
@@ -80,6 +88,8 @@ def test_gpt_oss_layout_is_transposed_and_interleaved():
     ("model_type", "attrs"),
     [
         ("qwen2_moe", ("shared_expert", "shared_expert_gate")),
+        ("qwen3_next", ("shared_expert", "shared_expert_gate")),
+        ("qwen3_5_moe_text", ("shared_expert", "shared_expert_gate")),
         ("deepseek_v2", ("shared_experts",)),
         ("deepseek_v3", ("shared_experts",)),
         ("olmoe", ()),
@@ -122,6 +132,17 @@ def test_unknown_layer_name_is_reported():
     model = tiny_model("olmoe")
     with pytest.raises(UnsupportedModelError, match="not MoE layers"):
         moe_layer_by_name(model, ["model.layers.9.mlp"])
+
+
+@pytest.mark.parametrize("model_type", sorted(UNAVAILABLE_TINY_FAMILIES))
+def test_a_family_the_installed_transformers_lacks_is_skipped(model_type):
+    pytest.skip(UNAVAILABLE_TINY_FAMILIES[model_type])
+
+
+def test_a_tiny_config_of_a_family_transformers_lacks_says_why(monkeypatch):
+    monkeypatch.setitem(tiny_module.UNAVAILABLE_TINY_FAMILIES, "jamba", "transformers 5.17 has no model type 'jamba'")
+    with pytest.raises(UnsupportedModelError, match=r"transformers 5\.17 has no model type 'jamba'"):
+        tiny_config("jamba")
 
 
 def test_tiny_config_of_unknown_family():

@@ -7,7 +7,10 @@ from fedexperts.moe import RoutingRecorder, moe_layers
 
 # Families whose choice is the top-k of (biased) logits: softmax is monotonic, so top-k of the raw
 # logits recomputed from the router's input is an independent reference.
-TOPK_OF_LOGITS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "gpt_oss", "granitemoe"]
+TOPK_OF_LOGITS = [
+    *("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "gpt_oss", "granitemoe"),
+    *("qwen3_next", "qwen3_5_moe_text", "granitemoeshared", "granitemoehybrid", "jamba", "flex_olmo"),
+]
 
 
 def record(model, batch, **kwargs):

@@ -7,7 +7,7 @@ from fedexperts.algorithms.flex.config import FlexConfig
 from fedexperts.algorithms.registry import build_algorithm, parse_algorithm
 from fedexperts.federation import encode
 from fedexperts.interface import ClientInfo, LocalData
-from fedexperts.models import tiny_model
+from fedexperts.models import TINY_FAMILIES, tiny_model
 from fedexperts.models.tiny import tiny_config
 from fedexperts.moe import Role, parameter_kinds
 from fedexperts.planning import plan
@@ -36,6 +36,31 @@ _ALGORITHMS = [
 def test_plan_on_meta_equals_the_real_tiny_model(tmp_path, model_type, settings):
     if settings["name"] == "feddpa" and model_type == "switch_transformers":
         pytest.skip("FedDPA refuses encoder-decoder models")
+    assert_plan_equals_the_real_model(tmp_path, model_type, settings)
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        t
+        for t in (
+            "qwen3_next",
+            "qwen3_5_moe_text",
+            "granitemoeshared",
+            "granitemoehybrid",
+            "jamba",
+            "lfm2_moe",
+            "flex_olmo",
+        )
+        if t in TINY_FAMILIES
+    ],
+)
+def test_plan_of_a_tiny_hybrid_config_folder_equals_its_real_model(tmp_path, model_type):
+    """``fedexperts plan`` on a tiny config folder of each type: attention LoRA on every layer's token mixer."""
+    assert_plan_equals_the_real_model(tmp_path, model_type, {"name": "fedavg"})
+
+
+def assert_plan_equals_the_real_model(tmp_path, model_type, settings):
     tiny_config(model_type).to_json_file(tmp_path / "config.json")
     config = parse_algorithm(settings)
     result = plan(tmp_path, config, dtype="float32", examples=321)

@@ -60,21 +60,25 @@ def scope_rules(scope: SharedScope, role: Role = Role.SHARED) -> RoleRules:
 def attention_linear_names(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
     """Full names of the ``nn.Linear`` modules inside attention modules (LoRA targets, by structure).
 
-    ``targets`` keeps only the modules whose last name segment is one of them (``q_proj``); a target
-    that names no attention linear of this model is an error.
+    In hybrid models the token mixer of a layer may be linear attention, Mamba or a short convolution
+    (:attr:`~fedexperts.moe.MoEFamily.attention_attrs`); their linears are adapted too, except those
+    a fused kernel reads by weight (:attr:`~fedexperts.moe.MoEFamily.lora_excluded`). ``targets``
+    keeps only the modules whose last name segment is one of them (``q_proj``); a target that names
+    no attention linear of this model is an error.
     """
     base = unwrap_model(model)
     family = family_for(base)
-    attention = {
-        id(module)
-        for _stack, _prefix, layers in family.stacks(base)
-        for layer in layers
-        for module in family.attention_modules(layer)
-    }
+    layers = [layer for _stack, _prefix, stack in family.stacks(base) for layer in stack]
+    attention = {id(module) for layer in layers for module in family.attention_modules(layer)}
+    excluded = {id(module) for layer in layers for module in family.lora_excluded_modules(layer)}
     names: list[str] = []
     for name, module in base.named_modules():
         if id(module) in attention:
-            names.extend(f"{name}.{child}" for child, sub in module.named_modules() if isinstance(sub, nn.Linear))
+            names.extend(
+                f"{name}.{child}"
+                for child, sub in module.named_modules()
+                if isinstance(sub, nn.Linear) and id(sub) not in excluded
+            )
     if targets is None:
         return names
     found = {name.rsplit(".", 1)[-1] for name in names}

@@ -4,13 +4,14 @@ from typing import Any
 
 from fedexperts.models.load import LoadedModel, load_model
 from fedexperts.models.partial import load_meta, load_sub_moe
-from fedexperts.models.tiny import TINY_FAMILIES, tiny_config, tiny_model
+from fedexperts.models.tiny import TINY_FAMILIES, UNAVAILABLE_TINY_FAMILIES, tiny_config, tiny_model
 
 _BUILTIN = ("RECIPES", "Recipe", "default_model_path", "pretrain")
 
 __all__ = [
     "RECIPES",
     "TINY_FAMILIES",
+    "UNAVAILABLE_TINY_FAMILIES",
     "LoadedModel",
     "Recipe",
     "default_model_path",

@@ -137,6 +137,8 @@ def _expert_rows(model: PreTrainedModel) -> dict[str, list[int]]:
         held = list(mapping[layer.name])
         for tensor in family.router_expert_tensors:
             rows[f"{layer.router_name}.{tensor}"] = held
+        for tensor in family.block_expert_tensors:
+            rows[f"{layer.name}.{tensor}"] = held
         for tensor in family.expert_tensors:
             rows[f"{layer.experts_name}.{tensor}"] = held
     return rows

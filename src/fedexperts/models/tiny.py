@@ -3,7 +3,10 @@
 Each is a stock transformers config (hidden 32, a few layers, 8 experts, top-2) with the family's
 own quirks switched on: a dense first layer for DeepSeek, a dense layer in Qwen's
 ``mlp_only_layers``, a shared expert where the family has one, group-limited routing for DeepSeek,
-alternating sparse blocks in Switch Transformers.
+alternating sparse blocks in Switch Transformers; in hybrid models both kinds of token mixer
+(linear attention, Mamba or convolution layers beside softmax attention) and dense layers beside
+sparse ones. A family the installed transformers does not define is left out of
+:data:`TINY_FAMILIES` and listed, with the reason, in :data:`UNAVAILABLE_TINY_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import torch
 import transformers
 from transformers import PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from fedexperts.errors import UnsupportedModelError
 
@@ -29,6 +33,13 @@ _COMMON: dict[str, Any] = {
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
+}
+
+_GATED_DELTANET: dict[str, Any] = {
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
 }
 
 _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -82,6 +93,63 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_oss": {"num_local_experts": 8, "head_dim": 8, "layer_types": None},
     "granitemoe": {"num_local_experts": 8},
     "phimoe": {"num_local_experts": 8},
+    "qwen3_next": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "intermediate_size": 48,
+        "head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "mlp_only_layers": [2],
+        **_GATED_DELTANET,
+    },
+    "qwen3_5_moe_text": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        **_GATED_DELTANET,
+    },
+    "granitemoeshared": {
+        "num_local_experts": 8,
+        "shared_intermediate_size": 24,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.25,
+        "logits_scaling": 2.0,
+    },
+    "granitemoehybrid": {
+        "num_local_experts": 8,
+        "shared_intermediate_size": 24,
+        "layer_types": ["mamba", "attention", "mamba"],  # the hub's names (5.24 reads them as legacy)
+        "mamba_n_heads": 4,
+        "mamba_d_state": 8,
+        "mamba_chunk_size": 4,
+        "residual_multiplier": 0.5,
+    },
+    "jamba": {
+        "num_experts": 8,
+        "intermediate_size": 32,  # experts and dense MLPs alike
+        "num_hidden_layers": 4,
+        "attn_layer_period": 4,
+        "attn_layer_offset": 1,  # attention in layer 1, Mamba in 0, 2, 3
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,  # sparse in layers 1 (attention) and 3 (Mamba)
+        "mamba_d_state": 8,
+        "mamba_dt_rank": 4,
+    },
+    "lfm2_moe": {
+        "num_experts": 8,
+        "moe_intermediate_size": 16,
+        "intermediate_size": 48,
+        "num_dense_layers": 1,
+        "layer_types": ["conv", "full_attention", "conv"],
+        "use_expert_bias": True,
+        "routed_scaling_factor": 2.0,
+        "conv_L_cache": 3,
+    },
+    "flex_olmo": {"num_experts": 8},
     "switch_transformers": {
         "d_model": 32,
         "d_kv": 8,
@@ -102,11 +170,20 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     },
 }
 
-TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILY_OVERRIDES)
+UNAVAILABLE_TINY_FAMILIES: dict[str, str] = {
+    model_type: f"transformers {transformers.__version__} has no model type {model_type!r}"
+    for model_type in _FAMILY_OVERRIDES
+    if model_type not in CONFIG_MAPPING
+}
+"""Families with a tiny config that the installed transformers does not define (it is older), and why."""
+
+TINY_FAMILIES: tuple[str, ...] = tuple(t for t in _FAMILY_OVERRIDES if t not in UNAVAILABLE_TINY_FAMILIES)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedConfig:
     """A tiny config of ``model_type``; keyword arguments override any field."""
+    if model_type in UNAVAILABLE_TINY_FAMILIES:
+        raise UnsupportedModelError(UNAVAILABLE_TINY_FAMILIES[model_type])
     if model_type not in _FAMILY_OVERRIDES:
         raise UnsupportedModelError(f"no tiny config for {model_type!r}; have: {', '.join(TINY_FAMILIES)}")
     fields = dict(_FAMILY_OVERRIDES[model_type])

@@ -21,6 +21,11 @@ from fedexperts.moe.families import family_for
 
 _GATE_UP_DOWN = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("down_proj.weight",)}
 _W1_W3_W2 = {"gate_up_proj": ("w1.weight", "w3.weight"), "down_proj": ("w2.weight",)}
+_GRANITE_RENAMES = (
+    (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
+    (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"),
+    (r"block_sparse_moe\.router\.layer\.weight$", "block_sparse_moe.router.weight"),
+)
 
 
 @dataclass(frozen=True)
@@ -51,14 +56,19 @@ CHECKPOINT_NAMING: dict[str, CheckpointNaming] = {
         renames=((r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate\.weight$", ".mlp.router.weight")),
         per_expert=_W1_W3_W2,
     ),
-    "granitemoe": CheckpointNaming(
-        renames=(
-            (r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
-            (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"),
-            (r"block_sparse_moe\.router\.layer\.weight$", "block_sparse_moe.router.weight"),
-        )
-    ),
+    "granitemoe": CheckpointNaming(renames=_GRANITE_RENAMES),
+    "granitemoeshared": CheckpointNaming(renames=_GRANITE_RENAMES),
+    "granitemoehybrid": CheckpointNaming(renames=_GRANITE_RENAMES),
     "gpt_oss": CheckpointNaming(),
+    "qwen3_next": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "qwen3_5_moe_text": CheckpointNaming(
+        # Qwen3.5 checkpoints are the composite model's: the text model sits under ``model.language_model``.
+        renames=((r"^model\.language_model\.", "model."),),
+        per_expert=_GATE_UP_DOWN,
+    ),
+    "flex_olmo": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "jamba": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "lfm2_moe": CheckpointNaming(per_expert=_W1_W3_W2),
 }
 """Every family with fused experts; Switch Transformers (one module per expert) is not here."""
 

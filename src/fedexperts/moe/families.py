@@ -81,9 +81,7 @@ def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
                     block=block,
                     router=getattr(block, family.router_attr),
                     experts=getattr(block, family.experts_attr),
-                    shared_experts=tuple(
-                        getattr(block, attr) for attr in family.shared_expert_attrs if hasattr(block, attr)
-                    ),
+                    shared_experts=family.shared_experts_of(layer, block),
                     family=family,
                 )
             )

@@ -86,6 +86,15 @@ def _all_layers(config: Any, stack: str, num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
+def _attribute(module: Any, dotted: str) -> Any:
+    """``module.a.b`` for ``"a.b"``, or ``None`` where a step is missing (a layer without that part)."""
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
 @dataclass(frozen=True)
 class MoEFamily:
     """Description of one MoE ``model_type`` in transformers v5 (decoder-only, fused experts)."""
@@ -115,6 +124,17 @@ class MoEFamily:
     sparse_layers: Callable[[Any, str, int], list[int]] = field(default=_all_layers)
     group_routing: bool = False
     """DeepSeek's group-limited routing (``n_group`` / ``topk_group``)."""
+    block_expert_tensors: tuple[str, ...] = ()
+    """Sparse-block tensors with one row per expert besides the router's (LFM2-MoE's ``expert_bias``)."""
+    layer_shared_expert_attrs: tuple[str, ...] = ()
+    """Shared experts that the decoder layer holds beside the sparse block (Granite's ``shared_mlp``)."""
+    attention_attrs: tuple[str, ...] = ("self_attn",)
+    """Attributes of a decoder layer that may hold its token mixer: attention and, in hybrid models,
+    linear attention, Mamba or a short convolution. Each layer has those it has (``None`` or absent
+    is skipped); their ``nn.Linear`` projections are where attention LoRA goes."""
+    lora_excluded: tuple[str, ...] = ()
+    """Token-mixer linears (paths relative to the layer) whose weight a fused kernel reads directly,
+    bypassing the module's forward: a LoRA adapter there would be skipped without a word, so none is put."""
 
     # -- model structure -------------------------------------------------------------------------
     def stacks(self, model: PreTrainedModel) -> list[tuple[str, str, nn.ModuleList]]:
@@ -136,8 +156,20 @@ class MoEFamily:
         return self.block_attr, getattr(layer, self.block_attr, None)
 
     def attention_modules(self, layer: Any) -> list[nn.Module]:
-        """The attention modules of one transformer layer."""
-        return [layer.self_attn]
+        """The token mixers (``attention_attrs``) this transformer layer has."""
+        found = (_attribute(layer, attr) for attr in self.attention_attrs)
+        return [module for module in found if isinstance(module, nn.Module)]
+
+    def lora_excluded_modules(self, layer: Any) -> list[nn.Module]:
+        """The linears of this layer that attention LoRA must leave alone (``lora_excluded``)."""
+        found = (_attribute(layer, path) for path in self.lora_excluded)
+        return [module for module in found if isinstance(module, nn.Module)]
+
+    def shared_experts_of(self, layer: Any, block: Any) -> tuple[nn.Module, ...]:
+        """Shared experts of one sparse block: the block's own, then the layer's beside it."""
+        held = [getattr(block, attr, None) for attr in self.shared_expert_attrs]
+        held += [getattr(layer, attr, None) for attr in self.layer_shared_expert_attrs]
+        return tuple(module for module in held if isinstance(module, nn.Module))
 
     def is_sparse_block(self, block: Any) -> bool:
         return (

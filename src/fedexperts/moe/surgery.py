@@ -195,6 +195,9 @@ def _slice_layer(model: PreTrainedModel, layer: MoELayer, chosen: list[int]) -> 
     for tensor_name in _existing(layer.router, family.router_expert_tensors):
         full = f"{layer.router_name}.{tensor_name}"
         _replace_tensor(model, full, _tensor(model, full).detach().index_select(0, index))
+    for tensor_name in _existing(layer.block, family.block_expert_tensors):
+        full = f"{layer.name}.{tensor_name}"
+        _replace_tensor(model, full, _tensor(model, full).detach().index_select(0, index))
     if family.layout is ExpertLayout.MODULE_PER_EXPERT:
         experts = layer.experts
         kept = [experts[f"expert_{i}"] for i in chosen]

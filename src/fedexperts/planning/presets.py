@@ -10,6 +10,7 @@ is sized dequantized in the chosen dtype. Anything else is a :class:`PlanError`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import transformers
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import supported_model_types
+from fedexperts.planning.hybrid_presets import HYBRID_PRESET_SOURCES, HYBRID_PRESETS
 
 
 class PlanError(FedExpertsError):
@@ -198,6 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pad_token_id": 199999,
         "router_aux_loss_coef": 0.9,
     },
+    **HYBRID_PRESETS,
 }
 """Architecture fields of real checkpoints' ``config.json`` (transformers config kwargs), by short name.
 
@@ -214,6 +217,7 @@ PRESET_SOURCES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
     "gpt-oss-20b": "openai/gpt-oss-20b",
+    **HYBRID_PRESET_SOURCES,
 }
 """The hub checkpoint each preset's config was taken from."""
 
@@ -252,12 +256,22 @@ def load_plan_config(source: str | Path) -> tuple[str, transformers.PretrainedCo
     if not path.is_file():
         raise PlanError(f"{text!r} is not a preset, nor a config.json or a folder holding one; {presets_hint()}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_hook=_special_float)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise PlanError(f"{path}: not a readable JSON config ({error}); {presets_hint()}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise PlanError(f"{path}: a model config.json needs a model_type; {presets_hint()}")
     return text, _config_from_dict(data, text)
+
+
+_SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _special_float(value: dict[str, Any]) -> Any:
+    """``save_pretrained`` writes inf and nan as ``{"__float__": "Infinity"}`` (Granite-4's ``time_step_limit``)."""
+    if value.keys() == {"__float__"} and value["__float__"] in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[value["__float__"]]
+    return value
 
 
 def _config_from_dict(data: dict[str, Any], source: str) -> transformers.PretrainedConfig:

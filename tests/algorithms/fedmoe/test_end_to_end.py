@@ -211,3 +211,41 @@ def test_clients_that_load_only_their_sub_moe_give_the_shared_runs_results(micro
     assert a.keys() == b.keys() and meta_a == meta_b
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_fedmoe_rounds_on_a_hybrid_model_train_held_rows_and_mamba_lora():
+    """Jamba (Mamba and attention layers): a profiling client and a sub-MoE client train, the server merges."""
+    from fedexperts.algorithms.fedmoe.algorithm import HELD_KEY
+    from fedexperts.federation.payload import decode, encode
+    from fedexperts.interface import ClientInfo, ClientUpdate, LocalData
+    from fedexperts.models import tiny_model
+    from tests.algorithms.fedmoe.common import fedmoe
+    from tests.algorithms.helpers import batches_for, train_phases
+
+    probe = fedmoe(budget_fraction=1.0)
+    probe.prepare(tiny_model("jamba"))
+    algorithm = fedmoe({"big": probe.full_bytes, "small": probe.min_bytes + 2 * probe.layout.expert_bytes[0]})
+    model = tiny_model("jamba")
+    algorithm.prepare(model)
+    state = algorithm.initial_global_state(model)
+    assert any(".mamba." in name for name in algorithm.layout.dense)
+    updates = []
+    for round_number, client in enumerate(("big", "small"), start=1):
+        info = ClientInfo(client, 4)
+        received = decode(encode(algorithm.downlink(state, info)))
+        batches = batches_for(model, round_number)
+        data = LocalData(info, lambda batches=batches: iter(batches), round_number)
+        context = algorithm.setup_client(model, received, None, data)
+        train_phases(algorithm, context, batches, steps=2)
+        reply = decode(encode(algorithm.uplink(context)))
+        algorithm.check_update(reply, state, info)
+        updates.append(ClientUpdate(info, reply))
+    held = updates[1].payload.metadata[HELD_KEY]
+    assert 0 < sum(len(experts) for experts in held.values()) < 16  # the small client held a sub-MoE
+    merged = algorithm.aggregate(state, updates[1:])
+    for name, layer in algorithm.layout.rows.items():
+        kept = held[algorithm.layout.layer_names[layer]]
+        changed = [row for row in range(8) if not torch.equal(merged[name][row], state[name][row])]
+        assert set(changed) <= set(kept), name
+    mamba = [name for name in algorithm.layout.dense if ".mamba." in name and "lora_B" in name]
+    assert any(not torch.equal(merged[name], state[name]) for name in mamba)

@@ -45,9 +45,10 @@ def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
     """``(dense bytes, bytes of one routed expert of each MoE layer)`` of a loaded model.
 
     A routed expert costs its rows of every tensor with one row per expert: the fused expert
-    tensors (or its own module, for Switch Transformers) and its router rows, router bias and
-    DeepSeek-V3's score-correction bias. Everything else (attention, embeddings, norms, dense MLPs,
-    shared experts, buffers) is dense. Layers are in :func:`~fedexperts.moe.moe_layers` order.
+    tensors (or its own module, for Switch Transformers) and its router rows, router bias,
+    DeepSeek-V3's score-correction bias and LFM2-MoE's block-level expert bias. Everything else
+    (attention, embeddings, norms, dense MLPs, shared experts, buffers) is dense. Layers are in
+    :func:`~fedexperts.moe.moe_layers` order.
     """
     base = unwrap_model(model)
     total = sum(_tensor_bytes(p) for _, p in base.named_parameters()) + sum(
@@ -63,6 +64,10 @@ def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
             tensor = _resolve(layer.router, name)
             if tensor is not None:
                 row_tensors.append((f"{layer.router_name}.{name}", tensor))
+        for name in family.block_expert_tensors:
+            tensor = _resolve(layer.block, name)
+            if tensor is not None:
+                row_tensors.append((f"{layer.name}.{name}", tensor))
         layer_bytes = 0
         if family.layout is ExpertLayout.MODULE_PER_EXPERT:
             module_bytes = sum(_tensor_bytes(p) for p in layer.experts.parameters())
