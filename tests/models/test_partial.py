@@ -34,8 +34,8 @@ def assert_same_model(loaded, expected, batch):
     assert expert_map(loaded) == expert_map(expected)
     assert loaded.config._attn_implementation == expected.config._attn_implementation
     assert not loaded.training
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, expected(**batch).logits)
+    with torch.no_grad():  # same weights bit for bit; a tensor's strides may pick another kernel (summation order)
+        torch.testing.assert_close(loaded(**batch).logits, expected(**batch).logits, rtol=0, atol=1e-6)
 
 
 def analytic_bytes(full, keep):
