@@ -58,7 +58,7 @@ def test_metadata_must_be_json():
         ({}, r"missing tensors \['w'\]"),
         ({"w": torch.zeros(2, 3)}, r"w has shape \(2, 3\), expected \(2, 2\)"),
         ({"w": torch.zeros(2, 2, dtype=torch.long)}, "has dtype torch.int64, expected torch.float32"),
-            ({"w": torch.zeros(2, 2, dtype=torch.float64)}, "has dtype torch.float64, expected torch.float32"),
+        ({"w": torch.zeros(2, 2, dtype=torch.float64)}, "has dtype torch.float64, expected torch.float32"),
         ({"w": torch.tensor([[0.0, float("nan")], [float("inf"), 1.0]])}, "2 NaN/Inf values"),
     ],
 )
