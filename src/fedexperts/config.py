@@ -241,29 +241,13 @@ class ExperimentConfig(Section):
             )
         self.algorithm.check_clients(self.federation.clients)
         if self.privacy.enabled:
-            self._check_privacy()
+            self.privacy.check_fits(self.algorithm, self.federation.sampling)
         if self.data.validation_fraction == 0 and self.algorithm.decides_on_validation:
             raise ValueError(
                 f"data.validation_fraction is 0 but algorithm {self.algorithm.name!r} decides on validation "
                 "scores: give it a validation split (e.g. 0.1), or leave the key out for the default"
             )
         return self
-
-    def _check_privacy(self) -> None:
-        algorithm = self.algorithm
-        reason = type(algorithm).privacy_unsupported
-        if reason is not None:
-            raise ValueError(f"privacy.clip cannot wrap algorithm {algorithm.name!r}: {reason}")
-        if str(getattr(algorithm, "expert_weighting", "examples")) == "tokens":
-            raise ValueError(
-                "privacy.clip needs algorithm.expert_weighting 'examples': token counts would weigh clients past the "
-                "clip (and DP-FedAvg's mean is unweighted)"
-            )
-        if self.federation.sampling != "random":
-            raise ValueError(
-                f"privacy.clip needs federation.sampling 'random', not {self.federation.sampling!r}: the accountant "
-                "assumes a uniformly random sample of the clients"
-            )
 
     @property
     def validation_fraction(self) -> float:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from fedexperts.algorithms.settings import Section
+from fedexperts.algorithms.settings import AlgorithmSettings, Section
 
 
 class PrivacySettings(Section):
@@ -31,3 +31,19 @@ class PrivacySettings(Section):
     @property
     def enabled(self) -> bool:
         return self.clip is not None
+
+    def check_fits(self, algorithm: AlgorithmSettings, sampling: str) -> None:
+        """Refuse (``ValueError``) what the mechanism or its accounting cannot cover (docs/privacy.md)."""
+        reason = type(algorithm).privacy_unsupported
+        if reason is not None:
+            raise ValueError(f"privacy.clip cannot wrap algorithm {algorithm.name!r}: {reason}")
+        if str(getattr(algorithm, "expert_weighting", "examples")) == "tokens":
+            raise ValueError(
+                "privacy.clip needs algorithm.expert_weighting 'examples': token counts would weigh clients past the "
+                "clip (and DP-FedAvg's mean is unweighted)"
+            )
+        if sampling != "random":
+            raise ValueError(
+                f"privacy.clip needs federation.sampling 'random', not {sampling!r}: the accountant assumes a "
+                "uniformly random sample of the clients"
+            )
