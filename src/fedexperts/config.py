@@ -12,6 +12,7 @@ relative to the working directory, as shells expect.
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from fedexperts.algorithms.flex.config import FlexConfig
+from fedexperts.algorithms.privacy.config import PrivacySettings
 from fedexperts.algorithms.registry import (
     CONFIGS,
     DEFAULT_ALGORITHM,
@@ -98,6 +100,11 @@ class DataConfig(Section):
     """Seed of the data and its partition (kept apart from ``federation.seed`` so seeds share one split)."""
 
 
+def round_size(clients: int, fraction: float, minimum: int) -> int:
+    """Clients sampled per round: ``max(minimum, ceil(fraction * clients))``, at most ``clients``."""
+    return min(clients, max(minimum, math.ceil(fraction * clients)))
+
+
 class FederationConfig(Section):
     clients: int = Field(5, ge=1)
     """Number of clients (each gets its own partition of the data)."""
@@ -125,6 +132,8 @@ class FederationConfig(Section):
     """Flower: seconds the server waits for a round's replies; a client that has not replied by then failed."""
     node_wait: float = Field(300.0, gt=0)
     """Flower: seconds the server waits, before round 1, for every client's SuperNode to connect."""
+    max_reply_metadata_bytes: int = Field(1 << 20, ge=1024)
+    """The most bytes of JSON metadata a client's reply may carry (metrics, reports, routed-token counts)."""
 
 
 class TrainConfig(Section):
@@ -197,6 +206,8 @@ class ExperimentConfig(Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    """Client-level differential privacy around the algorithm (off unless ``privacy.clip`` is set)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +240,8 @@ class ExperimentConfig(Section):
                 f"({self.federation.min_clients}): a round could never succeed"
             )
         self.algorithm.check_clients(self.federation.clients)
+        if self.privacy.enabled:
+            self.privacy.check_fits(self.algorithm, self.federation.sampling)
         if self.data.validation_fraction == 0 and self.algorithm.decides_on_validation:
             raise ValueError(
                 f"data.validation_fraction is 0 but algorithm {self.algorithm.name!r} decides on validation "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedexperts.algorithms.registry import build_algorithm
-from fedexperts.config import BUILTIN_MODEL, EXPERTBENCH, ExperimentConfig
+from fedexperts.config import BUILTIN_MODEL, EXPERTBENCH, ExperimentConfig, round_size
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
 from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
 from fedexperts.data.partition import Partition, hold_out_validation, spec_from_config
@@ -250,6 +250,16 @@ def build_setting(
     algorithm = build_algorithm(
         config.algorithm, client_ids=client_ids(config.federation.clients), seed=config.federation.seed
     )
+    if config.privacy.enabled:  # client-level DP around whichever algorithm (docs/privacy.md)
+        from fedexperts.algorithms.privacy.wrapper import PrivateAlgorithm
+
+        federation = config.federation
+        algorithm = PrivateAlgorithm(
+            algorithm,
+            config.privacy,
+            population=federation.clients,
+            sample_size=round_size(federation.clients, federation.fraction, federation.min_clients),
+        )
     clients = ClientModels()
     if algorithm.client_sub_moes and (node or config.federation.client_model == "sub-moe"):
         clients = sub_moe_clients(config)

@@ -46,7 +46,15 @@ REPORT_KEY = "report"
 
 
 class PayloadError(FedExpertsError):
-    """A message that cannot be decoded, or an update that does not fit what the server expects."""
+    """A message that cannot be decoded, or an update that does not fit what the server expects.
+
+    ``rule`` names the check that refused it (``keys``, ``shape``, ``dtype``, ``non-finite``, ``experts``...):
+    the round record keeps it beside the message, so refusals can be counted by kind.
+    """
+
+    def __init__(self, message: str, *, rule: str = "malformed") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,11 @@ class Algorithm(Protocol):
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State: ...
 
+    def privacy_spent(self) -> dict[str, Any] | None:
+        """After :meth:`aggregate`: the round's differential-privacy mechanism and the privacy spent so far (the
+        round record's ``privacy``); ``None`` without ``privacy.clip``."""
+        ...
+
     def server_state(self) -> Payload:
         """What the server checkpoints besides the global state."""
         ...
@@ -211,27 +224,35 @@ def validate_update(
     """Check a client's update against the tensors the server expects, before any averaging.
 
     Every key must be expected (and, unless ``allow_missing``, every expected key present), with
-    the expected shape, a floating dtype, and only finite values.
+    the expected shape, exactly the expected dtype (the reference's: a float64 copy of a float32
+    master would be averaged at another precision), and only finite values. Messages name counts,
+    never values.
     """
     unexpected = sorted(set(payload.tensors) - set(expected))
     if unexpected:
-        raise PayloadError(f"{sender}: unexpected tensors {unexpected[:5]}")
+        raise PayloadError(f"{sender}: unexpected tensors {unexpected[:5]}", rule="keys")
     missing = sorted(set(expected) - set(payload.tensors))
     if missing and not allow_missing:
-        raise PayloadError(f"{sender}: missing tensors {missing[:5]}")
+        raise PayloadError(f"{sender}: missing tensors {missing[:5]}", rule="keys")
     for name, tensor in payload.tensors.items():
         reference = expected[name]
         if tensor.shape != reference.shape:
-            raise PayloadError(f"{sender}: {name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}")
-        if not tensor.is_floating_point():
-            raise PayloadError(f"{sender}: {name} has dtype {tensor.dtype}, expected a floating dtype")
+            raise PayloadError(
+                f"{sender}: {name} has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}", rule="shape"
+            )
+        if tensor.dtype != reference.dtype:
+            raise PayloadError(f"{sender}: {name} has dtype {tensor.dtype}, expected {reference.dtype}", rule="dtype")
         if not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise PayloadError(f"{sender}: {name} has {bad} NaN/Inf values")
+            raise PayloadError(f"{sender}: {name} has {bad} NaN/Inf values", rule="non-finite")
 
 
 def check_metadata_numbers(metadata: Mapping[str, Any], *, sender: str) -> None:
-    """Refuse non-finite numbers in metrics a client reports (they would poison averages)."""
+    """Refuse non-finite numbers anywhere in what a client reports (they would poison averages)."""
     for key, value in metadata.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise PayloadError(f"{sender}: metadata {key!r} is {value}")
+            raise PayloadError(f"{sender}: metadata {key!r} is {value}", rule="non-finite")
+        if isinstance(value, Mapping):
+            check_metadata_numbers(value, sender=sender)
+        elif isinstance(value, list | tuple):
+            check_metadata_numbers({f"{key}[{index}]": item for index, item in enumerate(value)}, sender=sender)

@@ -57,7 +57,8 @@ def test_metadata_must_be_json():
         ({"w": torch.zeros(2, 2), "x": torch.zeros(1)}, r"unexpected tensors \['x'\]"),
         ({}, r"missing tensors \['w'\]"),
         ({"w": torch.zeros(2, 3)}, r"w has shape \(2, 3\), expected \(2, 2\)"),
-        ({"w": torch.zeros(2, 2, dtype=torch.long)}, "expected a floating dtype"),
+        ({"w": torch.zeros(2, 2, dtype=torch.long)}, "has dtype torch.int64, expected torch.float32"),
+        ({"w": torch.zeros(2, 2, dtype=torch.float64)}, "has dtype torch.float64, expected torch.float32"),
         ({"w": torch.tensor([[0.0, float("nan")], [float("inf"), 1.0]])}, "2 NaN/Inf values"),
     ],
 )

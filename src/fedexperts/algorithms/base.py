@@ -333,6 +333,10 @@ class BaseAlgorithm:
         averaged, unrouted = token_weighted_average(global_state, replies, slots)
         return keep_rows(global_state, self.server.step(global_state, averaged), unrouted)
 
+    def privacy_spent(self) -> dict[str, Any] | None:
+        """No differential privacy of its own: :mod:`fedexperts.algorithms.privacy` wraps an algorithm for that."""
+        return None
+
     def _params(self, model: nn.Module, role: Role) -> dict[str, nn.Parameter]:
         if not self.roles:
             raise FedExpertsError(f"{self.name}: prepare(model) must run before clients are built")

@@ -129,6 +129,9 @@ class AlgorithmSettings(Section):
     """The algorithm's server reads clients' validation scores to decide (FedMoE's recommendation): the run
     holds out a validation split of each client's training rows (``data.validation_fraction``)."""
 
+    privacy_unsupported: ClassVar[str | None] = None
+    """Why client-level differential privacy (``privacy.clip``) cannot wrap this algorithm; ``None``: it can."""
+
     def check_clients(self, clients: int) -> None:
         """Refuse (``ValueError``) settings that do not fit a federation of ``clients`` clients."""
 

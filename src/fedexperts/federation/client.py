@@ -39,6 +39,19 @@ class ClientTask:
     """Also score it on the union test set (final evaluation)."""
     probes: bool = False
     """Also score knowledge probes, and MMLU with ``eval.mmlu`` (final evaluation)."""
+    nonce: str = ""
+    """Issued by the server for this one message; the reply echoes it (:mod:`fedexperts.federation.replies`)."""
+    max_reply_bytes: int | None = None
+    """The most bytes the server accepts back (its plan's bound); ``None``: a client step run outside a round."""
+
+
+CLIENT_FIELD, ROUND_FIELD, NONCE_FIELD = "reply_client", "reply_round", "reply_nonce"
+"""Reply metadata: what the client echoes of the task it ran, binding its reply to that one message."""
+
+
+def binding(task: ClientTask) -> dict[str, Any]:
+    """What a client's reply to ``task`` echoes (the server compares it with the task it sent)."""
+    return {CLIENT_FIELD: task.client_id, ROUND_FIELD: task.round, NONCE_FIELD: task.nonce}
 
 
 def shuffled_batches(
@@ -162,4 +175,4 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
                 store.stage(task.round, client.client_id, personal)
     metrics.update({f"seconds_{name}": value for name, value in watch.seconds.items()})
     metrics["peak_memory_bytes"] = peak.bytes
-    return Payload(uplink.tensors, {**uplink.metadata, **metrics})
+    return Payload(uplink.tensors, {**uplink.metadata, **metrics, **binding(task)})

@@ -178,8 +178,8 @@ def decode(data: bytes) -> Payload:
         metadata = json.loads(header.get(_METADATA_KEY, "{}"))
         tensors = dict(tensors)
         restore_dtypes(tensors, metadata.pop(DTYPES_FIELD, {}))
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as error:
-        raise PayloadError(f"not a fedexperts message: {error}") from error
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, RecursionError) as error:
+        raise PayloadError(f"not a fedexperts message: {str(error)[:200] or type(error).__name__}") from error
     return Payload(tensors=tensors, metadata=metadata)
 
 

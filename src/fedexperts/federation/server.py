@@ -11,7 +11,7 @@ unfinished round with the same seeds.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +21,11 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
-from fedexperts.config import ExperimentConfig
+from fedexperts.config import ExperimentConfig, round_size
 from fedexperts.errors import RunError
 from fedexperts.experiment import client_ids
 from fedexperts.federation.client import ClientTask
+from fedexperts.federation.replies import check_reply, check_size, new_nonce, reply_byte_limit
 from fedexperts.federation.resume import check_resume
 from fedexperts.federation.runstore import RunStore
 from fedexperts.interface import (
@@ -66,7 +67,7 @@ def sample_clients(
     yet in the round, until the count is reached or every group is in; the rest are then drawn
     from the remaining clients in the same order.
     """
-    count = min(len(ids), max(minimum, math.ceil(fraction * len(ids))))
+    count = round_size(len(ids), fraction, minimum)
     order = [int(i) for i in np.random.default_rng([seed, round_number]).permutation(len(ids))]
     if groups is None:
         chosen = order[:count]
@@ -99,6 +100,8 @@ class Delivery:
     reply: Payload | None = None
     error: str | None = None
     seconds: float = 0.0
+    refused: str | None = None
+    """The rule of :mod:`~fedexperts.federation.replies` that refused the reply before it was decoded (size)."""
 
 
 class Transport(Protocol):
@@ -210,7 +213,12 @@ class Federation:
     def _exchange(
         self, tasks: Sequence[ClientTask], global_state: State
     ) -> tuple[dict[str, schema.ClientRound], list[ClientUpdate]]:
-        """Send, run, receive and validate; every failure or refusal is recorded, never raised."""
+        """Send, run, receive and validate; every failure or refusal is recorded, never raised.
+
+        Each message gets its own nonce and the round's reply-size bound (:mod:`~fedexperts.federation.replies`).
+        """
+        limit = reply_byte_limit(global_state, self.config.federation.max_reply_metadata_bytes)
+        tasks = [dataclasses.replace(task, nonce=new_nonce(), max_reply_bytes=limit) for task in tasks]
         downlinks = []
         for task in tasks:
             member = self.members[task.client_id]
@@ -243,7 +251,19 @@ class Federation:
         reply = delivery.reply
         if reply is None:
             self.transport.reject(task)
-            return _unanswered(entry, "failed", delivery.error or "no reply", delivery), None
+            status = "failed" if delivery.refused is None else "rejected"
+            return _unanswered(entry, status, delivery.error or "no reply", delivery, delivery.refused), None
+        try:
+            check_size(delivery.bytes_up, task)
+            info = check_reply(
+                reply,
+                task,
+                known_examples=member.num_examples,
+                max_metadata_bytes=self.config.federation.max_reply_metadata_bytes,
+            )
+        except PayloadError as error:
+            self.transport.reject(task)
+            return _unanswered(entry, "rejected", str(error), delivery, error.rule), None
         metadata = reply.metadata
         entry.update(
             train_loss=metadata.get("train_loss"),
@@ -267,18 +287,16 @@ class Federation:
             record = schema.validate(schema.ClientRound, entry)
         except schema.RecordError as error:
             self.transport.reject(task)
-            return _unanswered(entry, "rejected", f"{task.client_id}: reply metadata: {error}", delivery), None
+            message = f"{task.client_id}: reply metadata: {error}"
+            return _unanswered(entry, "rejected", message, delivery, "metadata"), None
         if not task.train:
             return record, None
-        info = ClientInfo(task.client_id, int(metadata.get("examples", 0)))
         try:
             check_metadata_numbers(metadata, sender=task.client_id)
-            if info.num_examples < 1:
-                raise PayloadError(f"{task.client_id}: reports {info.num_examples} training examples")
             self.algorithm.check_update(reply, global_state, info)
         except PayloadError as error:
             self.transport.reject(task)
-            return record.model_copy(update={"status": "rejected", "error": str(error)}), None
+            return record.model_copy(update={"status": "rejected", "error": str(error), "refused": error.rule}), None
         return record, ClientUpdate(info, reply)
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -340,6 +358,7 @@ class Federation:
                 aggregate=aggregate_seconds,
                 overhead=max(round_seconds - train - evaluation - aggregate_seconds, 0.0),
             ),
+            **_privacy_field(self.algorithm.privacy_spent()),
         )
         staged = self.transport.staged(round_number)
         retired = self.store.commit_round(round_number, record, self._checkpoint(global_state), staged)
@@ -369,10 +388,24 @@ class Federation:
         self.store.write_record("final", schema.FinalRecord(kind="final", clients=clients, seconds=seconds))
 
 
-def _unanswered(entry: Mapping[str, Any], status: str, error: str, delivery: Delivery) -> schema.ClientRound:
-    """The entry of a client with no usable reply: who it is and what was sent, without reported numbers."""
+def _unanswered(
+    entry: Mapping[str, Any], status: str, error: str, delivery: Delivery, refused: str | None = None
+) -> schema.ClientRound:
+    """The entry of a client with no usable reply: who it is and what was sent, without reported numbers.
+
+    A refused reply's entry names the rule that refused it; nothing it reported is kept.
+    """
     seconds = schema.ClientSeconds(train=0.0, eval=0.0, total=delivery.seconds)
-    return schema.validate(schema.ClientRound, {**entry, "status": status, "error": error, "seconds": seconds})
+    base = {key: entry[key] for key in ("examples", "bytes_down", "bytes_up")}
+    fields = {**base, "status": status, "error": error, "seconds": seconds}
+    if refused is not None:
+        fields["refused"] = refused
+    return schema.validate(schema.ClientRound, fields)
+
+
+def _privacy_field(spent: Mapping[str, Any] | None) -> dict[str, schema.PrivacyRound]:
+    """The round record's ``privacy`` field, absent (not null) in runs without differential privacy."""
+    return {} if spent is None else {"privacy": schema.validate(schema.PrivacyRound, dict(spent))}
 
 
 _SHOWN_FAILURES = 3

@@ -157,6 +157,9 @@ class ClientRound(_Record):
     report: dict[str, Int | Float | Text] | None = None
     """What the algorithm reported of the step (FedMoE: ``experts`` held and ``paper_bytes``, one direction's
     bytes as its paper counts them: the whole sub-MoE in float32); absent when it reported nothing."""
+    refused: Text | None = None
+    """With status ``rejected``: the rule that refused the reply (``size``, ``metadata``, ``identity``, ``round``,
+    ``nonce``, ``examples``, ``keys``, ``shape``, ``dtype``, ``non-finite``, ``experts``...; docs/flower.md)."""
 
 
 class RoundSeconds(_Record):
@@ -165,6 +168,27 @@ class RoundSeconds(_Record):
     eval: Float
     aggregate: Float
     overhead: Float
+
+
+class PrivacyRound(_Record):
+    """Client-level differential privacy after a round (docs/privacy.md): the mechanism and the privacy spent so far."""
+
+    mode: Literal["central", "local"]
+    clip: Float
+    """L2 bound on each client's update (reply minus the global state it started from)."""
+    noise_multiplier: Float
+    noise_std: Float
+    """Of the Gaussian noise added to each coordinate: of the aggregate (central) or of each reply (local)."""
+    sampled: Int
+    """Clients sampled this round (the fixed denominator of the aggregate)."""
+    population: Int
+    clipped: Int
+    """Accepted updates whose norm exceeded ``clip`` and were scaled down (central; local: not seen, 0)."""
+    delta: Float
+    epsilon: Float
+    """Spent through this round at ``delta``, by Flower's RDP accountant."""
+    releases: Int
+    """Private releases composed so far (rounds)."""
 
 
 class RoundRecord(_Record):
@@ -176,6 +200,8 @@ class RoundRecord(_Record):
     bytes_down: Int
     bytes_up: Int
     seconds: RoundSeconds
+    privacy: PrivacyRound | None = None
+    """Only in runs with ``privacy.clip``."""
 
     @field_validator("round")
     @classmethod

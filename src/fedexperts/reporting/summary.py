@@ -68,6 +68,19 @@ def _what_ran(record: RunRecord) -> list[str]:
         f" (shared {fmt.count(parameters.shared)}, personal {fmt.count(parameters.personal)}),"
         f" frozen {fmt.count(parameters.frozen)}",
         f"- run directory: `{record.directory}`",
+        *_privacy_line(record),
+    ]
+
+
+def _privacy_line(record: RunRecord) -> list[str]:
+    """The privacy spent after the last completed round, in runs with ``privacy.clip`` (docs/privacy.md)."""
+    spent = record.rounds[-1].privacy if record.rounds else None
+    if spent is None:
+        return []
+    return [
+        f"- differential privacy ({spent.mode}, client-level): epsilon {spent.epsilon:.4g} at delta {spent.delta:g}"
+        f" after {spent.releases} rounds (clip {spent.clip:g}, noise multiplier {spent.noise_multiplier:g},"
+        f" {spent.sampled} of {spent.population} clients a round; Flower's RDP accountant)"
     ]
 
 

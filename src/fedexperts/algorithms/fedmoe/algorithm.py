@@ -306,15 +306,22 @@ class FedMoE(BaseAlgorithm):
         expected: dict[str, torch.Tensor] = {name: global_state[name] for name in self.layout.dense}
         if plan.structure is not None:
             if update.metadata.get(HELD_KEY) != self.layout.held(plan.structure):
-                raise PayloadError(f"{sender}: reports held experts {update.metadata.get(HELD_KEY)} it was not sent")
+                raise PayloadError(f"{sender}: reports held experts it was not sent", rule="experts")
             for name, layer in self.layout.rows.items():
                 shape = (len(plan.structure[layer]), *global_state[name].shape[1:])
-                expected[name] = torch.empty(shape, device="meta")
+                rows = update.tensors.get(name)
+                if rows is not None and rows.shape[:1] != shape[:1]:  # rows of experts it does not hold
+                    raise PayloadError(
+                        f"{sender}: {name} carries {rows.shape[0] if rows.dim() else 0} expert rows, "
+                        f"it holds {shape[0]}",
+                        rule="experts",
+                    )
+                expected[name] = torch.empty(shape, device="meta", dtype=global_state[name].dtype)
             if self.weighs_tokens:
                 self._routed_tokens(update.metadata, plan.structure, sender)
         elif plan.measure:
             for name, count in zip(self.layout.layer_names, self.layout.num_experts, strict=True):
-                expected[ACTIVATION_PREFIX + name] = torch.empty(count, device="meta")
+                expected[ACTIVATION_PREFIX + name] = torch.empty(count, device="meta", dtype=torch.float64)
         validate_update(update, expected, sender=sender)
         for name, tensor in update.tensors.items():
             if name.startswith(ACTIVATION_PREFIX) and (bool((tensor < 0).any()) or float(tensor.sum()) <= 0):

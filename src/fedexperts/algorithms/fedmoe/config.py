@@ -47,6 +47,10 @@ class FedMoEConfig(ExpertWeightingSettings, FederatedSettings):
     name: Literal["fedmoe"] = "fedmoe"
     builder: ClassVar[str] = "fedexperts.algorithms.fedmoe.algorithm:FedMoE"
     decides_on_validation: ClassVar[bool] = True
+    privacy_unsupported: ClassVar[str | None] = (
+        "each expert is averaged among its holders only, and the profiling vectors, held experts and validation "
+        "scores it sends are outside any clip (docs/privacy.md)"
+    )
     fedmoe: FedMoEOptions = Field(default_factory=FedMoEOptions)
 
     def check_clients(self, clients: int) -> None:

@@ -10,3 +10,4 @@ from fedexperts.algorithms.settings import ScopedSettings
 class LocalConfig(ScopedSettings):
     name: Literal["local"] = "local"
     builder: ClassVar[str] = "fedexperts.algorithms.local.algorithm:LocalOnly"
+    privacy_unsupported: ClassVar[str | None] = "it shares nothing, so there is no update to clip or noise"

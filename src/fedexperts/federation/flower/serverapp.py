@@ -39,6 +39,7 @@ from fedexperts.federation.flower.clientapp import MEMBER
 from fedexperts.federation.flower.runconfig import config_from_run_config, run_control
 from fedexperts.federation.flower.wire import payload_to_record, record_bytes, record_to_payload
 from fedexperts.federation.payload import transfer_dtype
+from fedexperts.federation.replies import check_size
 from fedexperts.federation.rundir import RunResult, discard_unstarted, prepare_run_dir
 from fedexperts.federation.runstore import RunStore
 from fedexperts.federation.server import Delivery, Federation, Member
@@ -173,12 +174,15 @@ class FlowerTransport:
             if reply.has_error():
                 deliveries[task.client_id] = Delivery(size, error=_reason(reply), seconds=seconds)
                 continue
-            try:
-                payload = record_to_payload(reply.content, sender=task.client_id)
+            up = record_bytes(reply.content)
+            try:  # the size and the metadata's length are checked before any array becomes a tensor
+                check_size(up, task)
+                limit = self.config.federation.max_reply_metadata_bytes
+                payload = record_to_payload(reply.content, sender=task.client_id, max_metadata_bytes=limit)
             except PayloadError as error:
-                deliveries[task.client_id] = Delivery(size, error=str(error), seconds=seconds)
+                deliveries[task.client_id] = Delivery(size, up, error=str(error), seconds=seconds, refused=error.rule)
                 continue
-            deliveries[task.client_id] = Delivery(size, record_bytes(reply.content), payload, seconds=seconds)
+            deliveries[task.client_id] = Delivery(size, up, payload, seconds=seconds)
         return deliveries
 
     def reject(self, task: ClientTask) -> None:

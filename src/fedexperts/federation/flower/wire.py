@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedexperts.federation.client import ClientTask
 from fedexperts.federation.payload import cast_for_transfer, restore_dtypes
+from fedexperts.federation.replies import check_metadata_text
 from fedexperts.interface import Payload, PayloadError
 
 ARRAYS, CONFIG = "arrays", "config"
@@ -55,21 +56,28 @@ def payload_to_record(
     return RecordDict({ARRAYS: ArrayRecord(tensors), CONFIG: ConfigRecord(config)})
 
 
-def record_to_payload(content: RecordDict, *, sender: str) -> Payload:
-    """The payload a record carries, each tensor back in its original dtype; malformed input is a PayloadError."""
+def record_to_payload(content: RecordDict, *, sender: str, max_metadata_bytes: int | None = None) -> Payload:
+    """The payload a record carries, each tensor back in its original dtype; malformed input is a PayloadError.
+
+    With ``max_metadata_bytes`` (a server reading a reply) the metadata and dtype map are length-checked before
+    they are parsed, and the arrays become tensors only after both parsed.
+    """
     try:
         arrays = content[ARRAYS]
         config = content[CONFIG]
         if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
             raise TypeError(f"expected {ARRAYS!r} as ArrayRecord and {CONFIG!r} as ConfigRecord")
-        tensors = dict(arrays.to_torch_state_dict())
-        metadata = json.loads(str(config[_METADATA]))
-        dtypes = json.loads(str(config[_DTYPES]))
+        texts = str(config[_METADATA]), str(config[_DTYPES])
+        if max_metadata_bytes is not None:
+            for text in texts:
+                check_metadata_text(text, sender=sender, limit=max_metadata_bytes)
+        metadata, dtypes = (json.loads(text) for text in texts)
         if not isinstance(metadata, dict) or not isinstance(dtypes, dict):
             raise TypeError("metadata and dtypes must be JSON objects")
+        tensors = dict(arrays.to_torch_state_dict())
         restore_dtypes(tensors, dtypes)
-    except (KeyError, TypeError, ValueError) as error:
-        raise PayloadError(f"{sender}: not a fedexperts message ({error})") from error
+    except (KeyError, TypeError, ValueError, RecursionError) as error:
+        raise PayloadError(f"{sender}: not a fedexperts message ({str(error)[:200]})", rule="metadata") from error
     return Payload(tensors, metadata)
 
 
