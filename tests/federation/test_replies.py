@@ -22,6 +22,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedexperts.experiment import build_setting
 from fedexperts.federation.client import CLIENT_FIELD, NONCE_FIELD, ROUND_FIELD, ClientTask
+from fedexperts.federation.flower import clientapp
 from fedexperts.federation.flower.clientapp import NUM_PARTITIONS, PARTITION_ID, STATE_DIR, client_app
 from fedexperts.federation.flower.serverapp import run_on_grid
 from fedexperts.federation.flower.wire import payload_to_record, record_to_payload
@@ -199,6 +200,9 @@ def _run_on_flower(config, run_dir, tamperer, monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # what Flower's ServerApp process sets for its Messages
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    # the ClientApp's process-wide setting cache, emptied again afterwards: a Ray simulation later in this process
+    # pickles the ClientApp, and a built model (weak references) in the cache cannot be pickled
+    monkeypatch.setattr(clientapp, "_CACHE", clientapp._SettingCache())
     return run_on_grid(TamperingGrid(config, run_dir.parent / "nodes", tamperer), config, run_dir).records
 
 
