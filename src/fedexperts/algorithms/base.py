@@ -74,7 +74,11 @@ def attention_linear_names(model: nn.Module, targets: Sequence[str] | None = Non
     names: list[str] = []
     for name, module in base.named_modules():
         if id(module) in attention:
-            names.extend(f"{name}.{child}" for child, sub in module.named_modules() if isinstance(sub, nn.Linear))
+            names.extend(
+                f"{name}.{child}"
+                for child, sub in module.named_modules()
+                if isinstance(sub, nn.Linear) and child.split(".", 1)[0] not in family.attention_skip
+            )
     if targets is None:
         return names
     found = {name.rsplit(".", 1)[-1] for name in names}

@@ -14,13 +14,14 @@ from transformers import PreTrainedModel
 
 from fedexperts.errors import UnsupportedModelError
 from fedexperts.moe.descriptors import DESCRIPTORS
-from fedexperts.moe.family import ExpertLayout, MoEFamily, MoELayer, RoutingDecision, SwitchFamily
+from fedexperts.moe.family import ExpertLayout, MoEFamily, MoELayer, RouterOutput, RoutingDecision, SwitchFamily
 
 __all__ = [
     "FAMILIES",
     "ExpertLayout",
     "MoEFamily",
     "MoELayer",
+    "RouterOutput",
     "RoutingDecision",
     "SwitchFamily",
     "family_for",
@@ -82,7 +83,9 @@ def moe_layers(model: PreTrainedModel) -> list[MoELayer]:
                     router=getattr(block, family.router_attr),
                     experts=getattr(block, family.experts_attr),
                     shared_experts=tuple(
-                        getattr(block, attr) for attr in family.shared_expert_attrs if hasattr(block, attr)
+                        getattr(block, attr)
+                        for attr in family.shared_expert_attrs
+                        if isinstance(getattr(block, attr, None), nn.Module)  # ERNIE's is None when disabled
                     ),
                     family=family,
                 )

@@ -8,8 +8,9 @@ routing counts == the router's own top-k.
 from __future__ import annotations
 
 from fedexperts.moe.descriptors.established import ESTABLISHED
+from fedexperts.moe.descriptors.frontier import FRONTIER
 from fedexperts.moe.family import MoEFamily
 
-DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED,)
+DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED, *FRONTIER)
 
 __all__ = ["DESCRIPTORS"]
