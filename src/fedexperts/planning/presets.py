@@ -18,6 +18,7 @@ import transformers
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import supported_model_types
+from fedexperts.planning.frontier_presets import FRONTIER_PRESETS, FRONTIER_SOURCES
 
 
 class PlanError(FedExpertsError):
@@ -198,13 +199,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pad_token_id": 199999,
         "router_aux_loss_coef": 0.9,
     },
+    **FRONTIER_PRESETS,
 }
 """Architecture fields of real checkpoints' ``config.json`` (transformers config kwargs), by short name.
 
 Taken from the hub checkpoints ``allenai/OLMoE-1B-7B-0924``, ``Qwen/Qwen1.5-MoE-A2.7B``,
 ``Qwen/Qwen3-30B-A3B``, ``mistralai/Mixtral-8x7B-v0.1``, ``deepseek-ai/DeepSeek-V2-Lite`` and
 ``openai/gpt-oss-20b`` (see :data:`PRESET_SOURCES`); fields that do not change a tensor's shape
-(dropout, init range, cache) are left at transformers' defaults.
+(dropout, init range, cache) are left at transformers' defaults. The 2025 frontier checkpoints
+(GLM-4.5-Air, Llama-4-Scout, MiniMax-M2, ERNIE-4.5-21B-A3B) are in :mod:`.frontier_presets`.
 """
 
 PRESET_SOURCES: dict[str, str] = {
@@ -214,6 +217,7 @@ PRESET_SOURCES: dict[str, str] = {
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
     "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
     "gpt-oss-20b": "openai/gpt-oss-20b",
+    **FRONTIER_SOURCES,
 }
 """The hub checkpoint each preset's config was taken from."""
 

@@ -18,7 +18,7 @@ _V3_ROUTING = "sigmoid scores + correction bias, group-limited top-k, renormalis
 
 
 def mlp_layer_types_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]:
-    """``mlp_layer_types[i] == "sparse"`` (GLM-4.7-Flash, DeepSeek-V3.2: the config's own per-layer list)."""
+    """GLM-4.7-Flash, DeepSeek-V3.2: the layers whose ``mlp_layer_types`` entry is ``"sparse"``."""
     return [i for i, kind in enumerate(config.mlp_layer_types[:num_layers]) if kind == "sparse"]
 
 
