@@ -30,7 +30,7 @@ def tiny_folder(micro_model_path, tmp_path_factory):
     return make
 
 
-CHEAP = ("federation.clients=2", "eval.union_examples=0", "eval.probes=0", "eval.max_examples=2")
+CHEAP = ("federation.clients=2", "eval.every=0", "eval.union_examples=0", "eval.probes=0", "eval.max_examples=2")
 
 
 def ok_rounds(result):
