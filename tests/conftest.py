@@ -10,6 +10,22 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip a test parametrized on a tiny family this transformers does not define (families newer than 5.17)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from fedexperts.models.tiny import TINY_FAMILIES
+
+    missing = {model_type for model_type in TINY_FAMILIES if model_type not in CONFIG_MAPPING}
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        for value in callspec.params.values() if callspec is not None else ():
+            if isinstance(value, str) and value in missing:
+                reason = f"transformers {transformers.__version__} has no model type {value!r}"
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def make_batch(model: torch.nn.Module, *, seed: int = 0, batch: int = 3, length: int = 10) -> dict[str, torch.Tensor]:
     """Random token ids with right padding on some rows, as model keyword arguments."""
     generator = torch.Generator().manual_seed(seed)

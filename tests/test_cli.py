@@ -132,6 +132,41 @@ def test_cli_plans_a_preset_with_algorithm_settings_from_the_config(tmp_path):
     assert "activations not included" in result.output
 
 
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "glm4_moe",
+        "glm4_moe_lite",
+        "llama4_text",
+        "minimax_m2",
+        "minimax",
+        "deepseek_v32",
+        "ernie4_5_moe",
+        "hunyuan_v1_moe",
+        "dots1",
+    ],
+)
+def test_cli_plans_a_tiny_config_folder_of_each_family(model_type, tmp_path):
+    from fedexperts.models.tiny import tiny_config
+    from fedexperts.moe import FAMILIES
+
+    tiny_config(model_type).to_json_file(tmp_path / "config.json")
+    result = runner.invoke(app, ["plan", str(tmp_path), "--algorithm", "flex"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"{FAMILIES[model_type].display_name} ({model_type})" in result.output
+
+
+def test_cli_families_prints_the_table_and_writes_it(tmp_path):
+    from fedexperts.planning.support import BEGIN, END
+
+    printed = runner.invoke(app, ["families"])
+    assert printed.exit_code == 0 and "| `llama4_text` | Llama 4 (text) |" in printed.output
+    target = tmp_path / "README.md"
+    target.write_text(f"{BEGIN}\n{END}\n")
+    assert runner.invoke(app, ["families", "--write", str(target)]).exit_code == 0
+    assert printed.output.strip() in target.read_text()
+
+
 def test_cli_plan_all_compares_every_preset_under_the_algorithm_shorthand():
     result = runner.invoke(app, ["plan", "--all", "--algorithm", "dense"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

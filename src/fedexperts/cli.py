@@ -276,6 +276,21 @@ def plan(
     console.print(plan_table(make_plan(model, experiment.algorithm, dtype=dtype, transfer_dtype=transfer_dtype)))
 
 
+@app.command()
+@user_errors
+def families(
+    write: Annotated[Path | None, typer.Option(help="Rewrite the family table between this file's markers.")] = None,
+) -> None:
+    """Every supported MoE family with what works on it (surgery, FLEx, FedMoE, attention LoRA), tried on meta."""
+    from fedexperts.planning.support import family_table, write_family_table
+
+    table = family_table()
+    if write is not None:
+        console.print(f"wrote the family table into {write_family_table(write, table)}", markup=False)
+        return
+    typer.echo(table)
+
+
 cli_export.register(app)
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs: every key, its default and description.")
 app.add_typer(studies_app)  # compare, claims: top-level commands

@@ -25,6 +25,15 @@ EXPECTED_SPARSE = {
     "jamba": ["model.layers.1.feed_forward", "model.layers.3.feed_forward"],  # expert_layer_period=2, offset 1
     "lfm2_moe": ["model.layers.1.feed_forward", "model.layers.2.feed_forward"],  # num_dense_layers=1
     "flex_olmo": [f"model.layers.{i}.mlp" for i in range(3)],
+    "glm4_moe": ["model.layers.1.mlp", "model.layers.2.mlp"],  # first_k_dense_replace=1
+    "glm4_moe_lite": ["model.layers.1.mlp", "model.layers.2.mlp"],  # mlp_layer_types
+    "deepseek_v32": ["model.layers.1.mlp", "model.layers.2.mlp"],
+    "dots1": ["model.layers.1.mlp", "model.layers.2.mlp"],
+    "llama4_text": ["model.layers.0.feed_forward", "model.layers.2.feed_forward"],  # moe_layers=[0, 2]
+    "minimax_m2": [f"model.layers.{i}.mlp" for i in range(3)],
+    "minimax": [f"model.layers.{i}.mlp" for i in range(3)],
+    "ernie4_5_moe": ["model.layers.1.mlp", "model.layers.2.mlp"],  # moe_layer_start_index=1
+    "hunyuan_v1_moe": [f"model.layers.{i}.mlp" for i in range(3)],
 }
 
 
@@ -93,12 +102,25 @@ def test_gpt_oss_layout_is_transposed_and_interleaved():
         ("deepseek_v2", ("shared_experts",)),
         ("deepseek_v3", ("shared_experts",)),
         ("olmoe", ()),
+        ("glm4_moe", ("shared_experts",)),
+        ("llama4_text", ("shared_expert",)),
+        ("ernie4_5_moe", ("shared_experts",)),
+        ("hunyuan_v1_moe", ("shared_mlp",)),
     ],
 )
 def test_shared_experts_are_found(model_type, attrs):
     model = tiny_model(model_type)
     for layer in moe_layers(model):
         assert layer.shared_experts == tuple(getattr(layer.block, attr) for attr in attrs)
+
+
+def test_a_disabled_shared_expert_is_not_reported():
+    model = tiny_model("ernie4_5_moe", moe_num_shared_experts=0)
+    assert all(layer.block.shared_experts is None and layer.shared_experts == () for layer in moe_layers(model))
+
+
+def test_every_descriptor_has_a_tiny_config():
+    assert set(supported_model_types()) <= set(TINY_FAMILIES)
 
 
 def test_decoder_sparse_step_is_respected():

@@ -27,6 +27,12 @@ KEEP_GROUPED = [0, 1, 4, 6]
 DROPPED_GROUPED = [2, 3, 5, 7]
 
 
+def grouped(model):
+    """Whether the tiny model routes group-limited (2 groups of 4): subsets must keep two experts of each group."""
+    layer = moe_layers(model)[0]
+    return layer.family.group_routing and int(layer.router.num_group) > 1
+
+
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
@@ -41,7 +47,7 @@ def real(batch, values):
 def test_pruned_equals_original_with_dropped_logits_masked(model_type, batch_factory):
     model = tiny_model(model_type)
     batch = batch_factory(model)
-    keep, dropped = (KEEP_GROUPED, DROPPED_GROUPED) if model_type == "deepseek_v3" else (KEEP, DROPPED)
+    keep, dropped = (KEEP_GROUPED, DROPPED_GROUPED) if grouped(model) else (KEEP, DROPPED)
     names = [layer.name for layer in moe_layers(model)]
     with masked_router_logits(model, dict.fromkeys(names, dropped)):
         reference = logits(model, batch)
@@ -61,7 +67,7 @@ def test_permuting_experts_leaves_outputs_unchanged(model_type, batch_factory):
     model = tiny_model(model_type)
     batch = batch_factory(model)
     before = logits(model, batch)
-    permutation = [1, 0, 3, 2, 5, 4, 7, 6] if model_type == "deepseek_v3" else [5, 2, 7, 0, 1, 6, 3, 4]
+    permutation = [1, 0, 3, 2, 5, 4, 7, 6] if grouped(model) else [5, 2, 7, 0, 1, 6, 3, 4]
     select_experts(model, {layer.name: permutation for layer in moe_layers(model)})
     torch.testing.assert_close(real(batch, logits(model, batch)), real(batch, before), rtol=1e-4, atol=1e-5)
 
@@ -189,12 +195,36 @@ def test_pruned_local_rows_scatter_back_to_their_global_rows():
         torch.testing.assert_close(restored[index], global_layer.experts.down_proj[index])
 
 
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_every_per_expert_tensor_keeps_the_kept_experts_entries(model_type):
+    """Router rows, correction biases (router, block, or ERNIE's (1, E) columns) and expert rows follow the subset."""
+    model = tiny_model(model_type)
+    layer = moe_layers(model)[0]
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    listed = [*layer.expert_row_names(), *(f"{layer.experts_name}.{t}" for t in layer.family.expert_tensors)]
+    rows = [name for name in listed if name in tensors]
+    columns = layer.expert_column_names()
+    assert rows and all(name in tensors for name in columns)
+    with torch.no_grad():
+        for name in rows + columns:
+            tensors[name].copy_(torch.randn_like(tensors[name]))
+    before = {name: tensors[name].clone() for name in rows + columns}
+    keep = KEEP_GROUPED if grouped(model) else KEEP
+    select_experts(model, {layer.name: keep})
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    index = torch.tensor(keep)
+    for name in rows:
+        assert torch.equal(after[name], before[name].index_select(0, index)), name
+    for name in columns:
+        assert torch.equal(after[name], before[name].index_select(-1, index)), name
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3", "gpt_oss", "switch_transformers"])
 def test_pruned_model_saves_and_loads(model_type, tmp_path, batch_factory):
     model = tiny_model(model_type)
     batch = batch_factory(model)
     names = [layer.name for layer in moe_layers(model)]
-    keep = {names[0]: [0, 1, 4, 5, 6, 7], names[1]: [7, 2] if model_type != "deepseek_v3" else [0, 1, 4, 5]}
+    keep = {names[0]: [0, 1, 4, 5, 6, 7], names[1]: [0, 1, 4, 5] if grouped(model) else [7, 2]}
     mapping = select_experts(model, keep)
     expected = logits(model, batch)
     loaded = load_pruned(save_pruned(model, tmp_path / "sub"))
@@ -217,7 +247,7 @@ def test_a_model_pruned_alike_in_every_layer_is_a_stock_model_of_that_count(mode
     import transformers
 
     model = tiny_model(model_type)
-    keep = KEEP_GROUPED if model_type == "deepseek_v3" else KEEP
+    keep = KEEP_GROUPED if grouped(model) else KEEP
     select_experts(model, {layer.name: keep for layer in moe_layers(model)})
     config = stock_config(model)
     assert config is not None

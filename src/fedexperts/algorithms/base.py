@@ -77,7 +77,9 @@ def attention_linear_names(model: nn.Module, targets: Sequence[str] | None = Non
             names.extend(
                 f"{name}.{child}"
                 for child, sub in module.named_modules()
-                if isinstance(sub, nn.Linear) and id(sub) not in excluded
+                if isinstance(sub, nn.Linear)
+                and id(sub) not in excluded
+                and child.split(".", 1)[0] not in family.attention_skip
             )
     if targets is None:
         return names

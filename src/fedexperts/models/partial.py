@@ -104,11 +104,11 @@ def load_sub_moe(
     model = meta_model(config, _target_dtype(config, dtype), experts_implementation=experts_implementation)
     if keep:
         select_experts(model, keep)
-    rows = _expert_rows(model)
+    rows, columns = _expert_rows(model)
     with _Checkpoint(source, naming) as checkpoint:
         compute_non_persistent_buffers(model, torch.device(device))
         for names, tensor in _tensors(model):
-            value = checkpoint.read(names, tensor, rows.get(names[0]))
+            value = checkpoint.read(names, tensor, rows.get(names[0]), columns.get(names[0]))
             _assign(model, names, value.to(device=device, dtype=tensor.dtype), tensor)
     generation = source / "generation_config.json"
     if generation.is_file():
@@ -128,20 +128,19 @@ def _target_dtype(config: Any, dtype: str | torch.dtype) -> torch.dtype:
     return declared if isinstance(declared, torch.dtype) else torch.float32
 
 
-def _expert_rows(model: PreTrainedModel) -> dict[str, list[int]]:
-    """Each expert-row tensor's name -> the global experts whose rows it holds, in local order."""
+def _expert_rows(model: PreTrainedModel) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Each expert-row (and expert-column) tensor's name -> the global experts it holds, in local order."""
     mapping = expert_map(model).local_to_global
     rows: dict[str, list[int]] = {}
+    columns: dict[str, list[int]] = {}
     for layer in moe_layers(model):
-        family = layer.family
         held = list(mapping[layer.name])
-        for tensor in family.router_expert_tensors:
-            rows[f"{layer.router_name}.{tensor}"] = held
-        for tensor in family.block_expert_tensors:
-            rows[f"{layer.name}.{tensor}"] = held
-        for tensor in family.expert_tensors:
+        for name in layer.expert_row_names():
+            rows[name] = held
+        for tensor in layer.family.expert_tensors:
             rows[f"{layer.experts_name}.{tensor}"] = held
-    return rows
+        columns.update(dict.fromkeys(layer.expert_column_names(), held))
+    return rows, columns
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -212,9 +211,13 @@ class _Checkpoint:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def read(self, names: Sequence[str], like: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:
-        """The tensor stored under one of ``names`` (only ``rows``, when given), shaped like ``like``."""
+    def read(
+        self, names: Sequence[str], like: torch.Tensor, rows: Sequence[int] | None, columns: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The tensor under one of ``names`` (only ``rows`` or last-axis ``columns``, if given), shaped as ``like``."""
         value = self._read(names, rows)
+        if columns is not None:  # a small per-expert vector (ERNIE's correction bias): read whole, then slice
+            value = value.index_select(-1, torch.tensor(list(columns), dtype=torch.long))
         if value.shape != like.shape:
             raise FedExpertsError(
                 f"{self.folder}: {names[0]} has shape {tuple(value.shape)} in the checkpoint, "

@@ -69,6 +69,17 @@ CHECKPOINT_NAMING: dict[str, CheckpointNaming] = {
     "flex_olmo": CheckpointNaming(per_expert=_GATE_UP_DOWN),
     "jamba": CheckpointNaming(per_expert=_GATE_UP_DOWN),
     "lfm2_moe": CheckpointNaming(per_expert=_W1_W3_W2),
+    "glm4_moe": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "glm4_moe_lite": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "deepseek_v32": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "dots1": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "hunyuan_v1_moe": CheckpointNaming(per_expert=_GATE_UP_DOWN),
+    "ernie4_5_moe": CheckpointNaming(
+        renames=((r"\.mlp\.moe_statics\.", ".mlp.gate.moe_statics."),), per_expert=_GATE_UP_DOWN
+    ),
+    "minimax": CheckpointNaming(renames=((r"\.block_sparse_moe\.", ".mlp."),), per_expert=_W1_W3_W2),
+    "minimax_m2": CheckpointNaming(renames=((r"\.block_sparse_moe\.", ".mlp."),), per_expert=_W1_W3_W2),
+    "llama4_text": CheckpointNaming(),  # Llama 4 checkpoints already hold the fused tensors under the model's names
 }
 """Every family with fused experts; Switch Transformers (one module per expert) is not here."""
 

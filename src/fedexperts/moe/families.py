@@ -14,13 +14,14 @@ from transformers import PreTrainedModel
 
 from fedexperts.errors import UnsupportedModelError
 from fedexperts.moe.descriptors import DESCRIPTORS
-from fedexperts.moe.family import ExpertLayout, MoEFamily, MoELayer, RoutingDecision, SwitchFamily
+from fedexperts.moe.family import ExpertLayout, MoEFamily, MoELayer, RouterOutput, RoutingDecision, SwitchFamily
 
 __all__ = [
     "FAMILIES",
     "ExpertLayout",
     "MoEFamily",
     "MoELayer",
+    "RouterOutput",
     "RoutingDecision",
     "SwitchFamily",
     "family_for",

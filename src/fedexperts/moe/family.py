@@ -30,8 +30,19 @@ class ExpertLayout(StrEnum):
     """``gate_up_proj`` (E, 2I, H) as ``[gate; up]`` and ``down_proj`` (E, H, I), ``nn.Linear`` orientation."""
     FUSED_TRANSPOSED_INTERLEAVED = "fused-transposed-interleaved"
     """GPT-OSS: ``gate_up_proj`` (E, H, 2I) with gate/up interleaved by column, ``down_proj`` (E, I, H), biases."""
+    FUSED_TRANSPOSED = "fused-transposed"
+    """Llama 4: ``gate_up_proj`` (E, H, 2I) as ``[gate | up]`` by column and ``down_proj`` (E, I, H), no biases."""
     MODULE_PER_EXPERT = "module-per-expert"
     """Switch Transformers: an ``nn.ModuleDict`` of ``expert_{i}`` dense MLPs."""
+
+
+class RouterOutput(StrEnum):
+    """What a router module returns."""
+
+    LOGITS_WEIGHTS_INDICES = "logits, weights, indices"
+    """transformers v5's usual ``(logits (T, E), top-k weights (T, k), top-k indices (T, k))``."""
+    SCORES_LOGITS = "scores, logits"
+    """Llama 4: ``(scores (T, E), logits (T, E))``, the scores the sigmoid of the top-k logits and 0 elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,17 @@ class MoELayer:
     @property
     def experts_name(self) -> str:
         return f"{self.name}.{self.family.experts_attr}"
+
+    def expert_row_names(self) -> list[str]:
+        """Full names of the router-side tensors with one row per expert (router rows, biases, block buffers)."""
+        family = self.family
+        return [f"{self.router_name}.{tensor}" for tensor in family.router_expert_tensors] + [
+            f"{self.name}.{tensor}" for tensor in family.block_expert_tensors
+        ]
+
+    def expert_column_names(self) -> list[str]:
+        """Full names of the router tensors whose last axis is per expert (:attr:`MoEFamily.expert_columns`)."""
+        return [f"{self.router_name}.{tensor}" for tensor in self.family.expert_columns]
 
     @property
     def num_experts(self) -> int:
@@ -112,11 +134,18 @@ class MoEFamily:
     shared_expert_attrs: tuple[str, ...] = ()
     router_expert_tensors: tuple[str, ...] = ("weight",)
     """Router parameters/buffers with one row per expert (relative to the router module)."""
+    block_expert_tensors: tuple[str, ...] = ()
+    """Tensors with one row per expert held by the sparse block itself, not its router (relative to the
+    block): MiniMax-M2 keeps its routing-correction bias there and passes it to the router."""
+    expert_columns: tuple[str, ...] = ()
+    """Router tensors whose *last* axis is per expert (relative to the router): ERNIE 4.5's (1, E)
+    correction bias. Pruning slices them; FedMoE, which moves expert rows, refuses a model with one."""
     router_bias: str | None = None
     """Router bias with one entry per expert, if the router has one (relative to the router)."""
     expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
     """Expert parameters with one leading row per expert (relative to the experts module)."""
     layout: ExpertLayout = ExpertLayout.FUSED
+    router_output: RouterOutput = RouterOutput.LOGITS_WEIGHTS_INDICES
     routing: str = "softmax over all experts, top-k"
     """How the router chooses, in words (for docs and error messages)."""
     masking_identity: bool = True
@@ -124,8 +153,6 @@ class MoEFamily:
     sparse_layers: Callable[[Any, str, int], list[int]] = field(default=_all_layers)
     group_routing: bool = False
     """DeepSeek's group-limited routing (``n_group`` / ``topk_group``)."""
-    block_expert_tensors: tuple[str, ...] = ()
-    """Sparse-block tensors with one row per expert besides the router's (LFM2-MoE's ``expert_bias``)."""
     layer_shared_expert_attrs: tuple[str, ...] = ()
     """Shared experts that the decoder layer holds beside the sparse block (Granite's ``shared_mlp``)."""
     attention_attrs: tuple[str, ...] = ("self_attn",)
@@ -135,12 +162,24 @@ class MoEFamily:
     lora_excluded: tuple[str, ...] = ()
     """Token-mixer linears (paths relative to the layer) whose weight a fused kernel reads directly,
     bypassing the module's forward: a LoRA adapter there would be skipped without a word, so none is put."""
+    group_scored_by: int = 1
+    """How many of a group's best experts score the group (DeepSeek-V2: its best one; V3 and its
+    descendants: the sum of the top 2), so a pruned group must keep at least that many."""
+    experts_interface: bool = True
+    """Whether the experts module is transformers' standard one (``@use_experts_implementation``: called as
+    ``experts(hidden, top_k_index, top_k_weights)``, layout flags on the module). Llama 4's is not: it runs
+    every expert on copies of the tokens pre-scaled by their router scores."""
+    attention_skip: tuple[str, ...] = ()
+    """Children of an attention module that attention LoRA leaves alone (DeepSeek-V3.2's DSA indexer runs
+    under ``torch.no_grad``, so adapters there would never train)."""
 
     # -- model structure -------------------------------------------------------------------------
     def stacks(self, model: PreTrainedModel) -> list[tuple[str, str, nn.ModuleList]]:
         """``(stack name, module path prefix, layers)`` for each layer stack of the model."""
         base_prefix = getattr(model, "base_model_prefix", "model")
-        for prefix, owner in ((base_prefix, getattr(model, base_prefix, None)), ("", model)):
+        # Llama4ForCausalLM declares base_model_prefix "language_model" but holds its base model as ``model``
+        for prefix in dict.fromkeys((base_prefix, "model", "")):
+            owner = getattr(model, prefix, None) if prefix else model
             layers = getattr(owner, "layers", None)
             if isinstance(layers, nn.ModuleList):
                 return [("decoder", f"{prefix}.layers".lstrip("."), layers)]
@@ -188,6 +227,8 @@ class MoEFamily:
 
     def router_logits(self, router_output: Any) -> torch.Tensor:
         """The router's logits (T, E), with their autograd graph."""
+        if self.router_output is RouterOutput.SCORES_LOGITS:
+            return router_output[1]
         return router_output[0]
 
     def router_bias_of(self, router: Any) -> torch.Tensor | None:
@@ -199,8 +240,13 @@ class MoEFamily:
         bias = getattr(owner, leaf, None)
         return bias if isinstance(bias, torch.Tensor) else None
 
-    def decisions(self, router_output: Any) -> RoutingDecision:
-        """Read the router's own output: ``(logits, weights, indices)`` in transformers v5."""
+    def decisions(self, router_output: Any, router: Any) -> RoutingDecision:
+        """Read the router's own output (:class:`RouterOutput`) as the chosen experts and their weights."""
+        if self.router_output is RouterOutput.SCORES_LOGITS:
+            # the router chose torch.topk of these very logits; the same call on the same tensor gives its choice
+            scores, logits = router_output
+            indices = logits.topk(self.router_top_k(router), dim=-1).indices
+            return RoutingDecision(indices=indices, weights=scores.gather(1, indices))
         _, weights, indices = router_output
         return RoutingDecision(indices=indices.reshape(indices.shape[0], -1), weights=weights)
 
@@ -252,7 +298,7 @@ class SwitchFamily(MoEFamily):
     def router_logits(self, router_output: Any) -> torch.Tensor:
         return router_output[2]
 
-    def decisions(self, router_output: Any) -> RoutingDecision:
+    def decisions(self, router_output: Any, router: Any) -> RoutingDecision:
         """Switch returns ``(one-hot dispatch mask, max probability, logits)``; dropped tokens have no expert."""
         dispatch, probs, _ = router_output
         dispatch = dispatch.reshape(-1, dispatch.shape[-1])

@@ -139,8 +139,7 @@ def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
     slots: dict[str, ExpertSlot] = {}
     for layer in moe_layers(base):
         family = layer.family
-        rows = [f"{layer.router_name}.{tensor}" for tensor in family.router_expert_tensors]
-        rows += [f"{layer.name}.{tensor}" for tensor in family.block_expert_tensors]
+        rows = layer.expert_row_names()
         if family.layout is ExpertLayout.MODULE_PER_EXPERT:
             for expert in range(layer.num_experts):
                 module = layer.experts[f"expert_{expert}"]

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from fedexperts.atomic import save_tensors
 from fedexperts.errors import SurgeryError
-from fedexperts.moe.experts import check_expert_indices, copy_experts, run_experts
+from fedexperts.moe.experts import check_expert_indices, copy_experts, fused_math, run_experts
 from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layer_by_name, moe_layers
 from fedexperts.moe.personal_lora import PERSONAL_ADAPTER, PERSONAL_LORA, FusedExpertLora
 
@@ -115,11 +115,9 @@ def _attach(layer: MoELayer, chosen: list[int], gate_bias: bool) -> None:
         weights = torch.sigmoid(gate(flat))
         experts = module.get_submodule(PERSONAL_EXPERTS)
         lora = getattr(module, PERSONAL_LORA, None)
-        personal = (
-            run_experts(layer, experts, flat, weights) if lora is None else lora(experts, flat, weights)
-        ).view_as(hidden)
+        personal = run_experts(layer, experts, flat, weights) if lora is None else lora(experts, flat, weights)
         main = output[0] if isinstance(output, tuple) else output
-        combined = main + personal.to(main.dtype)
+        combined = main + personal.reshape(main.shape).to(main.dtype)  # Llama 4's block returns (T, H) flat
         return (combined, *output[1:]) if isinstance(output, tuple) else combined
 
     handle = block.register_forward_hook(add_personal_output, with_kwargs=True)
@@ -152,7 +150,9 @@ def add_personal_lora(model: PreTrainedModel, *, rank: int, alpha: int, dropout:
             prefix = f"{name}.{PERSONAL_EXPERTS}"
             targets += [f"{prefix}.{key}" for key, sub in experts.named_modules() if isinstance(sub, nn.Linear)]
         else:
-            block.add_module(PERSONAL_LORA, FusedExpertLora(experts, layer.family.expert_tensors, rank, alpha, dropout))
+            math = fused_math(layer, experts)
+            lora = FusedExpertLora(experts, layer.family.expert_tensors, math, rank, alpha, dropout)
+            block.add_module(PERSONAL_LORA, lora)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     peft.inject_adapter_in_model(config, model, adapter_name=PERSONAL_ADAPTER)
     return targets

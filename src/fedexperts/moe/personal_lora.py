@@ -21,14 +21,11 @@ The module declares ``adapter_layer_names`` like a peft tuner layer, so
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import cast
 
 import torch
 from torch import nn
 
-from fedexperts.errors import SurgeryError
-from fedexperts.moe.experts import _dense_projection
+from fedexperts.moe.experts import FusedMath, _dense_projection, apply_gate
 
 PERSONAL_LORA = "personal_lora"
 PERSONAL_ADAPTER = "default"
@@ -43,11 +40,12 @@ class FusedExpertLora(nn.Module):
 
     adapter_layer_names = ("lora_A", "lora_B")
 
-    def __init__(self, experts: nn.Module, tensors: tuple[str, ...], rank: int, alpha: int, dropout: float) -> None:
+    def __init__(
+        self, experts: nn.Module, tensors: tuple[str, ...], fused: FusedMath, rank: int, alpha: int, dropout: float
+    ) -> None:
         super().__init__()
-        if not getattr(experts, "has_gate", False) or getattr(experts, "has_post_expert_norm", False):
-            raise SurgeryError("personal LoRA needs gated fused experts (gate_up_proj, down_proj)")
-        self.transposed = bool(experts.is_transposed)
+        self.transposed = fused.transposed
+        self.has_bias = fused.has_bias
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
@@ -85,7 +83,7 @@ class FusedExpertLora(nn.Module):
 
     def _project(self, experts: nn.Module, hidden: torch.Tensor, name: str) -> torch.Tensor:
         weight = experts.get_parameter(name)
-        bias = experts.get_parameter(f"{name}_bias") if experts.has_bias else None
+        bias = experts.get_parameter(f"{name}_bias") if self.has_bias else None
         out = _dense_projection(hidden, weight, bias, self.transposed)
         a = self.lora_A[name].to(hidden.dtype).transpose(1, 2)
         b = self.lora_B[name].to(hidden.dtype).transpose(1, 2)
@@ -94,6 +92,6 @@ class FusedExpertLora(nn.Module):
     def forward(self, experts: nn.Module, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_e weights[:, e] * expert_e(hidden)`` with the deltas applied; ``hidden`` (T, H), ``weights`` (T, n)."""
         gate_up = self._project(experts, hidden, "gate_up_proj")
-        activated = cast(Callable[[torch.Tensor], torch.Tensor], experts._apply_gate)(gate_up)
+        activated = apply_gate(experts, gate_up)
         out = self._project(experts, activated, "down_proj")  # (n, T, H)
         return (out * weights.transpose(0, 1).unsqueeze(-1).to(out.dtype)).sum(dim=0)

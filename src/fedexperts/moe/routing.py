@@ -100,7 +100,7 @@ class RoutingRecorder:
 
     def _hook_for(self, layer: MoELayer) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._record(layer, layer.family.decisions(output))
+            self._record(layer, layer.family.decisions(output, module))
 
         return hook
 

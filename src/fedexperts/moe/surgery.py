@@ -137,8 +137,7 @@ def _group_plan(layer: MoELayer, keep: Sequence[int]) -> tuple[int, int] | None:
         return None
     (members,) = per_group
     topk_group = min(int(router.topk_group), len(runs))
-    minimum_members = 2 if layer.family.model_type == "deepseek_v3" else 1  # V3 scores a group by its top-2
-    if members < minimum_members or layer.top_k > members * topk_group:
+    if members < layer.family.group_scored_by or layer.top_k > members * topk_group:
         return None
     return len(runs), topk_group
 
@@ -192,12 +191,10 @@ def _slice_layer(model: PreTrainedModel, layer: MoELayer, chosen: list[int]) -> 
     count = len(chosen)
     device = family.router_weight(layer.router).device
     index = torch.tensor(chosen, dtype=torch.long, device=device)
-    for tensor_name in _existing(layer.router, family.router_expert_tensors):
-        full = f"{layer.router_name}.{tensor_name}"
+    for full in _existing(model, layer.expert_row_names()):
         _replace_tensor(model, full, _tensor(model, full).detach().index_select(0, index))
-    for tensor_name in _existing(layer.block, family.block_expert_tensors):
-        full = f"{layer.name}.{tensor_name}"
-        _replace_tensor(model, full, _tensor(model, full).detach().index_select(0, index))
+    for full in _existing(model, layer.expert_column_names()):
+        _replace_tensor(model, full, _tensor(model, full).detach().index_select(-1, index))
     if family.layout is ExpertLayout.MODULE_PER_EXPERT:
         experts = layer.experts
         kept = [experts[f"expert_{i}"] for i in chosen]

@@ -19,6 +19,7 @@ import transformers
 
 from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import supported_model_types
+from fedexperts.planning.frontier_presets import FRONTIER_PRESETS, FRONTIER_SOURCES
 from fedexperts.planning.hybrid_presets import HYBRID_PRESET_SOURCES, HYBRID_PRESETS
 
 
@@ -201,13 +202,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "router_aux_loss_coef": 0.9,
     },
     **HYBRID_PRESETS,
+    **FRONTIER_PRESETS,
 }
 """Architecture fields of real checkpoints' ``config.json`` (transformers config kwargs), by short name.
 
 Taken from the hub checkpoints ``allenai/OLMoE-1B-7B-0924``, ``Qwen/Qwen1.5-MoE-A2.7B``,
 ``Qwen/Qwen3-30B-A3B``, ``mistralai/Mixtral-8x7B-v0.1``, ``deepseek-ai/DeepSeek-V2-Lite`` and
 ``openai/gpt-oss-20b`` (see :data:`PRESET_SOURCES`); fields that do not change a tensor's shape
-(dropout, init range, cache) are left at transformers' defaults.
+(dropout, init range, cache) are left at transformers' defaults. The 2025 frontier checkpoints
+(GLM-4.5-Air, Llama-4-Scout, MiniMax-M2, ERNIE-4.5-21B-A3B) are in :mod:`.frontier_presets`.
 """
 
 PRESET_SOURCES: dict[str, str] = {
@@ -218,6 +221,7 @@ PRESET_SOURCES: dict[str, str] = {
     "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
     "gpt-oss-20b": "openai/gpt-oss-20b",
     **HYBRID_PRESET_SOURCES,
+    **FRONTIER_SOURCES,
 }
 """The hub checkpoint each preset's config was taken from."""
 

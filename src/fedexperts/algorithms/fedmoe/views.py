@@ -60,14 +60,10 @@ def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
         family = layer.family
         count = layer.num_experts
         row_tensors: list[tuple[str, torch.Tensor]] = []
-        for name in family.router_expert_tensors:
-            tensor = _resolve(layer.router, name)
+        for name in layer.expert_row_names():
+            tensor = _resolve(base, name)
             if tensor is not None:
-                row_tensors.append((f"{layer.router_name}.{name}", tensor))
-        for name in family.block_expert_tensors:
-            tensor = _resolve(layer.block, name)
-            if tensor is not None:
-                row_tensors.append((f"{layer.name}.{name}", tensor))
+                row_tensors.append((name, tensor))
         layer_bytes = 0
         if family.layout is ExpertLayout.MODULE_PER_EXPERT:
             module_bytes = sum(_tensor_bytes(p) for p in layer.experts.parameters())
@@ -79,6 +75,10 @@ def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
                 tensor = _resolve(layer.experts, name)
                 if tensor is not None:
                     row_tensors.append((f"{layer.experts_name}.{name}", tensor))
+        for name in layer.expert_column_names():
+            tensor = _resolve(base, name)
+            if tensor is not None:
+                layer_bytes += _tensor_bytes(tensor) // count
         for name, tensor in row_tensors:
             if tensor.dim() == 0 or tensor.shape[0] != count:
                 raise FedExpertsError(

@@ -8,9 +8,10 @@ routing counts == the router's own top-k.
 from __future__ import annotations
 
 from fedexperts.moe.descriptors.established import ESTABLISHED
+from fedexperts.moe.descriptors.frontier import FRONTIER
 from fedexperts.moe.descriptors.hybrid import HYBRID
 from fedexperts.moe.family import MoEFamily
 
-DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED, *HYBRID)
+DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED, *FRONTIER, *HYBRID)
 
 __all__ = ["DESCRIPTORS"]

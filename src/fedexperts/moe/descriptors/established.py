@@ -93,6 +93,7 @@ ESTABLISHED: tuple[MoEFamily, ...] = (
         routing="sigmoid scores + correction bias, group-limited top-k, renormalised, scaled; shared experts",
         sparse_layers=deepseek_sparse_layers,
         group_routing=True,
+        group_scored_by=2,
     ),
     MoEFamily(
         model_type="gpt_oss",
