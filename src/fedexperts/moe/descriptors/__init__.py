@@ -8,8 +8,9 @@ routing counts == the router's own top-k.
 from __future__ import annotations
 
 from fedexperts.moe.descriptors.established import ESTABLISHED
+from fedexperts.moe.descriptors.wrapped import WRAPPED
 from fedexperts.moe.family import MoEFamily
 
-DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED,)
+DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED, *WRAPPED)
 
 __all__ = ["DESCRIPTORS"]
