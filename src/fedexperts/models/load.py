@@ -142,7 +142,8 @@ def load_model(
     model_class = model_class_for(config)
     if described_family(config) is None:  # no descriptor: discovery on the meta model refuses before any weight
         with torch.device("meta"):
-            family_for(model_class.from_config(config))
+            skeleton = model_class.from_config(config)
+        family_for(skeleton)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, revision=revision)
     if experts_implementation is not None:
         options["experts_implementation"] = experts_implementation

@@ -17,7 +17,7 @@ The -inf mask is added, while the router runs, to the output of the ``F.linear``
 (the logits), through a ``TorchFunctionMode``; a router that computes its logits otherwise fails
 (c). A model on the ``meta`` device has no weights to run: the checks then run on a copy of its
 first block sliced to ``top_k + 2`` experts with random float32 weights and inputs from a fixed
-seed (the global RNG is not touched).
+seed (the global RNG is not touched), its experts run by transformers' ``eager`` implementation.
 """
 
 from __future__ import annotations
@@ -321,20 +321,22 @@ def _block_inputs(model: nn.Module, layers: list[MoELayer]) -> dict[str, tuple[t
 def _random_probe(layer: MoELayer) -> tuple[MoELayer, tuple[torch.Tensor]]:
     """A float32 random-weight copy of a meta block, sliced to ``top_k + 2`` experts, and random hidden states."""
     probe = pruned_copy(layer, list(range(min(layer.num_experts, layer.top_k + 2))))
-    generator = torch.Generator().manual_seed(_SEED)
+    generator = torch.Generator(device="cpu").manual_seed(_SEED)
     for module in probe.block.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is not None:
-                value = torch.empty(parameter.shape, dtype=torch.float32)
+                value = torch.empty(parameter.shape, dtype=torch.float32, device="cpu")
                 value.normal_(0.0, value.shape[-1] ** -0.5 if value.dim() >= 2 else 0.1, generator=generator)
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
-                module._buffers[name] = torch.zeros(
-                    buffer.shape, dtype=torch.float32 if buffer.is_floating_point() else buffer.dtype
-                )
+                dtype = torch.float32 if buffer.is_floating_point() else buffer.dtype
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=dtype, device="cpu")
+    experts_config = getattr(probe.experts, "config", None)
+    if experts_config is not None:  # the block's own copy: the reference loop runs on any device and dtype
+        experts_config._experts_implementation = "eager"
     width = layer.family.router_weight(probe.router).shape[1]
-    return probe, (torch.randn((1, PROBE_TOKENS, width), generator=generator),)
+    return probe, (torch.randn((1, PROBE_TOKENS, width), generator=generator, device="cpu"),)
 
 
 def confirm(model: nn.Module, layers: list[MoELayer]) -> str:
