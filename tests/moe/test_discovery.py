@@ -16,12 +16,12 @@ from fedexperts.moe import (
     DiscoveredFamily,
     ExpertLayout,
     RoutingRecorder,
+    discovery,
     family_for,
     model_note,
     moe_layers,
     select_experts,
 )
-from fedexperts.moe import discovery
 from fedexperts.moe.discovery import discover_family
 from tests.algorithms.helpers import client_round
 
@@ -153,7 +153,7 @@ def test_a_meta_model_is_confirmed_on_a_random_copy_of_one_block_without_touchin
 
 
 def test_a_config_alone_is_refused_naming_what_discovery_needs():
-    with pytest.raises(UnsupportedModelError, match="'granitemoe_swa' is not a supported MoE family.*built model"):
+    with pytest.raises(UnsupportedModelError, match=r"'granitemoe_swa' is not a supported MoE family.*built model"):
         family_for(undescribed_config("granitemoe_swa"))
 
 

@@ -74,7 +74,7 @@ def test_the_vision_tower_is_never_trained(wrapper, settings):
 
 
 def test_a_sub_moe_straight_from_a_wrapper_checkpoint_is_refused_clearly():
-    with pytest.raises(UnsupportedModelError, match="kimi_k25 is a wrapper config.*load the model whole"):
+    with pytest.raises(UnsupportedModelError, match=r"kimi_k25 is a wrapper config.*load the model whole"):
         checkpoint_naming(wrapper_config("kimi_k25"))
 
 

@@ -1,8 +1,8 @@
 """Knowledge of how Hugging Face MoE models are built, and surgery on them."""
 
 from fedexperts.moe.checkpoints import CHECKPOINT_NAMING, CheckpointNaming, checkpoint_naming
-from fedexperts.moe.experts import copy_experts, each_expert_output, one_expert_output, run_experts
 from fedexperts.moe.discovery import discover_family
+from fedexperts.moe.experts import copy_experts, each_expert_output, one_expert_output, run_experts
 from fedexperts.moe.families import (
     FAMILIES,
     DiscoveredFamily,
