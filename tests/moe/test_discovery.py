@@ -252,9 +252,21 @@ def test_a_fedavg_run_on_a_discovered_family_records_how_it_was_found(undescribe
             "federation.rounds=1",
             "federation.clients=2",
             "eval.probes=0",
+            "eval.max_examples=1",
+            "eval.union_examples=0",
+            'model.experts_implementation="eager"',
         ],
     )
     result = run_experiment(config)
     run, rounds = result.records[0], result.records[1:-1]
     assert "granitemoe_swa has no descriptor" in run["model_note"] and "own weights" in run["model_note"]
     assert rounds and all(entry["status"] == "ok" for entry in rounds[0]["clients"].values())
+
+
+def test_plan_on_an_undescribed_config_discovers_its_family_on_the_meta_model(tmp_path):
+    from fedexperts.planning import plan
+
+    (tmp_path / "config.json").write_text(undescribed_config("granitemoe_swa").to_json_string())
+    result = plan(tmp_path, FlexConfig())
+    assert result.model_type == "granitemoe_swa" and result.moe_layers == 3 and result.num_experts == EXPERTS
+    assert result.note is not None and "random-weight copy" in result.note

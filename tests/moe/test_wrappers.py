@@ -85,3 +85,14 @@ def test_plan_on_a_wrapper_config_plans_its_text_model(wrapper, tmp_path):
     assert result.note is not None and result.note.startswith(f"{wrapper} wraps")
     frozen = [row for row in result.by_kind if row.kind == ParamKind.NON_TEXT.value]
     assert frozen and all(set(row.by_role) and row.by_role[Role.FROZEN] == row.params for row in frozen)
+
+
+def test_the_cli_plans_a_wrapper_config_folder_and_says_what_is_trained(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedexperts.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(wrapper_config("qwen3_vl_moe").to_dict()))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "qwen3_vl_moe wraps a qwen3_vl_moe_text text model" in result.output and "non_text" in result.output

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from fedexperts.errors import UnsupportedModelError
 from fedexperts.moe.families import ExpertLayout, described_family, family_for
-from fedexperts.moe.wrappers import is_composite
+from fedexperts.moe.wrappers import builds_whole_wrapper
 
 _GATE_UP_DOWN = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("down_proj.weight",)}
 _W1_W3_W2 = {"gate_up_proj": ("w1.weight", "w3.weight"), "down_proj": ("w2.weight",)}
@@ -72,10 +72,11 @@ def checkpoint_naming(model_or_config: object) -> CheckpointNaming:
             f"model_type {getattr(config, 'model_type', None)!r} has no descriptor, so no checkpoint naming: a "
             "structurally discovered family is loaded whole, not as a sub-MoE straight from its checkpoint"
         )
-    if is_composite(config):
+    if builds_whole_wrapper(config):
         raise UnsupportedModelError(
-            f"{getattr(config, 'model_type', None)} is a wrapper config: its checkpoint names the text model's "
-            "tensors its own way; loading a sub-MoE straight from it is not supported, load the model whole"
+            f"{getattr(config, 'model_type', None)} is a wrapper config built whole (vision tower included): its "
+            "checkpoint names the text model's tensors its own way; loading a sub-MoE straight from it is not "
+            "supported, load the model whole"
         )
     family = family_for(model_or_config)
     naming = CHECKPOINT_NAMING.get(family.model_type)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from torch import nn
 
 _TEXT_ONLY = "_fedexperts_wrapper_type"
-"""Set on a text model that transformers built from a wrapper config (the wrapper's model_type)."""
+"""Set on a text model transformers built from a wrapper config: the wrapper's model_type (:func:`wrapper_note`)."""
 
 
 def text_config_of(config: Any) -> Any:
@@ -29,6 +30,12 @@ def text_config_of(config: Any) -> Any:
 def is_composite(config: Any) -> bool:
     """Whether ``config`` wraps a separate text config (a multimodal model)."""
     return text_config_of(config) is not config
+
+
+def builds_whole_wrapper(config: Any) -> bool:
+    """Whether a composite config's model is the whole wrapper (no transformers causal LM of its text model alone)."""
+    mapping = getattr(transformers.AutoModelForCausalLM, "_model_mapping", None)
+    return is_composite(config) and not (mapping is not None and type(config) in mapping)
 
 
 def _parameter_count(module: nn.Module) -> int:
