@@ -254,6 +254,7 @@ def test_a_fedavg_run_on_a_discovered_family_records_how_it_was_found(undescribe
             "eval.probes=0",
             "eval.max_examples=1",
             "eval.union_examples=0",
+            "data.items=60",
             'model.experts_implementation="eager"',
         ],
     )
