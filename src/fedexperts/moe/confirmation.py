@@ -127,9 +127,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a.float(), b.float(), rtol=tolerance, atol=tolerance))
 
 
-def _parse(layer: MoELayer, run: _Run, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _parse(layer: MoELayer, run: _Run, tokens: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Check (a); the router's top-k weights and indices."""
-    name, router = layer.name, type(layer.router).__name__
+    router = type(layer.router).__name__
     if len(run.router_outputs) != 1:
         raise CheckFailed(ROUTER_OUTPUT, f"{name}: the router ran {len(run.router_outputs)} times in one block forward")
     output = run.router_outputs[0]
@@ -173,24 +173,22 @@ def _parse(layer: MoELayer, run: _Run, tokens: int) -> tuple[torch.Tensor, torch
     return weights, indices
 
 
-def _check_counts(layer: MoELayer, run: _Run, indices: torch.Tensor, tokens: int) -> None:
+def _check_counts(layer: MoELayer, run: _Run, indices: torch.Tensor, tokens: int, name: str) -> None:
     """Check (b)."""
     top_k = getattr(layer.router, "top_k", None)
     if not isinstance(top_k, int):
-        raise CheckFailed(ROUTING_COUNTS, f"{layer.name}: {type(layer.router).__name__} has no integer top_k")
+        raise CheckFailed(ROUTING_COUNTS, f"{name}: {type(layer.router).__name__} has no integer top_k")
     decision = layer.family.decisions(run.router_outputs[0]).indices
     if decision.shape != (tokens, top_k):
         raise CheckFailed(
-            ROUTING_COUNTS, f"{layer.name}: tokens go to {decision.shape[-1]} experts; the router's top_k is {top_k}"
+            ROUTING_COUNTS, f"{name}: tokens go to {decision.shape[-1]} experts; the router's top_k is {top_k}"
         )
     if top_k > 1 and bool((decision.sort(dim=1).values.diff(dim=1) == 0).any()):
-        raise CheckFailed(ROUTING_COUNTS, f"{layer.name}: a token is routed to the same expert twice")
+        raise CheckFailed(ROUTING_COUNTS, f"{name}: a token is routed to the same expert twice")
     counts = torch.bincount(decision.reshape(-1).cpu(), minlength=layer.num_experts)
     used = torch.bincount(indices.reshape(-1).cpu(), minlength=layer.num_experts)
     if not torch.equal(counts, used) or int(counts.sum()) != tokens * top_k:
-        raise CheckFailed(
-            ROUTING_COUNTS, f"{layer.name}: counts read from the router differ from what the experts received"
-        )
+        raise CheckFailed(ROUTING_COUNTS, f"{name}: counts read from the router differ from what the experts received")
 
 
 def pruned_copy(layer: MoELayer, keep: list[int]) -> MoELayer:
@@ -216,12 +214,12 @@ def pruned_copy(layer: MoELayer, keep: list[int]) -> MoELayer:
 
 
 def _check_pruning(
-    layer: MoELayer, args: tuple[Any, ...], kwargs: dict[str, Any], plain: _Run, indices: torch.Tensor
+    layer: MoELayer, args: tuple[Any, ...], kwargs: dict[str, Any], plain: _Run, indices: torch.Tensor, name: str
 ) -> None:
     """Check (c), on a copy of this block only."""
     experts, top_k = layer.num_experts, layer.top_k
     if experts - 1 < top_k:
-        raise CheckFailed(PRUNING, f"{layer.name}: {experts} experts for top-{top_k}; none can be dropped")
+        raise CheckFailed(PRUNING, f"{name}: {experts} experts for top-{top_k}; none can be dropped")
     counts = torch.bincount(indices.reshape(-1).cpu(), minlength=experts)
     order = sorted(range(experts), key=lambda expert: (-int(counts[expert]), expert))
     rest = order[1:]  # the most-used expert is always dropped
@@ -229,15 +227,18 @@ def _check_pruning(
     dropped = [expert for expert in range(experts) if expert not in keep]
     try:
         masked = _run(layer, args, kwargs, dropped)
-        pruned = _run(pruned_copy(layer, keep), args, kwargs)
-    except Exception as error:
+    except Exception as error:  # whatever fails here is this check's answer, named in the refusal
         raise CheckFailed(
-            PRUNING, f"{layer.name}: the block pruned to experts {keep} fails ({_failure(error)})"
+            PRUNING, f"{name}: the block with experts {dropped} masked fails ({_failure(error)})"
         ) from error
+    try:
+        pruned = _run(pruned_copy(layer, keep), args, kwargs)
+    except Exception as error:  # whatever fails here is this check's answer, named in the refusal
+        raise CheckFailed(PRUNING, f"{name}: the block pruned to experts {keep} fails ({_failure(error)})") from error
     if masked.masked == 0:
         raise CheckFailed(
             PRUNING,
-            f"{layer.name}: {type(layer.router).__name__} computes no {experts}-wide linear output (its logits) "
+            f"{name}: {type(layer.router).__name__} computes no {experts}-wide linear output (its logits) "
             "that could be masked",
         )
     tolerance = _tolerance(plain.output.dtype) * max(1.0, float(masked.output.abs().max()))
@@ -245,31 +246,28 @@ def _check_pruning(
     if not difference <= tolerance:
         raise CheckFailed(
             PRUNING,
-            f"{layer.name}: the block pruned to experts {keep} differs from the original with experts {dropped} "
+            f"{name}: the block pruned to experts {keep} differs from the original with experts {dropped} "
             f"masked to -inf (max difference {difference:.3g}, tolerance {tolerance:.3g})",
         )
     if float((plain.output.float() - masked.output.float()).abs().max()) <= tolerance:
-        raise CheckFailed(
-            PRUNING, f"{layer.name}: dropping experts {dropped} changed nothing; the identity is not exercised"
-        )
+        raise CheckFailed(PRUNING, f"{name}: dropping experts {dropped} changed nothing; the identity is not exercised")
 
 
-def _check_block(layer: MoELayer, args: tuple[Any, ...], kwargs: dict[str, Any], *, pruning: bool) -> None:
+def _check_block(layer: MoELayer, args: tuple[Any, ...], kwargs: dict[str, Any], *, pruning: bool, name: str) -> None:
+    """Checks (a), (b) and, with ``pruning``, (c) on one block; ``name`` is the model's name for it."""
     width = layer.family.router_weight(layer.router).shape[1]
     hidden = next((t for t in _tensors(args, kwargs) if t.dim() >= 2 and t.shape[-1] == width), None)
     if hidden is None:
-        raise CheckFailed(ROUTER_OUTPUT, f"{layer.name}: the block's input has no hidden states {width} wide")
+        raise CheckFailed(ROUTER_OUTPUT, f"{name}: the block's input has no hidden states {width} wide")
     try:
         plain = _run(layer, args, kwargs)
-    except Exception as error:
-        raise CheckFailed(
-            ROUTER_OUTPUT, f"{layer.name}: the block does not run on its own ({_failure(error)})"
-        ) from error
+    except Exception as error:  # whatever fails here is this check's answer, named in the refusal
+        raise CheckFailed(ROUTER_OUTPUT, f"{name}: the block does not run on its own ({_failure(error)})") from error
     tokens = hidden.numel() // width
-    _, indices = _parse(layer, plain, tokens)
-    _check_counts(layer, plain, indices, tokens)
+    _, indices = _parse(layer, plain, tokens, name)
+    _check_counts(layer, plain, indices, tokens, name)
     if pruning:
-        _check_pruning(layer, args, kwargs, plain, indices)
+        _check_pruning(layer, args, kwargs, plain, indices, name)
 
 
 def _clone(value: Any) -> Any:
@@ -303,7 +301,7 @@ def _block_inputs(model: nn.Module, layers: list[MoELayer]) -> dict[str, tuple[t
     try:
         with torch.no_grad():
             model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None])
-    except Exception as error:
+    except Exception as error:  # whatever fails here is this check's answer, named in the refusal
         raise CheckFailed(
             FORWARD, f"{type(model).__name__} fails one forward on {PROBE_TOKENS} tokens ({_failure(error)})"
         ) from error
@@ -343,10 +341,10 @@ def confirm(model: nn.Module, layers: list[MoELayer]) -> str:
     """Run checks (a)-(c) on ``model``'s sparse blocks; where they ran, or :class:`CheckFailed`."""
     if any(parameter.is_meta for parameter in model.parameters()):
         probe, hidden = _random_probe(layers[0])
-        _check_block(probe, hidden, {}, pruning=True)
+        _check_block(probe, hidden, {}, pruning=True, name=f"{layers[0].name} (random-weight copy)")
         return "a random-weight copy of one sparse block (the model is on the meta device)"
     inputs = _block_inputs(model, layers)
     for position, layer in enumerate(layers):
         args, kwargs = inputs[layer.name]
-        _check_block(layer, args, kwargs, pruning=position == 0)
+        _check_block(layer, args, kwargs, pruning=position == 0, name=layer.name)
     return f"one forward of the model's own weights ({PROBE_TOKENS} tokens)"

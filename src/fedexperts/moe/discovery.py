@@ -140,7 +140,7 @@ def _config_field(config: Any, value: int, build: Callable[[Any], nn.Module], me
             setattr(trial, key, 2 * value)
             with torch.device("meta"):
                 module = build(trial)
-        except Exception:
+        except Exception:  # a value the class cannot be built with: not the field it reads
             continue
         if measure(module) == 2 * value:
             return key
