@@ -53,7 +53,10 @@ def scope_rules(scope: SharedScope, role: Role = Role.SHARED) -> RoleRules:
         return RoleRules(adapters={ParamKind.ATTENTION: role})
     if scope is SharedScope.ATTENTION:
         return RoleRules(base={ParamKind.ATTENTION: role})
-    kinds = _NON_EXPERT if scope is SharedScope.NON_EXPERT else tuple(ParamKind)
+    trainable = tuple(
+        kind for kind in ParamKind if kind is not ParamKind.NON_TEXT
+    )  # a wrapper's vision tower never trains
+    kinds = _NON_EXPERT if scope is SharedScope.NON_EXPERT else trainable
     return RoleRules(base=dict.fromkeys(kinds, role))
 
 

@@ -38,6 +38,7 @@ from fedexperts.interface import (
     State,
     check_metadata_numbers,
 )
+from fedexperts.moe.families import model_note
 from fedexperts.moe.params import Role
 from fedexperts.reporting import schema
 
@@ -181,6 +182,7 @@ class Federation:
             "clients": self.ids,
             "rounds": self.config.federation.rounds,
             "model": self.config.model.name,
+            "model_note": model_note(self.model),
             "parameters": {
                 "total": sum(p.numel() for p in params.values()),
                 "trainable": sum(p.numel() for p in params.values() if p.requires_grad),

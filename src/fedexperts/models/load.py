@@ -8,6 +8,7 @@ the caller passes ``trust_remote_code=True``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ import transformers
 from safetensors import SafetensorError
 
 from fedexperts.errors import FedExpertsError
-from fedexperts.moe.families import MoEFamily, family_for, moe_layers
+from fedexperts.moe.families import MoEFamily, described_family, family_for, moe_layers
+from fedexperts.moe.wrappers import is_composite, mark_text_only, wrapper_note
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -39,6 +43,27 @@ def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     if dtype not in _DTYPES:
         raise FedExpertsError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def model_class_for(config: Any) -> Any:
+    """transformers' auto class that builds a language model of ``config``.
+
+    Seq2seq for an encoder-decoder, else the causal LM (which for some wrapper configs, such as
+    ``llama4`` and ``qwen3_5_moe``, is the text model alone), else the image-text-to-text or
+    multimodal LM class of a composite config (its text model is what fedexperts trains,
+    :mod:`fedexperts.moe.wrappers`).
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    candidates = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
+    multimodal = getattr(transformers, "AutoModelForMultimodalLM", None)  # not in every transformers 5.x
+    if multimodal is not None:
+        candidates.append(multimodal)
+    for auto in candidates:
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None and type(config) in mapping:
+            return auto
+    return transformers.AutoModelForCausalLM  # raises transformers' own "unrecognized configuration" error
 
 
 def refuse_local_remote_code(folder: Path) -> None:
@@ -114,12 +139,11 @@ def load_model(
         raise FedExpertsError(
             f"cannot find a model at {source!r} (not a folder here, nor on the hub): {error}"
         ) from error
-    family = family_for(config)
-    model_class = (
-        transformers.AutoModelForSeq2SeqLM
-        if getattr(config, "is_encoder_decoder", False)
-        else transformers.AutoModelForCausalLM
-    )
+    model_class = model_class_for(config)
+    if described_family(config) is None:  # no descriptor: discovery on the meta model refuses before any weight
+        with torch.device("meta"):
+            skeleton = model_class.from_config(config)
+        family_for(skeleton)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, revision=revision)
     if experts_implementation is not None:
         options["experts_implementation"] = experts_implementation
@@ -134,7 +158,18 @@ def load_model(
             f"cannot read the weights of {source} ({error}): the file is truncated or corrupt; "
             "copy or download it again"
         ) from error
-    moe_layers(model)
+    note_wrapper(model, config)
     movable: Any = model  # transformers types its wrapper of ``nn.Module.to`` in a way mypy cannot call
     movable.to(device).eval()
+    family = family_for(model)  # a type without a descriptor is confirmed here again, on its weights
+    moe_layers(model)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source)
+
+
+def note_wrapper(model: Any, config: Any) -> None:
+    """Log what of a wrapper config's model is trained (:func:`~fedexperts.moe.wrappers.wrapper_note`)."""
+    if is_composite(config) and not is_composite(model.config):
+        mark_text_only(model, config.model_type)
+    note = wrapper_note(model)
+    if note is not None:
+        logger.warning("%s", note)

@@ -26,7 +26,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedexperts.errors import FedExpertsError
-from fedexperts.models.load import LoadedModel, load_tokenizer, refuse_local_remote_code, resolve_dtype
+from fedexperts.models.load import (
+    LoadedModel,
+    load_tokenizer,
+    model_class_for,
+    note_wrapper,
+    refuse_local_remote_code,
+    resolve_dtype,
+)
 from fedexperts.moe.checkpoints import CheckpointNaming, checkpoint_naming
 from fedexperts.moe.families import family_for, moe_layers
 from fedexperts.moe.surgery import expert_map, initialise_non_persistent_buffers, select_experts
@@ -48,13 +55,8 @@ def meta_model(config: Any, dtype: torch.dtype, *, experts_implementation: str |
     options: dict[str, Any] = {"dtype": dtype}
     if experts_implementation is not None:
         options["experts_implementation"] = experts_implementation
-    auto = (
-        transformers.AutoModelForSeq2SeqLM
-        if getattr(config, "is_encoder_decoder", False)
-        else transformers.AutoModelForCausalLM
-    )
     with torch.device("meta"):
-        model: PreTrainedModel = auto.from_config(config, **options)
+        model: PreTrainedModel = model_class_for(config).from_config(config, **options)
     return model
 
 
@@ -77,8 +79,9 @@ def load_meta(
     source = Path(folder).expanduser()
     config = read_config(source)
     model = meta_model(config, _target_dtype(config, dtype), experts_implementation=experts_implementation)
+    note_wrapper(model, config)
     moe_layers(model)
-    return LoadedModel(model=model, tokenizer=load_tokenizer(source), family=family_for(config), source=str(source))
+    return LoadedModel(model=model, tokenizer=load_tokenizer(source), family=family_for(model), source=str(source))
 
 
 def load_sub_moe(

@@ -1,14 +1,18 @@
 """Knowledge of how Hugging Face MoE models are built, and surgery on them."""
 
 from fedexperts.moe.checkpoints import CHECKPOINT_NAMING, CheckpointNaming, checkpoint_naming
+from fedexperts.moe.discovery import discover_family
 from fedexperts.moe.experts import copy_experts, each_expert_output, one_expert_output, run_experts
 from fedexperts.moe.families import (
     FAMILIES,
+    DiscoveredFamily,
     ExpertLayout,
     MoEFamily,
     MoELayer,
     RoutingDecision,
+    described_family,
     family_for,
+    model_note,
     moe_layer_by_name,
     moe_layers,
     supported_model_types,
@@ -60,6 +64,7 @@ __all__ = [
     "FAMILIES",
     "FLEX_ROLES",
     "CheckpointNaming",
+    "DiscoveredFamily",
     "ExpertLayout",
     "ExpertMap",
     "ExpertSlot",
@@ -80,6 +85,8 @@ __all__ = [
     "apply_roles",
     "checkpoint_naming",
     "copy_experts",
+    "described_family",
+    "discover_family",
     "each_expert_output",
     "expert_map",
     "expert_slots",
@@ -90,6 +97,7 @@ __all__ = [
     "load_personal",
     "load_pruned",
     "merge_personal_lora",
+    "model_note",
     "moe_layer_by_name",
     "moe_layers",
     "one_expert_output",

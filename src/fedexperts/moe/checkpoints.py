@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedexperts.errors import UnsupportedModelError
-from fedexperts.moe.families import family_for
+from fedexperts.moe.families import ExpertLayout, described_family, family_for
+from fedexperts.moe.wrappers import builds_whole_wrapper
 
 _GATE_UP_DOWN = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("down_proj.weight",)}
 _W1_W3_W2 = {"gate_up_proj": ("w1.weight", "w3.weight"), "down_proj": ("w2.weight",)}
@@ -86,11 +87,28 @@ CHECKPOINT_NAMING: dict[str, CheckpointNaming] = {
 
 def checkpoint_naming(model_or_config: object) -> CheckpointNaming:
     """The naming of a model's (or config's) family, or a clear error for a family that has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if described_family(config) is None:
+        raise UnsupportedModelError(
+            f"model_type {getattr(config, 'model_type', None)!r} has no descriptor, so no checkpoint naming: a "
+            "structurally discovered family is loaded whole, not as a sub-MoE straight from its checkpoint"
+        )
+    if builds_whole_wrapper(config):
+        raise UnsupportedModelError(
+            f"{getattr(config, 'model_type', None)} is a wrapper config built whole (vision tower included): its "
+            "checkpoint names the text model's tensors its own way; loading a sub-MoE straight from it is not "
+            "supported, load the model whole"
+        )
     family = family_for(model_or_config)
     naming = CHECKPOINT_NAMING.get(family.model_type)
     if naming is None:
+        why = (
+            "keeps one module per expert"
+            if family.layout is ExpertLayout.MODULE_PER_EXPERT
+            else "has no checkpoint naming"
+        )
         raise UnsupportedModelError(
-            f"{family.display_name} ({family.model_type}) keeps one module per expert; loading a sub-MoE "
-            f"from its checkpoint is supported for fused-expert families: {', '.join(sorted(CHECKPOINT_NAMING))}"
+            f"{family.display_name} ({family.model_type}) {why}; loading a sub-MoE from its checkpoint is "
+            f"supported for: {', '.join(sorted(CHECKPOINT_NAMING))}"
         )
     return naming

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedexperts.errors import UnsupportedModelError
+from fedexperts.moe.wrappers import text_config_of, text_model_path
 
 
 class ExpertLayout(StrEnum):
@@ -104,6 +105,20 @@ class MoELayer:
         return self.family.router_top_k(self.router)
 
 
+def decoder_stacks(model: nn.Module, model_type: str) -> list[tuple[str, str, nn.ModuleList]]:
+    """The decoder ``layers`` of a decoder-only model: of its text decoder when it is a composite (multimodal) one."""
+    base_prefix = getattr(model, "base_model_prefix", "model")
+    text = text_model_path(model)
+    owners = [(text, model.get_submodule(text))] if text is not None else []
+    # Llama4ForCausalLM declares base_model_prefix "language_model" but holds its base model as ``model``
+    candidates = [(prefix, getattr(model, prefix, None)) for prefix in dict.fromkeys((base_prefix, "model"))]
+    for prefix, owner in (*owners, *candidates, ("", model)):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return [("decoder", f"{prefix}.layers".lstrip("."), layers)]
+    raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__} (model_type {model_type!r})")
+
+
 def _all_layers(config: Any, stack: str, num_layers: int) -> list[int]:
     return list(range(num_layers))
 
@@ -176,19 +191,10 @@ class MoEFamily:
     # -- model structure -------------------------------------------------------------------------
     def stacks(self, model: PreTrainedModel) -> list[tuple[str, str, nn.ModuleList]]:
         """``(stack name, module path prefix, layers)`` for each layer stack of the model."""
-        base_prefix = getattr(model, "base_model_prefix", "model")
-        # Llama4ForCausalLM declares base_model_prefix "language_model" but holds its base model as ``model``
-        for prefix in dict.fromkeys((base_prefix, "model", "")):
-            owner = getattr(model, prefix, None) if prefix else model
-            layers = getattr(owner, "layers", None)
-            if isinstance(layers, nn.ModuleList):
-                return [("decoder", f"{prefix}.layers".lstrip("."), layers)]
-        raise UnsupportedModelError(
-            f"cannot find the decoder layers of {type(model).__name__} (model_type {self.model_type!r})"
-        )
+        return decoder_stacks(model, self.model_type)
 
     def num_layers(self, config: Any, stack: str) -> int:
-        return int(config.num_hidden_layers)
+        return int(text_config_of(config).num_hidden_layers)
 
     def block_in_layer(self, layer: Any) -> tuple[str, nn.Module | None]:
         """Relative path and module of the sparse block inside one transformer layer."""
@@ -255,10 +261,23 @@ class MoEFamily:
         return output[0] if isinstance(output, tuple) else output
 
     def config_num_experts(self, config: Any) -> int:
-        return int(getattr(config, self.num_experts_field))
+        return int(getattr(text_config_of(config), self.num_experts_field))
 
     def config_top_k(self, config: Any) -> int:
-        return 1 if self.top_k_field is None else int(getattr(config, self.top_k_field))
+        return 1 if self.top_k_field is None else int(getattr(text_config_of(config), self.top_k_field))
+
+
+@dataclass(frozen=True)
+class DiscoveredFamily(MoEFamily):
+    """A family found from the live modules and confirmed on a forward (:mod:`fedexperts.moe.discovery`)."""
+
+    confirmed_on: str = ""
+    """Where the identity checks ran (the model's own weights, or a random-weight copy of one block)."""
+
+    def attention_modules(self, layer: Any) -> list[nn.Module]:
+        """Each layer's ``self_attn`` (transformers' name for it); layers without one get no attention LoRA."""
+        attention = getattr(layer, "self_attn", None)
+        return [attention] if isinstance(attention, nn.Module) else []
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import nn
 from fedexperts.moe.families import ExpertLayout, family_for, moe_layers, unwrap_model
 from fedexperts.moe.personal import PERSONAL_EXPERTS, PERSONAL_GATE
 from fedexperts.moe.personal_lora import PERSONAL_LORA
+from fedexperts.moe.wrappers import non_text_modules
 
 NO_WEIGHT_DECAY = "_fedexperts_no_weight_decay"
 """Set to ``True`` on a parameter whose gradient-masked rows must not move (``algorithms.random_expert``)."""
@@ -37,6 +38,8 @@ class ParamKind(StrEnum):
     PERSONAL_EXPERT = "personal_expert"
     """A grafted personal expert; with personal LoRA its adapters are this kind's adapter tensors."""
     PERSONAL_GATE = "personal_gate"
+    NON_TEXT = "non_text"
+    """A wrapper model's parts outside its text model (vision tower, projector, audio): never trained."""
     OTHER = "other"
     """Norms and anything else not named above."""
 
@@ -89,6 +92,8 @@ def _module_kinds(model: Any) -> dict[int, ParamKind]:
             personal = getattr(moe.block, attr, None)
             if isinstance(personal, nn.Module):
                 kinds[id(personal)] = kind
+    for _name, module in non_text_modules(model):
+        kinds[id(module)] = ParamKind.NON_TEXT
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module):

@@ -26,7 +26,14 @@ from transformers import PreTrainedModel
 from fedexperts.atomic import atomic_directory
 from fedexperts.errors import SurgeryError
 from fedexperts.moe.experts import check_expert_indices
-from fedexperts.moe.families import ExpertLayout, MoELayer, family_for, moe_layer_by_name, moe_layers
+from fedexperts.moe.families import (
+    ExpertLayout,
+    MoELayer,
+    family_for,
+    moe_layer_by_name,
+    moe_layers,
+)
+from fedexperts.moe.wrappers import text_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +184,7 @@ def select_experts(model: PreTrainedModel, keep: Mapping[str, Sequence[int]]) ->
                 flat.append(name)
             layer.router.num_group, layer.router.topk_group = plan
             groups[name] = plan
-        _slice_layer(model, layer, chosen)
+        slice_layer(model, layer, chosen)
         local_to_global[name] = tuple(previous.local_to_global[name][i] for i in chosen)
 
     new_map = ExpertMap(local_to_global, dict(previous.num_global), groups, tuple(dict.fromkeys(flat)))
@@ -186,7 +193,12 @@ def select_experts(model: PreTrainedModel, keep: Mapping[str, Sequence[int]]) ->
     return new_map
 
 
-def _slice_layer(model: PreTrainedModel, layer: MoELayer, chosen: list[int]) -> None:
+def slice_layer(model: nn.Module, layer: MoELayer, chosen: list[int]) -> None:
+    """Keep rows ``chosen`` of one layer's router and experts and fix its cached counts (no checks, no map).
+
+    ``model`` is the module that ``layer.name`` is relative to; structural discovery slices a copy of
+    one block this way (:mod:`fedexperts.moe.discovery`).
+    """
     family = layer.family
     count = len(chosen)
     device = family.router_weight(layer.router).device
@@ -277,11 +289,12 @@ def stock_config(model: PreTrainedModel) -> Any | None:
     if len(counts) > 1 or mapping.flat_routing:
         return None
     config = copy.deepcopy(model.config)
-    family = family_for(config)
-    if any(plan != (int(config.n_group), int(config.topk_group)) for plan in mapping.groups.values()):
+    family = family_for(model)
+    text = text_config_of(config)  # a wrapper's expert count is its text model's
+    if any(plan != (int(text.n_group), int(text.topk_group)) for plan in mapping.groups.values()):
         return None
     if counts:
-        setattr(config, family.num_experts_field, counts.pop())
+        setattr(text, family.num_experts_field, counts.pop())
     config.architectures = [type(model).__name__]
     return config
 
@@ -302,7 +315,6 @@ def load_pruned(
         if not (source / needed).is_file():
             raise SurgeryError(f"{source}: missing {needed}; not a folder written by save_pruned")
     config = transformers.AutoConfig.from_pretrained(source)
-    family_for(config)
     try:
         mapping = ExpertMap.from_json(json.loads((source / EXPERT_MAP_FILE).read_text()))
     except (KeyError, TypeError, ValueError) as error:

@@ -26,7 +26,7 @@ from fedexperts.errors import UnsupportedModelError
 from fedexperts.federation.payload import payload_size
 from fedexperts.interface import ClientInfo, LocalData
 from fedexperts.models.partial import meta_model
-from fedexperts.moe.families import family_for, moe_layers, unwrap_model
+from fedexperts.moe.families import family_for, model_note, moe_layers, unwrap_model
 from fedexperts.moe.params import Role, parameter_kinds
 from fedexperts.planning.presets import PlanError, load_plan_config, presets_hint, resolve_dtype
 
@@ -95,6 +95,8 @@ class Plan:
     personal_bytes: int
     """Encoded size of the state a client keeps between rounds (not sent)."""
     memory: MemoryEstimate
+    note: str | None = None
+    """What of a wrapper's model trains, or that its family was discovered (:func:`~fedexperts.moe.model_note`)."""
 
 
 def _active_params(model: nn.Module, base_params: int) -> int:
@@ -123,8 +125,8 @@ def plan(
     wire_dtype = None if transfer_dtype is None else resolve_dtype(transfer_dtype, "transfer dtype")
     name, config = load_plan_config(config_source)
     try:
-        family = family_for(config)
         model = meta_model(config, weights_dtype)
+        family = family_for(model)  # a type without a descriptor: discovery on the meta model
     except UnsupportedModelError as error:
         raise PlanError(f"{name}: {error}; {presets_hint()}") from None
     except (ValueError, TypeError, RuntimeError) as error:  # transformers' checks of the config's values
@@ -133,6 +135,7 @@ def plan(
         layers = moe_layers(unwrap_model(model))
     except UnsupportedModelError as error:
         raise PlanError(f"{name}: {error}; {presets_hint()}") from None
+    note = model_note(model)
     base_params = sum(parameter.numel() for parameter in model.parameters())
     active_params = _active_params(model, base_params)
     algorithm = build_algorithm(algorithm_config)
@@ -188,4 +191,5 @@ def plan(
         uplink_tensors=len(sent.tensors),
         personal_bytes=0 if personal is None else payload_size(personal),
         memory=memory,
+        note=note,
     )

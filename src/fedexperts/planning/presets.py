@@ -281,9 +281,9 @@ def _special_float(value: dict[str, Any]) -> Any:
 def _config_from_dict(data: dict[str, Any], source: str) -> transformers.PretrainedConfig:
     fields = {key: value for key, value in data.items() if key not in ("auto_map", "quantization_config")}
     model_type = fields.pop("model_type")
-    if model_type not in supported_model_types():
+    if model_type not in transformers.CONFIG_MAPPING:  # a known type without a descriptor is tried on its model
         raise PlanError(
-            f"{source}: model_type {model_type!r} is not a supported MoE family "
+            f"{source}: model_type {model_type!r} is not a supported MoE family, nor a transformers model type "
             f"(supported: {', '.join(supported_model_types())}); {presets_hint()}"
         )
     try:

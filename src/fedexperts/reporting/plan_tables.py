@@ -61,6 +61,8 @@ def plan_table(result: Plan) -> Table:
         f"{result.family} ({result.model_type}), {result.moe_layers} MoE layers x {result.num_experts} experts, "
         f"top-{result.top_k}",
     )
+    if result.note is not None:
+        table.add_row("note", "", result.note)
     table.add_row("parameters", human_count(result.base_params), f"{result.base_params:,} (the checkpoint's)")
     table.add_row("active per token", human_count(result.active_params), f"{result.active_params:,}")
     table.add_section()

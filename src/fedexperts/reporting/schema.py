@@ -116,6 +116,9 @@ class RunInfo(_Record):
     rounds: Int
     """Rounds planned (``RunRecord.rounds`` holds the ones completed)."""
     model: Text
+    model_note: Text | None = None
+    """How the model's MoE was found and what of it trains, when not the plain case (a wrapper config's
+    text model, a family without a descriptor); see docs/families.md."""
     parameters: Parameters
 
     @field_validator("clients")

@@ -10,8 +10,9 @@ from __future__ import annotations
 from fedexperts.moe.descriptors.established import ESTABLISHED
 from fedexperts.moe.descriptors.frontier import FRONTIER
 from fedexperts.moe.descriptors.hybrid import HYBRID
+from fedexperts.moe.descriptors.wrapped import WRAPPED
 from fedexperts.moe.family import MoEFamily
 
-DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED, *FRONTIER, *HYBRID)
+DESCRIPTORS: tuple[MoEFamily, ...] = (*ESTABLISHED, *FRONTIER, *HYBRID, *WRAPPED)
 
 __all__ = ["DESCRIPTORS"]
