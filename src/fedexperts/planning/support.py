@@ -111,7 +111,8 @@ def family_table(families: Sequence[MoEFamily] = DESCRIPTORS) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         family = row.family
-        shared = ", ".join(f"`{attr}`" for attr in family.shared_expert_attrs) or "-"
+        attrs = (*family.shared_expert_attrs, *(f"layer.{attr}" for attr in family.layer_shared_expert_attrs))
+        shared = ", ".join(f"`{attr}`" for attr in attrs) or "-"
         cells = [
             f"`{family.model_type}`",
             family.display_name,
