@@ -67,7 +67,9 @@ def test_gradient_accumulation_matches_one_big_batch():
     train_local(small, halves, TrainConfig(steps_per_round=1, grad_accumulation=2, max_grad_norm=None))
     train_local(big, [data], TrainConfig(steps_per_round=1, max_grad_norm=None))
     for (name, a), b in zip(small.named_parameters(), big.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        # AdamW's first step is about lr * sign(g): a coordinate whose gradient is near zero can move by a
+        # visible fraction of lr when summation order changes, so the bound is 1% of the step (lr 0.005)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_zero_proximal_term_changes_nothing():

@@ -311,11 +311,8 @@ class FedMoE(BaseAlgorithm):
                 shape = (len(plan.structure[layer]), *global_state[name].shape[1:])
                 rows = update.tensors.get(name)
                 if rows is not None and rows.shape[:1] != shape[:1]:  # rows of experts it does not hold
-                    raise PayloadError(
-                        f"{sender}: {name} carries {rows.shape[0] if rows.dim() else 0} expert rows, "
-                        f"it holds {shape[0]}",
-                        rule="experts",
-                    )
+                    carried = rows.shape[0] if rows.dim() else 0
+                    raise PayloadError(f"{sender}: {name} has {carried} expert rows, not {shape[0]}", rule="experts")
                 expected[name] = torch.empty(shape, device="meta", dtype=global_state[name].dtype)
             if self.weighs_tokens:
                 self._routed_tokens(update.metadata, plan.structure, sender)
