@@ -5,6 +5,8 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.models import TINY_FAMILIES, tiny_model
 from fedexperts.moe import RoutingRecorder, moe_layers
 
+from .helpers import recorded_and_top_k_counts
+
 # Families whose choice is the top-k of (biased) logits: softmax is monotonic, so top-k of the raw
 # logits recomputed from the router's input is an independent reference.
 # Sigmoid routers with a zero correction bias (the tiny configs') choose the top-k of logits too.
@@ -26,26 +28,11 @@ def record(model, batch, **kwargs):
 def test_counts_match_an_independent_top_k_recomputation(model_type, batch_factory):
     model = tiny_model(model_type)
     batch = batch_factory(model)
-    inputs = {}
-    handles = [
-        layer.router.register_forward_pre_hook(
-            lambda module, args, name=layer.name: inputs.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for layer in moe_layers(model)
-    ]
-    recorder = record(model, batch)
-    for handle in handles:
-        handle.remove()
-    real = batch["attention_mask"].reshape(-1).bool()
+    recorder, expected = recorded_and_top_k_counts(model, batch)
+    real = int(batch["attention_mask"].sum())
     for layer in moe_layers(model):
-        router = layer.router
-        scores = inputs[layer.name].float() @ layer.family.router_weight(router).float().T
-        if getattr(router, "bias", None) is not None:
-            scores = scores + router.bias.float()
-        chosen = scores[real].topk(layer.top_k, dim=-1).indices
-        expected = torch.bincount(chosen.reshape(-1), minlength=layer.num_experts)
-        assert torch.equal(recorder.counts()[layer.name], expected), layer.name
-        assert recorder.stats[layer.name].tokens == int(real.sum())
+        assert torch.equal(recorder.counts()[layer.name], expected[layer.name]), layer.name
+        assert recorder.stats[layer.name].tokens == real
 
 
 @pytest.mark.parametrize("model_type", TINY_FAMILIES)

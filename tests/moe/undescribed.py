@@ -16,25 +16,12 @@ from torch import nn
 
 from fedexperts.models import tiny_config
 from fedexperts.models.load import model_class_for
+from fedexperts.models.tiny import COMMON_FIELDS
 
 EXPERTS = 8
-HIDDEN = 32
+HIDDEN = COMMON_FIELDS["hidden_size"]
 
-_TEXT: dict[str, Any] = {
-    "hidden_size": HIDDEN,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "vocab_size": 128,
-    "max_position_embeddings": 128,
-    "num_experts_per_tok": 2,
-    "intermediate_size": 16,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+_TEXT: dict[str, Any] = {**COMMON_FIELDS, "head_dim": 8}
 
 UNDESCRIBED: dict[str, dict[str, Any]] = {
     "granitemoe_swa": {"num_local_experts": EXPERTS},

@@ -20,7 +20,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from fedexperts.errors import UnsupportedModelError
 
-_COMMON: dict[str, Any] = {
+COMMON_FIELDS: dict[str, Any] = {
     "hidden_size": 32,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
@@ -34,6 +34,7 @@ _COMMON: dict[str, Any] = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+"""The fields every decoder-only tiny config shares (hidden 32, 3 layers, 4 heads, vocabulary 128, top-2)."""
 
 _GATED_DELTANET: dict[str, Any] = {
     "linear_num_key_heads": 2,
@@ -269,7 +270,7 @@ def tiny_config(model_type: str, **overrides: Any) -> transformers.PretrainedCon
         raise UnsupportedModelError(f"no tiny config for {model_type!r}; have: {', '.join(TINY_FAMILIES)}")
     fields = dict(_FAMILY_OVERRIDES[model_type])
     if model_type != "switch_transformers":
-        fields = {**_COMMON, **fields}
+        fields = {**COMMON_FIELDS, **fields}
     fields.update(overrides)
     fields = {key: value for key, value in fields.items() if value is not None or key == "q_lora_rank"}
     return transformers.AutoConfig.for_model(model_type, **fields)

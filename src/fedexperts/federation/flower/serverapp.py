@@ -60,8 +60,9 @@ class FlowerTransport:
     def __init__(self, grid: Grid, config: ExperimentConfig, run_dir: Path) -> None:
         self.grid = grid
         self.config = config
-        self.run_dir = run_dir
-        self.run_uid = RunStore(run_dir).manifest.uid
+        self.store = RunStore(run_dir)
+        """Read only: the round records a resume restores each client's last accepted round from."""
+        self.run_uid = self.store.manifest.uid
         self.dtype = transfer_dtype(config.federation.transfer_dtype)
         if self.dtype is torch.bfloat16:
             raise RunError(
@@ -199,9 +200,8 @@ class FlowerTransport:
     def resume(self, done: int) -> None:
         """Each client's last committed accepted round, from the round records (what its node may commit next)."""
         self._accepted = {}
-        store = RunStore(self.run_dir)
         for round_number in range(1, done + 1):
-            record = json.loads(store.record_path(f"round-{round_number:06d}").read_text())
+            record = json.loads(self.store.record_path(f"round-{round_number:06d}").read_text())
             for client_id, entry in record["clients"].items():
                 if entry["status"] == "ok":
                     self._accepted[client_id] = round_number

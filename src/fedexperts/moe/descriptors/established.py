@@ -141,3 +141,7 @@ ESTABLISHED: tuple[MoEFamily, ...] = (
         sparse_layers=switch_sparse_layers,
     ),
 )
+
+ESTABLISHED_BY_TYPE: dict[str, MoEFamily] = {family.model_type: family for family in ESTABLISHED}
+"""The established descriptors by ``model_type``: newer families built on one of these block designs
+are written as that descriptor with what differs replaced."""

@@ -9,12 +9,11 @@ per-expert tensor like the router rows: it is pruned, sliced and loaded with the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from fedexperts.moe.descriptors.established import deepseek_sparse_layers
+from fedexperts.moe.descriptors.established import ESTABLISHED_BY_TYPE, deepseek_sparse_layers
 from fedexperts.moe.family import ExpertLayout, MoEFamily, RouterOutput
-
-_V3_ROUTING = "sigmoid scores + correction bias, group-limited top-k, renormalised, scaled; shared experts"
 
 
 def mlp_layer_types_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]:
@@ -38,19 +37,11 @@ def ernie_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]:
 
 def _deepseek_v3_like(model_type: str, display_name: str, sparse_layers: Any, **extra: Any) -> MoEFamily:
     """A family whose block is DeepSeek-V3's: ``gate`` (a ``*TopkRouter``), fused experts, ``shared_experts``."""
-    return MoEFamily(
+    return replace(
+        ESTABLISHED_BY_TYPE["deepseek_v3"],
         model_type=model_type,
         display_name=display_name,
-        num_experts_field="n_routed_experts",
-        top_k_field="num_experts_per_tok",
-        block_attr="mlp",
-        router_attr="gate",
-        shared_expert_attrs=("shared_experts",),
-        router_expert_tensors=("weight", "e_score_correction_bias"),
-        routing=_V3_ROUTING,
         sparse_layers=sparse_layers,
-        group_routing=True,
-        group_scored_by=2,
         **extra,
     )
 

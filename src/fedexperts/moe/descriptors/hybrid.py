@@ -32,9 +32,10 @@ attention heads inside attention. Both need an expert layout beyond the fused on
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from fedexperts.moe.descriptors.established import qwen_sparse_layers
+from fedexperts.moe.descriptors.established import ESTABLISHED_BY_TYPE
 from fedexperts.moe.family import MoEFamily
 
 
@@ -57,17 +58,25 @@ def granite_sparse_layers(config: Any, stack: str, num_layers: int) -> list[int]
 _GATED_DELTANET = ("self_attn", "linear_attn")
 _MAMBA = ("self_attn", "mamba")
 
+_GRANITE_SHARED = MoEFamily(
+    model_type="granitemoeshared",
+    display_name="Granite-MoE-shared",
+    num_experts_field="num_local_experts",
+    top_k_field="num_experts_per_tok",
+    block_attr="block_sparse_moe",
+    router_attr="router",
+    layer_shared_expert_attrs=("shared_mlp",),
+    routing="top-k of logits, softmax over the k; a shared MLP beside the block",
+    sparse_layers=granite_sparse_layers,
+)
+"""Granite-MoE's block with a shared MLP beside it; Granite-4 hybrid is the same with Mamba-2 layers."""
+
 HYBRID: tuple[MoEFamily, ...] = (
-    MoEFamily(
+    # Qwen2-MoE's sparse block (and its mlp_only_layers / decoder_sparse_step rule) beside Gated DeltaNet layers
+    replace(
+        ESTABLISHED_BY_TYPE["qwen2_moe"],
         model_type="qwen3_next",
         display_name="Qwen3-Next",
-        num_experts_field="num_experts",
-        top_k_field="num_experts_per_tok",
-        block_attr="mlp",
-        router_attr="gate",
-        shared_expert_attrs=("shared_expert", "shared_expert_gate"),
-        routing="softmax over all experts, top-k (optionally renormalised); sigmoid-gated shared expert",
-        sparse_layers=qwen_sparse_layers,
         attention_attrs=_GATED_DELTANET,
     ),
     MoEFamily(
@@ -81,27 +90,11 @@ HYBRID: tuple[MoEFamily, ...] = (
         routing="softmax over all experts, top-k, renormalised; sigmoid-gated shared expert",
         attention_attrs=_GATED_DELTANET,
     ),
-    MoEFamily(
-        model_type="granitemoeshared",
-        display_name="Granite-MoE-shared",
-        num_experts_field="num_local_experts",
-        top_k_field="num_experts_per_tok",
-        block_attr="block_sparse_moe",
-        router_attr="router",
-        layer_shared_expert_attrs=("shared_mlp",),
-        routing="top-k of logits, softmax over the k; a shared MLP beside the block",
-        sparse_layers=granite_sparse_layers,
-    ),
-    MoEFamily(
+    _GRANITE_SHARED,
+    replace(
+        _GRANITE_SHARED,
         model_type="granitemoehybrid",
         display_name="Granite-4 hybrid (Mamba-2 + attention)",
-        num_experts_field="num_local_experts",
-        top_k_field="num_experts_per_tok",
-        block_attr="block_sparse_moe",
-        router_attr="router",
-        layer_shared_expert_attrs=("shared_mlp",),
-        routing="top-k of logits, softmax over the k; a shared MLP beside the block",
-        sparse_layers=granite_sparse_layers,
         attention_attrs=_MAMBA,
         lora_excluded=("mamba.out_proj",),
     ),
@@ -129,13 +122,5 @@ HYBRID: tuple[MoEFamily, ...] = (
         sparse_layers=lfm2_sparse_layers,
         attention_attrs=("self_attn", "conv"),
     ),
-    MoEFamily(
-        model_type="flex_olmo",
-        display_name="FlexOlmo",
-        num_experts_field="num_experts",
-        top_k_field="num_experts_per_tok",
-        block_attr="mlp",
-        router_attr="gate",
-        routing="softmax over all experts, top-k (optionally renormalised)",
-    ),
+    replace(ESTABLISHED_BY_TYPE["olmoe"], model_type="flex_olmo", display_name="FlexOlmo"),  # OLMoE's block
 )
