@@ -76,7 +76,7 @@ def test_zero_proximal_term_changes_nothing():
     plain, prox = tiny_model("olmoe"), tiny_model("olmoe")
     data = batches(plain)
     train_local(plain, data, TrainConfig(steps_per_round=2))
-    train_local(prox, data, TrainConfig(steps_per_round=2), proximal=lambda: torch.zeros(()))
+    train_local(prox, data, TrainConfig(steps_per_round=2), proximal=lambda _: torch.zeros(()))
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), prox.parameters(), strict=True))
 
 
@@ -160,7 +160,7 @@ def test_bad_training_inputs_are_clear_errors():
         train_local(model, batches(model), TrainConfig())
     model.requires_grad_(True)
     with pytest.raises(FedExpertsError, match="loss became nan"):
-        train_local(model, batches(model), TrainConfig(), proximal=lambda: torch.tensor(float("nan")))
+        train_local(model, batches(model), TrainConfig(), proximal=lambda _: torch.tensor(float("nan")))
 
 
 def test_a_learning_rate_far_too_large_is_divergence_not_an_ok_update():
@@ -178,6 +178,6 @@ def test_a_non_finite_loss_names_the_step_and_the_remedy():
             model,
             batches(model),
             TrainConfig(steps_per_round=2),
-            proximal=lambda: torch.tensor(math.nan),
+            proximal=lambda _: torch.tensor(math.nan),
             description="c1",
         )

@@ -125,6 +125,11 @@ class FederationConfig(Section):
     algorithm that names its experts (``fedmoe``, ``random-moe``) loads only its sub-MoE from the checkpoint,
     a profiling client the full model (what a device does; ``model.name`` must be ``builtin`` or a local
     folder). Other algorithms always share the base. Flower nodes always load sub-MoEs for such algorithms."""
+    parallel_clients: int = Field(1, ge=1)
+    """In-process runtime: train this many of a round's sampled clients at a time as one batch through the shared
+    frozen base, each client's rows through its own trainable tensors and optimizer (:mod:`fedexperts.batching`;
+    the same results as one after another, within float tolerance). An algorithm or setting that cannot batch
+    says why and runs its clients one after another. Flower runs one client per node and ignores it."""
     transfer_dtype: Literal["float16", "bfloat16"] | None = None
     """Cast floating tensors to this dtype on the wire, both ways (half the bytes of float32); each receiver
     restores the tensors' own dtype. Flower carries float16 only (numpy has no bfloat16)."""

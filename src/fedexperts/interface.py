@@ -121,6 +121,13 @@ class ClientContext:
     runtime after training when :attr:`Algorithm.counts_routing`; ``None`` until then)."""
 
 
+ProximalTerm = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+"""An extra local loss term computed from the trainable tensors by parameter name (FedProx's proximal term).
+
+It reads the tensors it is given, not the model's parameters: batched clients
+(:mod:`fedexperts.batching`) train copies of them, one per client."""
+
+
 @dataclass(frozen=True)
 class ClientUpdate:
     client: ClientInfo
@@ -136,6 +143,12 @@ class Algorithm(Protocol):
     """Every parameter of the prepared model and its role (frozen, shared, personal)."""
     client_sub_moes: bool
     """Whether :meth:`client_experts` may name a subset of the experts: a client then needs only those."""
+
+    @property
+    def batching_refusal(self) -> str | None:
+        """Why this algorithm's clients cannot train as row groups of one batch (``federation.parallel_clients``,
+        :mod:`fedexperts.batching`), or ``None`` when they can."""
+        ...
 
     @property
     def counts_routing(self) -> bool:
@@ -175,7 +188,7 @@ class Algorithm(Protocol):
         """
         ...
 
-    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+    def proximal_term(self, context: ClientContext) -> ProximalTerm | None:
         """An extra local loss term (FedProx), or ``None``."""
         ...
 

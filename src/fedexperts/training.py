@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from torch import nn
 from fedexperts.config import TrainConfig
 from fedexperts.data.tokenize import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
+from fedexperts.interface import ProximalTerm
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
 from fedexperts.moe.params import NO_WEIGHT_DECAY
 from fedexperts.moe.precision import autocast_for
@@ -165,11 +166,57 @@ def recorded_routing(recorder: RoutingRecorder | None, batch: Mapping[str, torch
         yield
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def trainable_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters of ``model`` (unwrapped), by the names the algorithms' roles use."""
+    named = {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    if not named:
         raise FedExpertsError("the model has no trainable parameters: every role is frozen")
-    return params
+    return named
+
+
+def build_optimizer(named: Mapping[str, torch.Tensor], settings: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``named`` (tensors of :data:`~fedexperts.moe.params.NO_WEIGHT_DECAY` parameters undecayed)."""
+    decayed: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
+    for tensor in named.values():
+        (no_decay if getattr(tensor, NO_WEIGHT_DECAY, False) else decayed).append(tensor)
+    groups: list[dict[str, Any]] = [{"params": decayed}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [group for group in groups if group["params"]], lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, settings: TrainConfig, step: int, total_rounds: int) -> None:
+    """The cosine schedule's rate at global ``step`` (of ``settings.steps_per_round * total_rounds``)."""
+    learning_rate = cosine_learning_rate(
+        step,
+        peak=settings.learning_rate,
+        floor_fraction=settings.min_learning_rate / settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        total_steps=settings.steps_per_round * total_rounds,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+
+
+def diverged_loss(description: str, value: float, step: int, settings: TrainConfig) -> str:
+    return (
+        f"{description} diverged: the loss became {value} at step {step + 1} of "
+        f"{settings.steps_per_round}; lower train.learning_rate"
+    )
+
+
+def check_growth(
+    description: str, params: Iterable[torch.Tensor], start_rms: float, step: int, settings: TrainConfig
+) -> None:
+    """Raise :class:`DivergenceError` when the weights' RMS passed ``max(GROWTH_LIMIT x start_rms, 1)`` (or is nan)."""
+    limit = max(GROWTH_LIMIT * start_rms, 1.0)
+    rms = weights_rms(params)
+    if not rms <= limit:  # also catches nan
+        raise DivergenceError(
+            f"{description} diverged: the trainable weights' RMS went from {start_rms:.3g} to {rms:.3g} at "
+            f"step {step + 1} of {settings.steps_per_round} (limit {limit:.3g}); lower train.learning_rate"
+        )
 
 
 def train_local(
@@ -179,7 +226,7 @@ def train_local(
     *,
     total_rounds: int = 1,
     round_index: int = 0,
-    proximal: Callable[[], torch.Tensor] | None = None,
+    proximal: ProximalTerm | None = None,
     routing: RoutingRecorder | None = None,
     description: str = "train",
 ) -> TrainResult:
@@ -193,20 +240,15 @@ def train_local(
     above ``max(GROWTH_LIMIT x`` the RMS before the first step, ``1.0)`` (a learning rate far too large
     saturates the model: the weights explode while the loss stays flat).
 
-    ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` returns an
-    extra loss term (FedProx's ``mu/2 ||w - w_global||^2``). ``routing`` counts the tokens every training
-    forward routes to each expert (:func:`recorded_routing`). The caller seeds torch for
-    reproducibility; the loop itself draws no randomness besides the model's dropout.
+    ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` computes an
+    extra loss term (FedProx's ``mu/2 ||w - w_global||^2``) from the trainable tensors by name.
+    ``routing`` counts the tokens every training forward routes to each expert
+    (:func:`recorded_routing`). The caller seeds torch for reproducibility; the loop itself draws no
+    randomness besides the model's dropout.
     """
-    params = trainable_parameters(model)
-    decayed: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in params:
-        (no_decay if getattr(param, NO_WEIGHT_DECAY, False) else decayed).append(param)
-    groups: list[dict[str, Any]] = [{"params": decayed}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(
-        [group for group in groups if group["params"]], lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    named = trainable_by_name(model)
+    params = list(named.values())
+    optimizer = build_optimizer(named, settings)
     device = params[0].device
     checkpointing = _checkpointing_switches(model) if settings.gradient_checkpointing else None
     if checkpointing is not None:
@@ -216,20 +258,11 @@ def train_local(
     autocast = autocast_for(model, bf16=settings.bf16)
     total_loss, total_batches, tokens = 0.0, 0, 0
     start_rms = weights_rms(params)
-    limit = max(GROWTH_LIMIT * start_rms, 1.0)
     start = time.perf_counter()
     steps = range(settings.steps_per_round)
     try:
         for step in steps:
-            learning_rate = cosine_learning_rate(
-                round_index * settings.steps_per_round + step,
-                peak=settings.learning_rate,
-                floor_fraction=settings.min_learning_rate / settings.learning_rate,
-                warmup_steps=settings.warmup_steps,
-                total_steps=settings.steps_per_round * total_rounds,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate
+            set_learning_rate(optimizer, settings, round_index * settings.steps_per_round + step, total_rounds)
             optimizer.zero_grad(set_to_none=True)
             for _ in range(settings.grad_accumulation):
                 batch = {key: value.to(device) for key, value in next(source).items()}
@@ -243,12 +276,9 @@ def train_local(
                         aux = load_balancing_loss(router_logits, batch.get("attention_mask"), settings.router_aux_loss)
                         objective = objective + settings.router_aux_loss_coef * aux
                     if proximal is not None:
-                        objective = objective + proximal()
+                        objective = objective + proximal(named)
                 if not torch.isfinite(objective):
-                    raise DivergenceError(
-                        f"{description} diverged: the loss became {objective.item()} at step {step + 1} of "
-                        f"{settings.steps_per_round}; lower train.learning_rate"
-                    )
+                    raise DivergenceError(diverged_loss(description, objective.item(), step, settings))
                 (objective / settings.grad_accumulation).backward()
                 total_loss += loss.item()
                 total_batches += 1
@@ -256,12 +286,7 @@ def train_local(
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
-            rms = weights_rms(params)
-            if not rms <= limit:  # also catches nan
-                raise DivergenceError(
-                    f"{description} diverged: the trainable weights' RMS went from {start_rms:.3g} to {rms:.3g} at "
-                    f"step {step + 1} of {settings.steps_per_round} (limit {limit:.3g}); lower train.learning_rate"
-                )
+            check_growth(description, params, start_rms, step, settings)
     finally:  # the base model is shared by the next client, whether this one finished or diverged
         optimizer.zero_grad(set_to_none=True)
         if checkpointing is not None:

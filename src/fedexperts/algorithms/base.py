@@ -10,7 +10,7 @@ an algorithm.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -29,6 +29,7 @@ from fedexperts.interface import (
     ClientUpdate,
     LocalData,
     Payload,
+    ProximalTerm,
     State,
     validate_update,
 )
@@ -270,7 +271,7 @@ class BaseAlgorithm:
         for name, param in self._params(model, Role.PERSONAL).items():
             param.copy_(kept.get(name, self._initial_personal[name]))
 
-    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+    def proximal_term(self, context: ClientContext) -> ProximalTerm | None:
         """An extra local loss term (FedProx); none by default."""
         return None
 
@@ -281,6 +282,13 @@ class BaseAlgorithm:
     def uplink(self, context: ClientContext) -> Payload:
         tensors = {name: param.detach().clone() for name, param in self._params(context.model, Role.SHARED).items()}
         return Payload(tensors, {EXAMPLES_KEY: context.client.num_examples, **self._tokens_metadata(context)})
+
+    @property
+    def batching_refusal(self) -> str | None:
+        """Clients of role-based algorithms batch, unless experts are weighed by each client's routed tokens."""
+        if self.weighs_tokens:
+            return "algorithm.expert_weighting=tokens counts each client's routed tokens, which one batch does not"
+        return None
 
     @property
     def counts_routing(self) -> bool:

@@ -16,13 +16,13 @@ import torch
 from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.errors import FedExpertsError
 from fedexperts.evaluation import Scores, instruction_scores, mmlu_scores, multiple_choice_accuracy, pad_token_id
-from fedexperts.experiment import Setting, derived_seed
+from fedexperts.experiment import ClientData, Setting, derived_seed
 from fedexperts.federation.accounting import Stopwatch, peak_memory
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import ClientContext, ClientInfo, LocalData, Payload
 from fedexperts.moe.families import unwrap_model
 from fedexperts.moe.routing import RoutingRecorder
-from fedexperts.training import train_local
+from fedexperts.training import TrainResult, train_local
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,115 @@ def start_client(
     return setting.algorithm.setup_client(client_model, received, store.load(data.client.client_id), data)
 
 
+@dataclass
+class ClientStep:
+    """One client step between its setup and evaluation (:func:`begin_client`) and its reply (:func:`finish_client`).
+
+    Local training runs in between: alone (:func:`train_client`), or as one row group of a batch of
+    clients (:mod:`fedexperts.federation.batched`).
+    """
+
+    task: ClientTask
+    client: ClientData
+    context: ClientContext
+    metrics: dict[str, Any]
+    watch: Stopwatch
+
+    @property
+    def trains(self) -> bool:
+        """Whether this step runs local training (a client sitting the round out does not)."""
+        return self.task.train and not self.context.idle
+
+
+def begin_client(setting: Setting, store: ClientStateStore, task: ClientTask, received: Payload) -> ClientStep:
+    """Build the client's model for ``task`` (:func:`start_client`) and run the evaluations it asks for."""
+    config = setting.config
+    client = setting.client(task.client_id)
+    info = ClientInfo(client.client_id, client.num_examples)
+    tokenizer = setting.tokenizer
+    pad = pad_token_id(tokenizer)
+    watch = Stopwatch()
+    metrics: dict[str, Any] = {"examples": client.num_examples}
+    local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
+    context = start_client(setting, store, client.index, received, local)
+    model = context.model
+    evaluate_options: dict[str, Any] = {
+        "max_new_tokens": config.eval.max_new_tokens,
+        "batch_size": config.eval.batch_size,
+        "add_special_tokens": setting.template.add_special_tokens,
+        "rouge_stemmer": config.eval.rouge_stemmer,
+        "rouge_tokenizer": config.eval.rouge_tokenizer,
+    }
+    with watch.phase("eval"):
+        if task.validate and client.validation is not None and not context.idle:
+            metrics.update(_scores("val", instruction_scores(model, tokenizer, client.validation, **evaluate_options)))
+        if task.evaluate and not context.idle:
+            metrics.update(_scores("eval", instruction_scores(model, tokenizer, client.test, **evaluate_options)))
+        if task.union and setting.union is not None:
+            metrics.update(_scores("union", instruction_scores(model, tokenizer, setting.union, **evaluate_options)))
+        if task.probes and setting.probes:
+            metrics["probes"] = multiple_choice_accuracy(model, tokenizer, setting.probes)
+        if task.probes and setting.mmlu:
+            mmlu = mmlu_scores(model, tokenizer, setting.mmlu, batch_size=config.eval.batch_size)
+            metrics["mmlu"] = mmlu.model_dump()
+    return ClientStep(task, client, context, metrics, watch)
+
+
+def training_batches(setting: Setting, step: ClientStep) -> Iterator[dict[str, torch.Tensor]]:
+    """The step's endless training batches, shuffled by the seed of ``(federation.seed, round, client, 1)``."""
+    config = setting.config
+    seed = derived_seed(config.federation.seed, step.task.round, step.client.index, 1)
+    return shuffled_batches(step.client.train, config.train.batch_size, pad_token_id(setting.tokenizer), seed)
+
+
+def train_client(setting: Setting, step: ClientStep) -> list[TrainResult]:
+    """Local training of one client alone: each of the algorithm's training phases over the step's batches."""
+    config, algorithm, context = setting.config, setting.algorithm, step.context
+    recorder = RoutingRecorder(unwrap_model(context.model)) if algorithm.counts_routing else None
+    with step.watch.phase("train"):
+        batches = training_batches(setting, step)
+        results = []
+        for phase in algorithm.training_phases(context):  # one, unless the algorithm trains in turns
+            with phase:
+                results.append(
+                    train_local(
+                        context.model,
+                        batches,
+                        config.train,
+                        total_rounds=config.federation.rounds,
+                        round_index=step.task.round - 1,
+                        proximal=algorithm.proximal_term(context),
+                        routing=recorder,
+                        description=step.client.client_id,
+                    )
+                )
+    if recorder is not None:
+        context.routed_tokens = {name: counts.tolist() for name, counts in recorder.counts().items()}
+    return results
+
+
+def finish_client(
+    setting: Setting, store: ClientStateStore, step: ClientStep, results: Sequence[TrainResult], peak_bytes: int
+) -> Payload:
+    """The step's reply: its uplink (after training) and metrics; the new personal state is staged under its round."""
+    algorithm, context, metrics = setting.algorithm, step.context, step.metrics
+    uplink = Payload({})
+    if step.task.train and context.idle:
+        uplink = algorithm.uplink(context)  # the algorithm's reply that the client sat the round out
+    elif step.task.train:
+        if not results:
+            raise FedExpertsError(f"{algorithm.name}: no training phase for {step.client.client_id}")
+        # the loss of the last phase, whose result is sent; the tokens of every phase
+        metrics.update({"train_loss": results[-1].loss, "train_tokens": sum(r.tokens for r in results)})
+        uplink = algorithm.uplink(context)
+        personal = algorithm.personal_state(context)
+        if personal is not None:
+            store.stage(step.task.round, step.client.client_id, personal)
+    metrics.update({f"seconds_{name}": value for name, value in step.watch.seconds.items()})
+    metrics["peak_memory_bytes"] = peak_bytes
+    return Payload(uplink.tensors, {**uplink.metadata, **metrics, **binding(step.task)})
+
+
 def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, received: Payload) -> Payload:
     """Run one client task on the model the setting gives it; the reply carries the uplink and the metrics.
 
@@ -102,77 +211,7 @@ def run_client(setting: Setting, store: ClientStateStore, task: ClientTask, rece
     The new personal state is staged under ``task.round``; the runtime commits it once the round
     is checkpointed.
     """
-    config = setting.config
-    client = setting.client(task.client_id)
-    info = ClientInfo(client.client_id, client.num_examples)
-    algorithm, tokenizer = setting.algorithm, setting.tokenizer
-    pad = pad_token_id(tokenizer)
-    watch = Stopwatch()
-    metrics: dict[str, Any] = {"examples": client.num_examples}
     with peak_memory(setting.device) as peak:
-        local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
-        context = start_client(setting, store, client.index, received, local)
-        model = context.model
-        evaluate_options: dict[str, Any] = {
-            "max_new_tokens": config.eval.max_new_tokens,
-            "batch_size": config.eval.batch_size,
-            "add_special_tokens": setting.template.add_special_tokens,
-            "rouge_stemmer": config.eval.rouge_stemmer,
-            "rouge_tokenizer": config.eval.rouge_tokenizer,
-        }
-        with watch.phase("eval"):
-            if task.validate and client.validation is not None and not context.idle:
-                metrics.update(
-                    _scores("val", instruction_scores(model, tokenizer, client.validation, **evaluate_options))
-                )
-            if task.evaluate and not context.idle:
-                metrics.update(_scores("eval", instruction_scores(model, tokenizer, client.test, **evaluate_options)))
-            if task.union and setting.union is not None:
-                metrics.update(
-                    _scores("union", instruction_scores(model, tokenizer, setting.union, **evaluate_options))
-                )
-            if task.probes and setting.probes:
-                metrics["probes"] = multiple_choice_accuracy(model, tokenizer, setting.probes)
-            if task.probes and setting.mmlu:
-                mmlu = mmlu_scores(model, tokenizer, setting.mmlu, batch_size=config.eval.batch_size)
-                metrics["mmlu"] = mmlu.model_dump()
-        uplink = Payload({})
-        if task.train and context.idle:
-            uplink = algorithm.uplink(context)  # the algorithm's reply that the client sat the round out
-        elif task.train:
-            recorder = RoutingRecorder(unwrap_model(model)) if algorithm.counts_routing else None
-            with watch.phase("train"):
-                batches = shuffled_batches(
-                    client.train,
-                    config.train.batch_size,
-                    pad,
-                    derived_seed(config.federation.seed, task.round, client.index, 1),
-                )
-                results = []
-                for phase in algorithm.training_phases(context):  # one, unless the algorithm trains in turns
-                    with phase:
-                        results.append(
-                            train_local(
-                                model,
-                                batches,
-                                config.train,
-                                total_rounds=config.federation.rounds,
-                                round_index=task.round - 1,
-                                proximal=algorithm.proximal_term(context),
-                                routing=recorder,
-                                description=client.client_id,
-                            )
-                        )
-            if not results:
-                raise FedExpertsError(f"{algorithm.name}: no training phase for {client.client_id}")
-            if recorder is not None:
-                context.routed_tokens = {name: counts.tolist() for name, counts in recorder.counts().items()}
-            # the loss of the last phase, whose result is sent; the tokens of every phase
-            metrics.update({"train_loss": results[-1].loss, "train_tokens": sum(r.tokens for r in results)})
-            uplink = algorithm.uplink(context)
-            personal = algorithm.personal_state(context)
-            if personal is not None:
-                store.stage(task.round, client.client_id, personal)
-    metrics.update({f"seconds_{name}": value for name, value in watch.seconds.items()})
-    metrics["peak_memory_bytes"] = peak.bytes
-    return Payload(uplink.tensors, {**uplink.metadata, **metrics, **binding(task)})
+        step = begin_client(setting, store, task, received)
+        results = train_client(setting, step) if step.trains else []
+    return finish_client(setting, store, step, results, peak.bytes)

@@ -9,14 +9,17 @@ client's personal state in the run directory.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedexperts.batching import batching_refusal
 from fedexperts.config import ExperimentConfig
 from fedexperts.experiment import Setting, build_setting
+from fedexperts.federation.batched import run_clients_batched
 from fedexperts.federation.client import ClientTask, run_client
 from fedexperts.federation.payload import decode, encode, transfer_dtype
 from fedexperts.federation.resume import check_resume
@@ -25,6 +28,8 @@ from fedexperts.federation.runstore import CLIENTS, RunStore
 from fedexperts.federation.server import Delivery, Federation, Member
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import Payload, majority_category
+
+logger = logging.getLogger(__name__)
 
 
 def members_of(setting: Setting) -> dict[str, Member]:
@@ -52,6 +57,9 @@ class ClientEvent:
 class InProcessTransport:
     """Runs each task by calling the client step in this process; personal states live under ``run_dir/clients``.
 
+    With ``federation.parallel_clients = k`` the tasks run k at a time as one batched step (when the
+    setting can batch; else one at a time, said once in the log).
+
     ``on_client`` hears of every client starting and finishing (progress displays).
     """
 
@@ -62,13 +70,41 @@ class InProcessTransport:
         self.store = store
         self.dtype = transfer_dtype(setting.config.federation.transfer_dtype)
         self.on_client = on_client or (lambda event: None)
+        self.parallel = setting.config.federation.parallel_clients
+        if self.parallel > 1:
+            refusal = batching_refusal(setting.algorithm, setting.model, setting.config.train)
+            if refusal is not None:
+                logger.warning("federation.parallel_clients=%d: clients run one at a time: %s", self.parallel, refusal)
+                self.parallel = 1
 
     def exchange(self, tasks: Sequence[tuple[ClientTask, Payload]]) -> dict[str, Delivery]:
-        deliveries = {}
-        for position, (task, downlink) in enumerate(tasks, start=1):
-            self.on_client(ClientEvent(task, position, len(tasks)))
-            deliveries[task.client_id] = self._one(task, downlink)
-            self.on_client(ClientEvent(task, position, len(tasks), deliveries[task.client_id]))
+        deliveries: dict[str, Delivery] = {}
+        for first in range(0, len(tasks), self.parallel):
+            chunk = tasks[first : first + self.parallel]
+            for position, (task, _) in enumerate(chunk, start=first + 1):
+                self.on_client(ClientEvent(task, position, len(tasks)))
+            done = [self._one(*chunk[0])] if len(chunk) == 1 else self._batch(chunk)
+            for position, ((task, _), delivery) in enumerate(zip(chunk, done, strict=True), start=first + 1):
+                deliveries[task.client_id] = delivery
+                self.on_client(ClientEvent(task, position, len(tasks), delivery))
+        return deliveries
+
+    def _batch(self, chunk: Sequence[tuple[ClientTask, Payload]]) -> list[Delivery]:
+        """Several client steps as one batch (:mod:`fedexperts.federation.batched`); each message encoded as alone."""
+        started = time.perf_counter()
+        downs = [encode(downlink, dtype=self.dtype) for _, downlink in chunk]
+        outcomes = run_clients_batched(
+            self.setting, self.store, [(task, decode(down)) for (task, _), down in zip(chunk, downs, strict=True)]
+        )
+        seconds = (time.perf_counter() - started) / len(chunk)
+        deliveries = []
+        for down, outcome in zip(downs, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                error = f"{type(outcome).__name__}: {outcome}"
+                deliveries.append(Delivery(len(down), error=error, seconds=seconds))
+                continue
+            up = encode(outcome, dtype=self.dtype)
+            deliveries.append(Delivery(len(down), len(up), decode(up), seconds=seconds))
         return deliveries
 
     def _one(self, task: ClientTask, downlink: Payload) -> Delivery:

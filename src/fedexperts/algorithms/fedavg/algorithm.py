@@ -7,14 +7,14 @@ along it). FedProx (Li et al., 2020) adds ``mu / 2 * ||w - w_global||^2`` to eve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
 from fedexperts.algorithms.fedavg.config import DenseConfig, FedAvgConfig, FedProxConfig
 from fedexperts.algorithms.settings import SharedScope
-from fedexperts.interface import ClientContext
+from fedexperts.interface import ClientContext, ProximalTerm
 from fedexperts.moe.params import Role
 
 
@@ -48,13 +48,13 @@ class FedProx(FedAvg):
         super().__init__(config)
         self.mu = config.mu
 
-    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+    def proximal_term(self, context: ClientContext) -> ProximalTerm | None:
         shared = self._params(context.model, Role.SHARED)
         received = context.received.tensors
         anchors = {name: received[name].detach().to(param.device) for name, param in shared.items()}
 
-        def term() -> torch.Tensor:
-            total = sum(((param - anchors[name]) ** 2).sum() for name, param in shared.items())
+        def term(trainable: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            total = sum(((trainable[name] - anchor) ** 2).sum() for name, anchor in anchors.items())
             return 0.5 * self.mu * torch.as_tensor(total)
 
         return term
@@ -73,3 +73,7 @@ class MoEAsDense(BaseAlgorithm):
             scope_rules(SharedScope.EVERYTHING), server=config.server, expert_weighting=config.expert_weighting
         )
         self.scope = SharedScope.EVERYTHING
+
+    @property
+    def batching_refusal(self) -> str | None:
+        return "dense trains every weight: its clients share no frozen base to batch through"

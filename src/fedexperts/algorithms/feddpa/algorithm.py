@@ -59,6 +59,10 @@ class FedDPA(BaseAlgorithm):
         self.twins: dict[str, str] = {}
         """Local-adapter tensor name -> the global-adapter tensor of the same layer and factor (set by prepare)."""
 
+    @property
+    def batching_refusal(self) -> str | None:
+        return "feddpa trains its two adapters in turn (training phases), which row groups of one batch do not follow"
+
     def _inject_lora(self, model: nn.Module) -> None:
         if getattr(unwrap_model(model).config, "is_encoder_decoder", False):
             raise FedExpertsError("feddpa supports decoder-only models; this one is an encoder-decoder")

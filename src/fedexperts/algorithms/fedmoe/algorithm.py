@@ -7,7 +7,7 @@ tensors move through :mod:`fedexperts.algorithms.fedmoe.views`, and a client's s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from fedexperts.interface import (
     LocalData,
     Payload,
     PayloadError,
+    ProximalTerm,
     State,
     majority_category,
     validate_update,
@@ -117,6 +118,12 @@ class FedMoE(BaseAlgorithm):
         self.budget_counts = config.fedmoe.budget_counts
         self.schedule = Schedule.from_options(
             config.fedmoe, client_ids, name=self.name, seed=self._random_seed(config.fedmoe, seed)
+        )
+
+    @property
+    def batching_refusal(self) -> str | None:
+        return (
+            f"{self.name}: each client trains its own sub-MoE's expert rows (a per-group router mask is not built yet)"
         )
 
     def _random_seed(self, options: FedMoEOptions, seed: int) -> tuple[int, ...] | None:
@@ -261,7 +268,7 @@ class FedMoE(BaseAlgorithm):
             data.client, client, received, data.round, phase=phase, structure=structure, category=category
         )
 
-    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+    def proximal_term(self, context: ClientContext) -> ProximalTerm | None:
         return None
 
     def uplink(self, context: ClientContext) -> Payload:

@@ -76,6 +76,9 @@ def flex_rules(scope: SharedScope, *, share_gate: bool, lora: bool = False) -> R
 class FLExContext(ClientContext):
     selected_round: int = 1
     """Round of this client's last grafting choice (kept in its personal state)."""
+    grafted: dict[str, tuple[int, ...]] | None = None
+    """The experts in this client's personal slots once it is set up (read back from the context, not the
+    model: batched clients share one model, which holds the last set-up client's choice)."""
 
 
 class FLEx(BaseAlgorithm):
@@ -95,6 +98,12 @@ class FLEx(BaseAlgorithm):
         self.calibration_tokens = options.calibration_tokens
         self.criterion = options.criterion
         self.gate_bias = options.gate_bias
+
+    @property
+    def batching_refusal(self) -> str | None:
+        if self.personal_lora is not None:
+            return "flex with personal_training=lora reads the grafted copies inside its fused LoRA, not by row group"
+        return super().batching_refusal
 
     def prepare(self, model: nn.Module) -> None:
         base = unwrap_model(model)
@@ -123,12 +132,14 @@ class FLEx(BaseAlgorithm):
             set_grafted_experts(base, personal.metadata[GRAFTED_KEY])
         if personal is not None:
             context.selected_round = int(personal.metadata.get(SELECTED_ROUND_KEY, 1))
-        if data.batches is None:
-            return context  # nothing to calibrate on (sizing on the meta device): the placeholder slots stay
-        due = personal is None or (self.refresh_every > 0 and data.round - context.selected_round >= self.refresh_every)
-        if due:
-            self._select(base, data.batches, keep_trained=personal is not None)
-            context.selected_round = data.round
+        if data.batches is not None:  # else nothing to calibrate on (sizing on the meta device): placeholders stay
+            due = personal is None or (
+                self.refresh_every > 0 and data.round - context.selected_round >= self.refresh_every
+            )
+            if due:
+                self._select(base, data.batches, keep_trained=personal is not None)
+                context.selected_round = data.round
+        context.grafted = grafted_experts(base)
         return context
 
     def _select(
@@ -151,7 +162,8 @@ class FLEx(BaseAlgorithm):
 
     def personal_state(self, context: ClientContext) -> Payload | None:
         state = super().personal_state(context)
-        grafted = {name: list(experts) for name, experts in grafted_experts(context.model).items()}
+        chosen = context.grafted if isinstance(context, FLExContext) else None
+        grafted = {name: list(experts) for name, experts in (chosen or grafted_experts(context.model)).items()}
         tensors = state.tensors if state is not None else {}
         selected = context.selected_round if isinstance(context, FLExContext) else 1
         return Payload(tensors, {GRAFTED_KEY: grafted, SELECTED_ROUND_KEY: selected})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -44,6 +44,7 @@ from fedexperts.interface import (
     ClientUpdate,
     LocalData,
     Payload,
+    ProximalTerm,
     State,
 )
 from fedexperts.moe.params import Role
@@ -149,7 +150,7 @@ class PrivateAlgorithm:
     ) -> ClientContext:
         return self.inner.setup_client(model, received, personal, data)
 
-    def proximal_term(self, context: ClientContext) -> Callable[[], torch.Tensor] | None:
+    def proximal_term(self, context: ClientContext) -> ProximalTerm | None:
         return self.inner.proximal_term(context)
 
     def training_phases(self, context: ClientContext) -> Sequence[AbstractContextManager[object]]:

@@ -46,6 +46,10 @@ class RandomExpert(BaseAlgorithm):
         self.chosen: dict[str, int] = {}
         """Parameter name of each fused expert tensor -> the expert row trained."""
 
+    @property
+    def batching_refusal(self) -> str | None:
+        return "random-expert trains expert rows through a gradient hook on the shared tensors, which copies lack"
+
     def prepare(self, model: nn.Module) -> None:
         base = unwrap_model(model)
         generator = torch.Generator().manual_seed(self.seed)
