@@ -45,7 +45,6 @@ from fedexperts.interface import (
     LocalData,
     Payload,
     PayloadError,
-    ProximalTerm,
     State,
     majority_category,
     validate_update,
@@ -122,9 +121,7 @@ class FedMoE(BaseAlgorithm):
 
     @property
     def batching_refusal(self) -> str | None:
-        return (
-            f"{self.name}: each client trains its own sub-MoE's expert rows (a per-group router mask is not built yet)"
-        )
+        return f"{self.name}: each client trains its own sub-MoE's expert rows (no per-group router mask yet)"
 
     def _random_seed(self, options: FedMoEOptions, seed: int) -> tuple[int, ...] | None:
         """``None``: sub-MoEs chosen by activation, then recommended (randomMoE: its draws' seed)."""
@@ -267,9 +264,6 @@ class FedMoE(BaseAlgorithm):
         return FedMoEContext(
             data.client, client, received, data.round, phase=phase, structure=structure, category=category
         )
-
-    def proximal_term(self, context: ClientContext) -> ProximalTerm | None:
-        return None
 
     def uplink(self, context: ClientContext) -> Payload:
         """The dense tensors, and the held experts' rows (stage 2) or the measured ``p`` (profiling)."""
