@@ -9,6 +9,7 @@ import math
 
 import pytest
 import transformers
+from safetensors.torch import load_file
 
 from fedexperts.algorithms.registry import algorithm_names
 from fedexperts.errors import FedExpertsError
@@ -72,6 +73,15 @@ def test_every_algorithm_runs_on_switch(name, switch_folder, micro_config):
         assert all(entry["status"] == "ok" for entry in record["clients"].values()), record["clients"]
     for scores in result.records[-1]["clients"].values():
         assert scores["status"] == "ok" and math.isfinite(scores["own"]["loss"]) and scores["own"]["examples"] > 0
+    if name == "fedavg":  # attention LoRA on every T5-style projection, cross-attention included
+        checkpoint = sorted((result.run_dir / "checkpoints").glob("round-*.safetensors"))[-1]
+        adapted = {key.split(".lora_")[0] for key in load_file(checkpoint) if key.startswith("global/")}
+        assert {key.rsplit(".", 1)[-1] for key in adapted} == {"q", "k", "v", "o"}
+        assert any("EncDecAttention" in key for key in adapted) and any("encoder." in key for key in adapted)
+    if name == "flex":  # every client grafted a personal expert module into the encoder's and the decoder's block
+        for path in sorted((result.run_dir / "clients").glob("*.safetensors")):
+            grafted = {key.rsplit(".personal_", 1)[0] for key in load_file(path)}
+            assert grafted == {"encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"}
     if name in ("fedmoe", "random-moe"):  # the budget clients got sub-MoEs, smaller than the full model
         sizes = sorted(entry["bytes_down"] for entry in rounds[-1]["clients"].values())
         assert sizes[0] < sizes[-1]
