@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from fedexperts.config import TrainConfig
+from fedexperts.data import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.models import tiny_model
 from fedexperts.moe import moe_layers, select_experts
 from fedexperts.training import (
-    IGNORE_INDEX,
     DivergenceError,
     causal_lm_loss,
     cosine_learning_rate,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedexperts.config import build_config
+from fedexperts.data.layout import batch_layout
 from fedexperts.data.tokenize import tokenize_instructions
 from fedexperts.errors import FedExpertsError
 from fedexperts.evaluation import pad_token_id
@@ -48,7 +49,11 @@ def _category_rows(splits: Any, setting: Setting) -> dict[str, list[dict[str, li
     by_category: dict[str, list[dict[str, list[int]]]] = defaultdict(list)
     for split in splits:
         tokens = tokenize_instructions(
-            split.test, setting.tokenizer, max_length=setting.config.data.max_length, template=setting.template.kind
+            split.test,
+            setting.tokenizer,
+            max_length=setting.config.data.max_length,
+            template=setting.template.kind,
+            layout=setting.layout,
         )
         for row, category in zip(token_rows(tokens.dataset), tokens.dataset["category"], strict=True):
             by_category[str(category)].append(row)
@@ -84,10 +89,13 @@ def analyse_run(run_dir: str | Path) -> dict[str, Any]:
         device = next(base.parameters()).device
         experts = expert_map(base)
         layers = moe_layers(base)
+        layout = batch_layout(base)
         with RoutingRecorder(base) as recorder:
             for batch in row_batches(client.test.rows, pad, batch_size=16):
-                with recorder.mask(batch["attention_mask"]), autocast_for(base):
-                    base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                inputs = layout.model_inputs(base, {key: value.to(device) for key, value in batch.items()})
+                masks = recorder.mask(inputs["attention_mask"], inputs.get("decoder_attention_mask"))
+                with masks, autocast_for(base):
+                    base(**inputs)
         counts = recorder.counts()
         table = torch.zeros(len(layers), max(experts.num_global.values()))
         for row, layer in enumerate(layers):
@@ -113,26 +121,31 @@ def _gate_openings(
 ) -> dict[str, list[float]]:
     """Mean sigmoid of the personal gate over real tokens of each category's pooled test rows, per layer."""
     sums: dict[str, list[float]] = defaultdict(list)
-    captured: list[torch.Tensor] = []
-    handles = [
-        base.get_submodule(f"{name}.{PERSONAL_GATE}").register_forward_hook(
-            lambda module, args, output: captured.append(torch.sigmoid(output.float()).mean(dim=-1))
-        )
-        for name in grafts(base)
-    ]
+    layout = batch_layout(base)
+    stacks = {layer.name: layer.stack for layer in moe_layers(base)}
+    names = list(grafts(base))
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Any:
+        return lambda module, args, output: captured.__setitem__(name, torch.sigmoid(output.float()).mean(dim=-1))
+
+    handles = [base.get_submodule(f"{name}.{PERSONAL_GATE}").register_forward_hook(hook_for(name)) for name in names]
     try:
         for category, rows in category_rows.items():
-            totals = torch.zeros(len(handles))
-            real = 0
+            totals = torch.zeros(len(names))
+            real = torch.zeros(len(names))
             for batch in row_batches(rows, pad, batch_size=16):
                 captured.clear()
-                mask = batch["attention_mask"].reshape(-1).bool()
+                inputs = layout.model_inputs(base, {key: value.to(device) for key, value in batch.items()})
+                masks = layout.stack_masks(inputs)  # an encoder-decoder's decoder layers see the responses
                 with autocast_for(base):
-                    base(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                for layer, opening in enumerate(captured):
-                    totals[layer] += float(opening.reshape(-1)[mask.to(opening.device)].sum())
-                real += int(mask.sum())
-            sums[category] = (totals / max(real, 1)).tolist()
+                    base(**inputs)
+                for index, name in enumerate(names):
+                    mask = masks[stacks[name]]
+                    opening = captured[name].reshape(-1)
+                    totals[index] += float(opening[mask.reshape(-1).bool().to(opening.device)].sum())
+                    real[index] += int(mask.sum())
+            sums[category] = (totals / real.clamp_min(1)).tolist()
     finally:
         for handle in handles:
             handle.remove()

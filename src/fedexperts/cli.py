@@ -138,7 +138,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 @user_errors
 def pretrain(
     recipe: str = typer.Option(
-        "default", help="default (the built-in base model), experts32 (32 experts per layer) or micro (for tests)."
+        "default",
+        help="default (the built-in base model), experts32 (32 experts per layer), switch-8 / switch-32 "
+        "(encoder-decoder Switch Transformers), micro / switch-micro (for tests).",
     ),
     output: Annotated[Path | None, typer.Option(help="Write the checkpoint here instead of the cache folder.")] = None,
     force: bool = typer.Option(False, "--force", help="Train again even if this recipe is already built."),

@@ -48,8 +48,8 @@ LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 class ModelConfig(Section):
     name: str = BUILTIN_MODEL
-    """``builtin`` (the pretrained ExpertBench MoE; ``builtin:experts32`` its 32-expert variant), a local folder,
-    or a hub name."""
+    """``builtin`` (the pretrained ExpertBench MoE; ``builtin:experts32`` its 32-expert variant, ``builtin:switch-8``
+    and ``builtin:switch-32`` encoder-decoder Switch Transformers), a local folder, or a hub name."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Dtype of the base model's weights (what trains is kept in float32 over a half-precision base)."""
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None

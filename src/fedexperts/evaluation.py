@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from fedexperts import metrics
+from fedexperts.data.layout import IGNORE_INDEX, batch_layout
+from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.metrics import RougeTokenizer
 from fedexperts.moe.precision import autocast_for
 from fedexperts.reporting.schema import MMLUScores, Scores
@@ -62,7 +64,13 @@ def generate(
     batch_size: int = 16,
     add_special_tokens: bool = False,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), without the prompt or special tokens."""
+    """Greedy completions of ``prompts``, without the prompt or special tokens.
+
+    Batches are padded on the side the model's layout asks for
+    (:attr:`~fedexperts.data.layout.BatchLayout.generation_padding`); an encoder-decoder's text is its
+    decoder's output alone.
+    """
+    layout = batch_layout(model)
     pad = pad_token_id(tokenizer)
     device = _device(model)
     outputs: list[str] = []
@@ -73,8 +81,9 @@ def generate(
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for index, row in enumerate(rows):
-            input_ids[index, width - len(row) :] = torch.as_tensor(row)
-            attention_mask[index, width - len(row) :] = 1
+            place = slice(width - len(row), width) if layout.generation_padding == "left" else slice(0, len(row))
+            input_ids[index, place] = torch.as_tensor(row)
+            attention_mask[index, place] = 1
         with autocast_for(model):
             generated = model.generate(
                 input_ids=input_ids.to(device),
@@ -84,7 +93,8 @@ def generate(
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+        completions = layout.completion_tokens(generated, width)
+        outputs.extend(tokenizer.batch_decode(completions, skip_special_tokens=True))
     return outputs
 
 
@@ -108,33 +118,34 @@ def continuation_log_likelihoods(
     batch_size: int = 64,
     add_special_tokens: bool = False,
 ) -> list[float]:
-    """Sum of log-probabilities of each continuation's tokens given its prompt."""
-    pad = pad_token_id(tokenizer)
+    """Sum of log-probabilities of each continuation's tokens given its prompt.
+
+    The continuation is the target of the model's layout: after the prompt in one sequence, or the
+    decoder's labels under the prompt in the encoder.
+    """
+    layout = batch_layout(model)
+    collate = InstructionCollator(pad_token_id(tokenizer))
     device = _device(model)
     prompt_ids = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=add_special_tokens)["input_ids"]
     continuation_ids = tokenizer([text for _, text in pairs], add_special_tokens=False)["input_ids"]
     if any(not ids for ids in prompt_ids):
         raise ValueError("every prompt must have at least one token to condition the continuation on")
+    rows = []
+    for prompt, continuation in zip(prompt_ids, continuation_ids, strict=True):
+        width = len(prompt) + len(continuation)  # room for both: nothing is cut
+        input_ids, labels, _ = layout.example(prompt, continuation, max_length=width, min_prompt_tokens=0)
+        rows.append({"input_ids": input_ids, "labels": labels})
     scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        batch = list(
-            zip(prompt_ids[start : start + batch_size], continuation_ids[start : start + batch_size], strict=True)
-        )
-        width = max(len(prompt) + len(continuation) for prompt, continuation in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for index, (prompt, continuation) in enumerate(batch):
-            row = list(prompt) + list(continuation)
-            input_ids[index, : len(row)] = torch.as_tensor(row)
-            attention_mask[index, : len(row)] = 1
+    for start in range(0, len(rows), batch_size):
+        batch = {key: value.to(device) for key, value in collate(rows[start : start + batch_size]).items()}
         with autocast_for(model):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        for index, (prompt, continuation) in enumerate(batch):
+            logits = model(**layout.model_inputs(model, batch)).logits
+        logits, targets = layout.aligned(logits, batch["labels"])
+        for index in range(targets.shape[0]):
             # only the continuation's positions: a full-vocabulary softmax over long prompts (MMLU) would not fit
-            positions = torch.arange(len(prompt) - 1, len(prompt) + len(continuation) - 1, device=logits.device)
+            positions = (targets[index] != IGNORE_INDEX).nonzero().squeeze(-1)
             log_probs = torch.log_softmax(logits[index, positions].float(), dim=-1)
-            targets = torch.as_tensor(continuation, dtype=torch.long, device=logits.device)
-            scores.append(float(log_probs.gather(-1, targets[:, None]).sum()))
+            scores.append(float(log_probs.gather(-1, targets[index, positions][:, None]).sum()))
     return scores
 
 
@@ -236,17 +247,21 @@ def _entropy_bits(distribution: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_profile(model: Any, batches: Mapping[str, Iterable[Mapping[str, torch.Tensor]]]) -> RoutingProfile:
-    """Run each group's batches (``input_ids``, ``attention_mask``) and count expert choices of real tokens."""
+    """Run each group's collated batches and count the expert choices of real tokens (an encoder-decoder's
+    encoder layers over the prompts, its decoder layers over the responses)."""
     from fedexperts.moe.routing import RoutingRecorder
 
+    layout = batch_layout(model)
     device = _device(model)
     per_group = []
     layers: tuple[str, ...] = ()
     for group_batches in batches.values():
         with RoutingRecorder(model) as recorder:
             for batch in group_batches:
-                with recorder.mask(batch["attention_mask"]), autocast_for(model):
-                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                inputs = layout.model_inputs(model, {key: value.to(device) for key, value in batch.items()})
+                masks = recorder.mask(inputs["attention_mask"], inputs.get("decoder_attention_mask"))
+                with masks, autocast_for(model):
+                    model(**inputs)
         counts = recorder.counts()
         layers = tuple(counts)
         per_group.append(torch.stack([counts[name] for name in layers]))
@@ -269,23 +284,17 @@ class EvalSet:
 @torch.no_grad()
 def token_loss(model: Any, rows: Sequence[Mapping[str, Any]], *, pad_token_id: int, batch_size: int = 16) -> float:
     """Mean cross-entropy over every supervised token of ``rows`` (not a mean of per-batch means)."""
-    from fedexperts.data.tokenize import IGNORE_INDEX, InstructionCollator
-
+    layout = batch_layout(model)
     collate = InstructionCollator(pad_token_id)
     device = _device(model)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate([dict(row) for row in rows[start : start + batch_size]])
+        batch = {key: value.to(device) for key, value in batch.items()}
         with autocast_for(model):
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-        targets = batch["labels"][:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += float(losses)
-        count += int((targets != IGNORE_INDEX).sum())
+            logits = model(**layout.model_inputs(model, batch)).logits
+        total += float(layout.loss(logits, batch["labels"], reduction="sum"))
+        count += layout.target_count(batch["labels"])
     return total / max(count, 1)
 
 

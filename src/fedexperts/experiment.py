@@ -20,6 +20,7 @@ from torch import nn
 from fedexperts.algorithms.registry import build_algorithm
 from fedexperts.config import BUILTIN_MODEL, EXPERTBENCH, ExperimentConfig, round_size
 from fedexperts.data.expertbench import ExpertBench, KnowledgeProbe
+from fedexperts.data.layout import CAUSAL, BatchLayout, batch_layout
 from fedexperts.data.mmlu import MMLUQuestion, load_mmlu
 from fedexperts.data.partition import Partition, hold_out_validation, spec_from_config
 from fedexperts.data.templates import PromptTemplate, prompt_template
@@ -126,6 +127,11 @@ class Setting:
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
 
+    @property
+    def layout(self) -> BatchLayout:
+        """How the base model reads a token row: one sequence, or encoder and decoder (from its config)."""
+        return batch_layout(self.model)
+
 
 def _model_source(config: ExperimentConfig) -> Any:
     """``model.name`` as ``load_model`` takes it: ``builtin`` (or ``builtin:RECIPE``) is a pretrained
@@ -182,11 +188,18 @@ def federated_rows(config: ExperimentConfig) -> tuple[Partition, ExpertBench | N
 
 
 def tokenized(
-    rows: datasets.Dataset, tokenizer: Any, template: PromptTemplate, config: ExperimentConfig, where: str
+    rows: datasets.Dataset,
+    tokenizer: Any,
+    template: PromptTemplate,
+    config: ExperimentConfig,
+    where: str,
+    layout: BatchLayout = CAUSAL,
 ) -> TokenizedData:
-    """``rows`` tokenized under ``data.max_length``; a row that cannot fit is reported in config terms."""
+    """``rows`` tokenized under ``data.max_length`` in ``layout``; a row that cannot fit is reported in config terms."""
     try:
-        return tokenize_instructions(rows, tokenizer, max_length=config.data.max_length, template=template.kind)
+        return tokenize_instructions(
+            rows, tokenizer, max_length=config.data.max_length, template=template.kind, layout=layout
+        )
     except OverlongRowError as error:
         raise DataError(
             f"{where}, row {error.row} cannot fit: {error.reason}; raise data.max_length "
@@ -202,12 +215,13 @@ def eval_set(
     limit: int | None,
     seed: int,
     where: str = "test rows",
+    layout: BatchLayout = CAUSAL,
 ) -> EvalSet:
     """A fixed, seeded subset of ``rows`` (at most ``limit``) with prompts, references and token rows."""
     if limit is not None and len(rows) > limit:
         chosen = np.random.default_rng(seed).choice(len(rows), size=limit, replace=False)
         rows = rows.select(sorted(int(index) for index in chosen))
-    tokens = tokenized(rows, tokenizer, template, config, where)
+    tokens = tokenized(rows, tokenizer, template, config, where, layout)
     return EvalSet(
         prompts=tuple(
             template.prompt(tokenizer, instruction, context)
@@ -303,7 +317,9 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
             derived_seed(config.data.seed, split.client, 2),
             client=ids[split.client],
         )
-        train = tokenized(train_split, tokenizer, template, config, f"{ids[split.client]}'s training rows")
+        train = tokenized(
+            train_split, tokenizer, template, config, f"{ids[split.client]}'s training rows", setting.layout
+        )
         validation = None
         if validation_split is not None:
             validation = eval_set(
@@ -314,6 +330,7 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
                 config.eval.max_examples,
                 derived_seed(config.data.seed, split.client, 3),
                 f"{ids[split.client]}'s validation rows",
+                setting.layout,
             )
         test = eval_set(
             split.test,
@@ -323,6 +340,7 @@ def with_clients(setting: Setting, wanted: Iterable[int], rows: tuple[Partition,
             config.eval.max_examples,
             derived_seed(config.data.seed, split.client),
             f"{ids[split.client]}'s test rows",
+            setting.layout,
         )
         train_rows = token_rows(train.dataset)
         categories = (
@@ -347,7 +365,14 @@ def with_evaluation(setting: Setting, rows: tuple[Partition, ExpertBench | None]
             else datasets.concatenate_datasets([split.test for split in parts.clients])
         )
         union = eval_set(
-            pooled, tokenizer, template, config, config.eval.union_examples, config.data.seed, "the union test rows"
+            pooled,
+            tokenizer,
+            template,
+            config,
+            config.eval.union_examples,
+            config.data.seed,
+            "the union test rows",
+            setting.layout,
         )
     probes: tuple[KnowledgeProbe, ...] = ()
     if bench is not None and config.eval.probes:

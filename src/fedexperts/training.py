@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedexperts.config import TrainConfig
-from fedexperts.data.tokenize import IGNORE_INDEX
+from fedexperts.data.layout import CAUSAL, batch_layout
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import ProximalTerm
 from fedexperts.moe.families import MoELayer, moe_layers, unwrap_model
@@ -84,10 +84,8 @@ class TrainResult:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy over positions whose label is not ``IGNORE_INDEX``."""
-    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shifted_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    """Next-token cross-entropy over positions whose label is not ``IGNORE_INDEX`` (:data:`CAUSAL`'s loss)."""
+    return CAUSAL.loss(logits, labels, label_smoothing)
 
 
 def load_balancing_loss(
@@ -132,8 +130,14 @@ def load_balancing_loss(
 
 
 @contextmanager
-def captured_router_logits(model: nn.Module, enabled: bool) -> Iterator[list[tuple[torch.Tensor, int]]]:
-    """Collect every MoE router's logits (with gradients) during the forwards inside the block."""
+def captured_router_logits(
+    model: nn.Module, enabled: bool, masks: Mapping[str, torch.Tensor | None] | None = None
+) -> Iterator[list[tuple[torch.Tensor, int]]]:
+    """Collect every MoE router's logits (with gradients) during the forwards inside the block.
+
+    ``masks`` (per stack, :meth:`~fedexperts.data.layout.BatchLayout.stack_masks`) keeps each layer's
+    real tokens only: an encoder-decoder's encoder and decoder have masks of their own.
+    """
     captured: list[tuple[torch.Tensor, int]] = []
     if not enabled:
         yield captured
@@ -142,7 +146,11 @@ def captured_router_logits(model: nn.Module, enabled: bool) -> Iterator[list[tup
     for layer in moe_layers(unwrap_model(model)):
 
         def hook(module: nn.Module, args: Any, output: Any, layer: MoELayer = layer) -> None:
-            captured.append((layer.family.router_logits(output), layer.top_k))
+            logits = layer.family.router_logits(output)
+            mask = (masks or {}).get(layer.stack)
+            if mask is not None and mask.numel() * logits.shape[-1] == logits.numel():
+                logits = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).bool()]
+            captured.append((logits, layer.top_k))
 
         handles.append(layer.router.register_forward_hook(hook))
     try:
@@ -240,9 +248,10 @@ def train_local(
     above ``max(GROWTH_LIMIT x`` the RMS before the first step, ``1.0)`` (a learning rate far too large
     saturates the model: the weights explode while the loss stays flat).
 
-    ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``. ``proximal`` computes an
-    extra loss term (FedProx's ``mu/2 ||w - w_global||^2``) from the trainable tensors by name.
-    ``routing`` counts the tokens every training forward routes to each expert
+    ``batches`` yield ``input_ids``, ``attention_mask`` and ``labels``; the model's
+    :func:`~fedexperts.data.layout.batch_layout` turns them into its inputs and its loss. ``proximal``
+    computes an extra loss term (FedProx's ``mu/2 ||w - w_global||^2``) from the trainable tensors by
+    name. ``routing`` counts the tokens every training forward routes to each expert
     (:func:`recorded_routing`). The caller seeds torch for reproducibility; the loop itself draws no
     randomness besides the model's dropout.
     """
@@ -256,6 +265,7 @@ def train_local(
     model.train()
     source = _cycle(batches)
     autocast = autocast_for(model, bf16=settings.bf16)
+    layout = batch_layout(model)  # one sequence, or encoder and decoder (the model's config says which)
     total_loss, total_batches, tokens = 0.0, 0, 0
     start_rms = weights_rms(params)
     start = time.perf_counter()
@@ -266,14 +276,15 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             for _ in range(settings.grad_accumulation):
                 batch = {key: value.to(device) for key, value in next(source).items()}
-                labels = batch.pop("labels")
-                with autocast, captured_router_logits(model, settings.router_aux_loss_coef > 0) as router_logits:
-                    with recorded_routing(routing, batch):
-                        outputs = model(**batch)
-                    loss = causal_lm_loss(outputs.logits, labels, settings.label_smoothing)
+                labels, inputs = batch["labels"], layout.model_inputs(model, batch)
+                masks = layout.stack_masks(inputs)
+                with autocast, captured_router_logits(model, settings.router_aux_loss_coef > 0, masks) as router_logits:
+                    with recorded_routing(routing, inputs):
+                        outputs = model(**inputs)
+                    loss = layout.loss(outputs.logits, labels, settings.label_smoothing)
                     objective = loss
-                    if router_logits:
-                        aux = load_balancing_loss(router_logits, batch.get("attention_mask"), settings.router_aux_loss)
+                    if router_logits:  # already restricted to real tokens
+                        aux = load_balancing_loss(router_logits, None, settings.router_aux_loss)
                         objective = objective + settings.router_aux_loss_coef * aux
                     if proximal is not None:
                         objective = objective + proximal(named)
@@ -282,7 +293,7 @@ def train_local(
                 (objective / settings.grad_accumulation).backward()
                 total_loss += loss.item()
                 total_batches += 1
-                tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                tokens += layout.target_count(labels)
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()

@@ -3,8 +3,9 @@
 import torch
 
 from fedexperts.config import TrainConfig
+from fedexperts.data import IGNORE_INDEX
 from fedexperts.interface import ClientInfo, ClientUpdate, LocalData
-from fedexperts.training import IGNORE_INDEX, train_local
+from fedexperts.training import train_local
 
 
 def batches_for(model, seed, count=2):

@@ -5,11 +5,12 @@ from pydantic import ValidationError
 from fedexperts.algorithms import FedAvg, FedProx, LocalOnly, LoraConfig, MoEAsDense, SharedScope
 from fedexperts.algorithms.fedavg.config import FedAvgConfig, FedProxConfig
 from fedexperts.config import TrainConfig
+from fedexperts.data import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload
 from fedexperts.models import tiny_model
 from fedexperts.moe import ParamKind, Role, parameter_kinds
-from fedexperts.training import IGNORE_INDEX, train_local
+from fedexperts.training import train_local
 
 
 def client_batches(model, seed):

@@ -11,12 +11,13 @@ from fedexperts.algorithms.feddpa.mixing import adapter_mix
 from fedexperts.algorithms.feddpa.weighting import dynamic_weighting, local_weights, pooled, prompts
 from fedexperts.algorithms.lora import lora_tensors
 from fedexperts.config import TrainConfig
+from fedexperts.data import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation.inprocess import run_experiment
 from fedexperts.interface import ClientInfo, ClientUpdate, LocalData, Payload
 from fedexperts.models import tiny_model
 from fedexperts.moe import Role
-from fedexperts.training import IGNORE_INDEX, train_local
+from fedexperts.training import train_local
 from tests.algorithms.helpers import assert_states_and_checkpoint_split, batches_for, client_round, train_phases
 
 

@@ -4,8 +4,9 @@ import torch
 from fedexperts.algorithms import FedAvg
 from fedexperts.batching import BatchMember, ClientRandom, client_copies, train_batched
 from fedexperts.config import TrainConfig
+from fedexperts.data import IGNORE_INDEX
 from fedexperts.models import tiny_model
-from fedexperts.training import IGNORE_INDEX, DivergenceError, train_local, trainable_by_name
+from fedexperts.training import DivergenceError, train_local, trainable_by_name
 
 SETTINGS = TrainConfig(steps_per_round=3, learning_rate=1e-2)
 
@@ -105,3 +106,11 @@ def test_a_base_that_draws_randomness_inside_frozen_operations_is_refused(field)
     setattr(model.config, field, 0.1)
     assert field in (batching_refusal(FedAvg(), model, SETTINGS) or "")
     assert "checkpointing" in batching_refusal(FedAvg(), prepared(), TrainConfig(gradient_checkpointing=True))
+
+
+def test_an_encoder_decoder_is_refused():
+    from fedexperts.batching import batching_refusal
+
+    model = tiny_model("switch_transformers")
+    FedAvg().prepare(model)
+    assert "encoder-decoder" in (batching_refusal(FedAvg(), model, SETTINGS) or "")

@@ -30,8 +30,9 @@ def test_one_row_per_descriptor_and_refusals_carry_the_algorithms_message(table)
     rows = table.splitlines()[2:]
     assert [row.split(" | ")[0].strip("| `") for row in rows] == [family.model_type for family in DESCRIPTORS]
     switch = family_support(FAMILIES["switch_transformers"]).checks
-    assert switch["surgery"] == switch["FLEx"] == switch["attention LoRA"] == "yes"
-    assert switch["FedMoE"].startswith("no: ") and "one module each" in switch["FedMoE"]
+    assert switch["surgery"] == switch["FLEx"] == switch["attention LoRA"] == switch["FedMoE"] == "yes"
+    assert switch["FedDPA"].startswith("no: feddpa supports decoder-only models")
+    assert family_support(FAMILIES["olmoe"]).checks["FedDPA"] == "yes"
     assert family_support(FAMILIES["ernie4_5_moe"]).checks["FedMoE"].startswith("no: ")  # its (1, E) bias
 
 

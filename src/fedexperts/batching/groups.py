@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedexperts.data.tokenize import IGNORE_INDEX
+from fedexperts.data.layout import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedexperts.config import TrainConfig
+from fedexperts.data.layout import CAUSAL, batch_layout
 from fedexperts.interface import Algorithm
 from fedexperts.moe.families import unwrap_model
 
@@ -16,7 +17,8 @@ def batching_refusal(algorithm: Algorithm, model: nn.Module, train: TrainConfig)
     """Why these clients must train one after another, or ``None`` when they can share a batch.
 
     Beyond the algorithm's own reason (:attr:`~fedexperts.interface.Algorithm.batching_refusal`):
-    gradient checkpointing (its recomputed forward runs outside the row groups) and a base model that
+    gradient checkpointing (its recomputed forward runs outside the row groups), encoder-decoders (not
+    joined yet; Switch's expert capacity would also let rows compete for slots), and a base model that
     draws randomness inside frozen operations (attention dropout, router jitter), which would give
     clients other random draws than they get alone. Dropout *modules* are fine: each group draws from
     its own client's stream.
@@ -26,7 +28,10 @@ def batching_refusal(algorithm: Algorithm, model: nn.Module, train: TrainConfig)
         return reason
     if train.gradient_checkpointing:
         return "train.gradient_checkpointing recomputes forwards outside the clients' row groups"
-    config = getattr(unwrap_model(model), "config", None)
+    base = unwrap_model(model)
+    if batch_layout(base) is not CAUSAL:
+        return "encoder-decoder batches are not joined by row groups yet (and expert capacity lets rows compete)"
+    config = getattr(base, "config", None)
     if config is not None:
         for key, value in sorted(config.to_dict().items()):
             random = any(part in key for part in _RANDOM_FIELDS)

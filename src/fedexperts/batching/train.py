@@ -19,7 +19,7 @@ from torch import nn
 
 from fedexperts.batching.groups import ClientRandom, RowGroups, concatenate, grouped_forwards
 from fedexperts.config import TrainConfig
-from fedexperts.data.tokenize import IGNORE_INDEX
+from fedexperts.data.layout import CAUSAL
 from fedexperts.interface import ProximalTerm
 from fedexperts.moe.params import NO_WEIGHT_DECAY
 from fedexperts.moe.precision import autocast_for
@@ -28,7 +28,6 @@ from fedexperts.training import (
     TrainResult,
     build_optimizer,
     captured_router_logits,
-    causal_lm_loss,
     check_growth,
     diverged_loss,
     load_balancing_loss,
@@ -153,7 +152,7 @@ def _objective(
     total: torch.Tensor | None = None
     mask = batch.get("attention_mask")
     for member, rows in zip(members, groups.slices(), strict=True):
-        loss = causal_lm_loss(logits[rows], labels[rows], settings.label_smoothing)
+        loss = CAUSAL.loss(logits[rows], labels[rows], settings.label_smoothing)
         objective = loss
         if router_logits:
             tokens = slice(rows.start * groups.width, rows.stop * groups.width)
@@ -167,6 +166,6 @@ def _objective(
             continue
         member.loss_sum += loss.item()
         member.batch_count += 1
-        member.tokens += int((labels[rows, 1:] != IGNORE_INDEX).sum())
+        member.tokens += CAUSAL.target_count(labels[rows])
         total = objective if total is None else total + objective
     return total

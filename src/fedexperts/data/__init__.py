@@ -1,6 +1,15 @@
 """Instruction data: sources, prompt templates, tokenization, federated partitions, ExpertBench."""
 
 from fedexperts.data.expertbench import ExpertBench, FederatedBench, Style, client_styles
+from fedexperts.data.layout import (
+    CAUSAL,
+    IGNORE_INDEX,
+    SEQ2SEQ,
+    BatchLayout,
+    batch_layout,
+    join_example,
+    split_example,
+)
 from fedexperts.data.partition import (
     ClientSplit,
     Partition,
@@ -19,18 +28,15 @@ from fedexperts.data.sources import (
     parse_mapping,
 )
 from fedexperts.data.templates import PromptTemplate, TemplateName, prompt_template
-from fedexperts.data.tokenize import (
-    IGNORE_INDEX,
-    InstructionCollator,
-    TokenizedData,
-    join_example,
-    tokenize_instructions,
-)
+from fedexperts.data.tokenize import InstructionCollator, TokenizedData, tokenize_instructions
 
 __all__ = [
+    "CAUSAL",
     "IGNORE_INDEX",
     "PRESETS",
     "SCHEMA",
+    "SEQ2SEQ",
+    "BatchLayout",
     "ClientSplit",
     "ColumnMapping",
     "ExpertBench",
@@ -44,6 +50,7 @@ __all__ = [
     "Style",
     "TemplateName",
     "TokenizedData",
+    "batch_layout",
     "client_styles",
     "join_example",
     "load_instructions",
@@ -52,5 +59,6 @@ __all__ = [
     "partition_table",
     "plot_partition",
     "prompt_template",
+    "split_example",
     "tokenize_instructions",
 ]

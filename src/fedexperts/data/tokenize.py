@@ -5,6 +5,11 @@ Prompt and completion are tokenized separately and concatenated, exactly as gene
 When an example is too long the prompt loses tokens from its left end; the response is never cut.
 An example whose response leaves fewer than ``min_prompt_tokens`` for the prompt cannot be made to
 fit: it raises :class:`DataError` naming the row, or is skipped and counted when asked.
+
+For an encoder-decoder model the prompt and the response are not concatenated: the prompt is the
+encoder's input and the response the decoder's labels, each within ``max_length``
+(:func:`fedexperts.data.layout.split_example`); the same rules hold (the prompt loses tokens from its
+left end, the response is never cut).
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ from typing import Any
 import datasets
 import torch
 
+from fedexperts.data.layout import CAUSAL, IGNORE_INDEX, BatchLayout
 from fedexperts.data.templates import TemplateName, prompt_template
 from fedexperts.errors import DataError
-
-IGNORE_INDEX = -100
 
 
 class OverlongRowError(DataError):
@@ -42,22 +46,6 @@ class TokenizedData:
     """One message per example that could not fit (only with ``skip_overlong``)."""
 
 
-def join_example(
-    prompt_ids: Sequence[int], completion_ids: Sequence[int], *, max_length: int, min_prompt_tokens: int
-) -> tuple[list[int], list[int], bool]:
-    """``(input_ids, labels, truncated)``; :class:`ValueError` when the completion does not fit."""
-    room = max_length - len(completion_ids)
-    if room < min(min_prompt_tokens, len(prompt_ids)):
-        raise ValueError(
-            f"its response takes {len(completion_ids)} tokens, leaving {max(room, 0)} of max_length "
-            f"{max_length} for a prompt that needs at least {min(min_prompt_tokens, len(prompt_ids))}"
-        )
-    kept = list(prompt_ids[len(prompt_ids) - room :]) if room < len(prompt_ids) else list(prompt_ids)
-    input_ids = kept + list(completion_ids)
-    labels = [IGNORE_INDEX] * len(kept) + list(completion_ids)
-    return input_ids, labels, len(kept) < len(prompt_ids)
-
-
 def tokenize_instructions(
     dataset: datasets.Dataset,
     tokenizer: Any,
@@ -67,8 +55,13 @@ def tokenize_instructions(
     min_prompt_tokens: int = 8,
     skip_overlong: bool = False,
     keep_columns: Sequence[str] = ("category",),
+    layout: BatchLayout = CAUSAL,
 ) -> TokenizedData:
-    """Tokenize a schema dataset (instruction, context, response) for response-only training."""
+    """Tokenize a schema dataset (instruction, context, response) for response-only training.
+
+    ``layout`` is the model's (:func:`fedexperts.data.layout.batch_layout`): one sequence per row, or
+    the prompt for the encoder and the response for the decoder.
+    """
     chosen = prompt_template(tokenizer, template)
     rows = dataset.to_dict()
     triples = list(zip(rows["instruction"], rows["context"], rows["response"], strict=True))
@@ -81,7 +74,7 @@ def tokenize_instructions(
     truncated, skipped = 0, []
     for index, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
         try:
-            input_ids, labels, was_cut = join_example(
+            input_ids, labels, was_cut = layout.example(
                 prompt, completion, max_length=max_length, min_prompt_tokens=min_prompt_tokens
             )
         except ValueError as error:
@@ -99,18 +92,24 @@ def tokenize_instructions(
 
 @dataclass(frozen=True)
 class InstructionCollator:
-    """Right-pads a batch: ``pad_token_id`` in ``input_ids``, ``-100`` in ``labels``, 0 in ``attention_mask``."""
+    """Right-pads a batch: ``pad_token_id`` in ``input_ids``, ``-100`` in ``labels``, 0 in ``attention_mask``.
+
+    ``input_ids`` and ``labels`` are each padded to their own longest row: equal widths for a
+    decoder-only row, the prompt's and the response's for an encoder-decoder one
+    (:mod:`fedexperts.data.layout`).
+    """
 
     pad_token_id: int
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(feature["input_ids"]) for feature in features)
+        label_width = max(len(feature["labels"]) for feature in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(features), label_width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
         for row, feature in enumerate(features):
             length = len(feature["input_ids"])
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
-            labels[row, :length] = torch.as_tensor(feature["labels"])
+            labels[row, : len(feature["labels"])] = torch.as_tensor(feature["labels"])
             attention_mask[row, :length] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

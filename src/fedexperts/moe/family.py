@@ -187,6 +187,10 @@ class MoEFamily:
     attention_skip: tuple[str, ...] = ()
     """Children of an attention module that attention LoRA leaves alone (DeepSeek-V3.2's DSA indexer runs
     under ``torch.no_grad``, so adapters there would never train)."""
+    expert_capacity: str | None = None
+    """The router attribute (and config field) of a per-expert token capacity (Switch's ``expert_capacity``:
+    per sequence, tokens past it are dropped). Pruning to ``n`` of ``E`` experts scales it by ``E / n``,
+    so the kept experts have as many slots in all as the full layer: the capacity factor is kept."""
 
     # -- model structure -------------------------------------------------------------------------
     def stacks(self, model: PreTrainedModel) -> list[tuple[str, str, nn.ModuleList]]:

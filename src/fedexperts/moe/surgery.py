@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,8 @@ def select_experts(model: PreTrainedModel, keep: Mapping[str, Sequence[int]]) ->
     empty, duplicate or out-of-range subset, or fewer kept experts than the router's top-k, is a
     :class:`SurgeryError` and leaves the model as it was. DeepSeek's group-limited routing keeps its
     groups when the subset allows (see :func:`_group_plan`); otherwise that layer routes by plain
-    top-k over the kept experts, which is logged and recorded in ``ExpertMap.flat_routing``.
+    top-k over the kept experts, which is logged and recorded in ``ExpertMap.flat_routing``. A
+    per-expert token capacity (Switch) is scaled to the kept count (:func:`_scale_capacity`).
     """
     layers = moe_layer_by_name(model, keep)
     checked: dict[str, list[int]] = {}
@@ -186,6 +188,7 @@ def select_experts(model: PreTrainedModel, keep: Mapping[str, Sequence[int]]) ->
             groups[name] = plan
         slice_layer(model, layer, chosen)
         local_to_global[name] = tuple(previous.local_to_global[name][i] for i in chosen)
+        _scale_capacity(model, layer, previous.num_global[name], len(chosen))
 
     new_map = ExpertMap(local_to_global, dict(previous.num_global), groups, tuple(dict.fromkeys(flat)))
     setattr(model, _MAP_ATTRIBUTE, new_map)
@@ -221,6 +224,18 @@ def slice_layer(model: nn.Module, layer: MoELayer, chosen: list[int]) -> None:
     for module in (layer.block, layer.router, layer.experts):
         if hasattr(module, "num_experts"):
             module.num_experts = count
+
+
+def _scale_capacity(model: PreTrainedModel, layer: MoELayer, full: int, kept: int) -> None:
+    """Switch's per-expert capacity for ``kept`` of ``full`` experts: the config's (full-model) value times
+    ``full / kept``, rounded up. The kept experts then have as many slots in all as the full layer (the
+    capacity factor is kept): the tokens of pruned experts go to the kept ones and are not dropped for
+    want of room that the full model had."""
+    attribute = layer.family.expert_capacity
+    if attribute is None:
+        return
+    capacity = int(getattr(text_config_of(model.config), attribute))
+    setattr(layer.router, attribute, math.ceil(capacity * full / kept))
 
 
 def _fix_model_counts(model: Any) -> None:

@@ -3,7 +3,7 @@
 For every descriptor, the family's tiny config (:mod:`fedexperts.models.tiny`) is built on the
 ``meta`` device and each capability is tried there the way a user's run would meet it: sub-MoE
 surgery (:func:`~fedexperts.moe.select_experts` keeping top-k experts per layer), and FLEx,
-FedMoE and FedAvg of attention LoRA each constructed from its default config and ``prepare``-d
+FedMoE, FedAvg of attention LoRA and FedDPA each constructed from its default config and ``prepare``-d
 on the model, which is where an algorithm accepts or refuses a family. A refusal is shown with
 the algorithm's own message. A family whose ``model_type`` this transformers does not define is
 shown as untested. :func:`write_family_table` rewrites the part of a file between
@@ -22,6 +22,7 @@ import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from fedexperts.algorithms.fedavg.config import FedAvgConfig
+from fedexperts.algorithms.feddpa.config import FedDPAConfig
 from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
 from fedexperts.algorithms.flex.config import FlexConfig
 from fedexperts.algorithms.registry import build_algorithm
@@ -42,6 +43,7 @@ _ALGORITHMS: tuple[tuple[str, Callable[[], AlgorithmSettings]], ...] = (
     ("FLEx", FlexConfig),
     ("FedMoE", lambda: FedMoEConfig(fedmoe=FedMoEOptions(budget_fraction=1.0))),  # a budget any model fits
     ("attention LoRA", FedAvgConfig),
+    ("FedDPA", FedDPAConfig),  # two attention adapters weighed per example: decoder-only
 )
 """Algorithms tried on each family, with the settings they are tried with (their defaults otherwise)."""
 

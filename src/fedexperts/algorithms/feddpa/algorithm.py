@@ -65,7 +65,10 @@ class FedDPA(BaseAlgorithm):
 
     def _inject_lora(self, model: nn.Module) -> None:
         if getattr(unwrap_model(model).config, "is_encoder_decoder", False):
-            raise FedExpertsError("feddpa supports decoder-only models; this one is an encoder-decoder")
+            raise FedExpertsError(
+                "feddpa supports decoder-only models: it weighs its adapters per example in the forward that "
+                "reads the prompt, and an encoder-decoder's generation runs the encoder apart from that forward"
+            )
         config = self._peft_config(model)  # before injecting: the adapters' own linears are no targets
         peft.inject_adapter_in_model(config, model, adapter_name=GLOBAL)
         with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter

@@ -24,13 +24,14 @@ from fedexperts.algorithms.fedmoe.schedule import Schedule
 from fedexperts.algorithms.fedmoe.views import (
     check_full_base,
     dense_tensors,
+    freeze_rows,
     held_rows,
     holds_exactly,
+    initial_state,
     layout_of,
     load_dense,
     load_rows,
     measure_activation,
-    refuse_module_per_expert,
     sent_rows,
     sub_moe_view,
 )
@@ -130,7 +131,6 @@ class FedMoE(BaseAlgorithm):
     # -- once per process --------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         """Inject LoRA, find the expert-row tensors, freeze them on the base model, check the budgets."""
-        refuse_module_per_expert(moe_layers(unwrap_model(model)), self.name)
         super().prepare(model)
         self.schedule.prepare(self.layout)
 
@@ -144,9 +144,10 @@ class FedMoE(BaseAlgorithm):
 
         The client model trains float32 copies of its held rows (:func:`~fedexperts.algorithms.fedmoe.views.load_rows`).
         """
-        params = dict(unwrap_model(model).named_parameters())
-        for name in self.layout.rows:
-            params[name].requires_grad_(False)
+        freeze_rows(model, self.layout)
+
+    def initial_global_state(self, model: nn.Module) -> State:
+        return initial_state(model, self.layout)
 
     # -- budgets and structures (the server's schedule) -----------------------------------------------
     @property

@@ -19,12 +19,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedexperts.algorithms.fedmoe.layout import Layout, Structure
+from fedexperts.data.layout import batch_layout
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import Payload, State
 from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layers, unwrap_model
-from fedexperts.moe.params import ParamKind, Role, expert_slots, parameter_kinds
-from fedexperts.moe.precision import autocast_for, to_master
+from fedexperts.moe.params import ParamKind, Role, parameter_kinds
+from fedexperts.moe.precision import autocast_for, master_copy, to_master
 from fedexperts.moe.routing import RoutingRecorder
+from fedexperts.moe.rows import expert_row_tensors, own_expert_modules, read_rows, row_parameters, write_rows
 from fedexperts.moe.surgery import expert_map, select_experts
 
 # -- the model's sizes and layout --------------------------------------------------------------------
@@ -90,16 +92,6 @@ def expert_and_dense_bytes(model: nn.Module) -> tuple[int, list[int]]:
     return total - expert_total, per_expert
 
 
-def refuse_module_per_expert(layers: Sequence[MoELayer], name: str) -> None:
-    """FedMoE slices fused expert tensors by row; experts stored one module each cannot be sliced so."""
-    per_module = [layer.name for layer in layers if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT]
-    if per_module:
-        raise FedExpertsError(
-            f"{name}: experts stored one module each ({per_module[0]}, Switch Transformers) are not "
-            "supported; FedMoE needs fused expert tensors"
-        )
-
-
 FLOAT32_BYTES = 4
 TRAINING_STATE_BYTES = 12
 """Per trained parameter besides its float32 master: a float32 gradient and AdamW's two float32 moments."""
@@ -124,7 +116,10 @@ def layout_of(
     base = unwrap_model(model)
     params = dict(base.named_parameters())
     index_of = {layer.name: index for index, layer in enumerate(layers)}
-    rows = {each: index_of[slot.layer] for each, slot in expert_slots(base).items() if slot.expert is None}
+    rows = {each: index_of[layer] for each, layer in expert_row_tensors(base).items()}
+    # an expert stored as a module: its parameters travel as rows of the stacked tensors (fedexperts.moe.rows)
+    in_rows = {id(p) for each in rows for p in row_parameters(base, each)}
+    by_rows = {each for each, p in params.items() if id(p) in in_rows}
     kinds = parameter_kinds(base)
     shared = [each for each, role in roles.items() if role is Role.SHARED]
     stray = [
@@ -132,17 +127,18 @@ def layout_of(
         for each in shared
         if kinds[each].kind in (ParamKind.ROUTER, ParamKind.ROUTED_EXPERT)
         and not kinds[each].adapter
-        and each not in rows
+        and each not in by_rows
     ]
     if stray:
         raise FedExpertsError(f"{name}: router/expert parameters without one row per expert: {stray[:3]}")
-    dense = [each for each in shared if each not in rows]
+    dense = [each for each in shared if each not in by_rows]
     expert_elements = [0] * len(layers)
     for each, position in rows.items():
-        expert_elements[position] += params[each].numel() // layers[position].num_experts
+        elements = sum(p.numel() for p in row_parameters(base, each))
+        expert_elements[position] += elements // layers[position].num_experts
     tensors = [*params.items(), *base.named_buffers()]
-    dense_elements = sum(tensor.numel() for each, tensor in tensors if each not in rows)
-    dense_bytes = sum(_tensor_bytes(tensor) for each, tensor in tensors if each not in rows)
+    dense_elements = sum(tensor.numel() for each, tensor in tensors if each not in by_rows)
+    dense_bytes = sum(_tensor_bytes(tensor) for each, tensor in tensors if each not in by_rows)
     per_trained = FLOAT32_BYTES + (TRAINING_STATE_BYTES if counts == "training" else 0)
     if counts == "training":
         dense_bytes += TRAINING_STATE_BYTES * sum(params[each].numel() for each in dense)
@@ -181,6 +177,7 @@ def sub_moe_view(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> PreTrai
                 memo[id(value)] = value
     view = copy.deepcopy(base, memo)
     select_experts(view, keep)
+    own_expert_modules(view)  # a kept expert module would still hold the base's parameters
     return view
 
 
@@ -204,6 +201,7 @@ def measure_activation(
 ) -> list[torch.Tensor]:
     """Per MoE layer, the fraction of real tokens routed to each expert, over at most ``max_examples`` rows."""
     base = unwrap_model(model)
+    layout = batch_layout(base)  # an encoder-decoder's decoder layers are profiled on the responses
     device = next(base.parameters()).device
     was_training = base.training
     base.eval()
@@ -214,11 +212,10 @@ def measure_activation(
                 if seen >= max_examples:
                     break
                 take = min(int(batch["input_ids"].shape[0]), max_examples - seen)
-                ids = batch["input_ids"][:take].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask[:take].to(device)
-                with recorder.mask(mask), autocast_for(base):
-                    base(input_ids=ids, attention_mask=mask)
+                inputs = layout.model_inputs(base, {key: value[:take].to(device) for key, value in batch.items()})
+                masks = recorder.mask(inputs["attention_mask"], inputs.get("decoder_attention_mask"))
+                with masks, autocast_for(base):
+                    base(**inputs)
                 seen += take
     finally:
         base.train(was_training)
@@ -258,13 +255,31 @@ def load_rows(view: nn.Module, received: Payload, layout: Layout, name: str) -> 
     The view's rows are its own sliced copies; they become float32 masters (the base's stay in the
     checkpoint's dtype) so the received float32 rows load without rounding and train in float32.
     """
-    params = dict(view.named_parameters())
+    base = unwrap_model(view)
     for each in layout.rows:
         if each not in received.tensors:
             raise FedExpertsError(f"{name}: the client did not receive expert rows {each}")
-        to_master(params[each])
-        params[each].copy_(received.tensors[each])
-        params[each].requires_grad_(True)
+        for parameter in row_parameters(base, each):
+            to_master(parameter)
+            parameter.requires_grad_(True)
+        write_rows(base, each, received.tensors[each])
+
+
+def initial_state(model: nn.Module, layout: Layout) -> State:
+    """The global state: master copies of the dense shared tensors and of every expert-row tensor
+    (experts stored one module each: stacked, :mod:`fedexperts.moe.rows`)."""
+    base = unwrap_model(model)
+    params = dict(base.named_parameters())
+    dense = {each: master_copy(params[each]) for each in layout.dense}
+    return dense | {each: master_copy(read_rows(base, each)) for each in layout.rows}
+
+
+def freeze_rows(model: nn.Module, layout: Layout) -> None:
+    """Every parameter behind an expert-row tensor stops training (the base keeps its pretrained experts)."""
+    base = unwrap_model(model)
+    for each in layout.rows:
+        for parameter in row_parameters(base, each):
+            parameter.requires_grad_(False)
 
 
 def dense_tensors(model: nn.Module, layout: Layout) -> State:
@@ -276,7 +291,6 @@ def dense_tensors(model: nn.Module, layout: Layout) -> State:
 def sent_rows(model: nn.Module, layout: Layout, structure: Structure, name: str) -> State:
     """The trained rows of the held experts, in ``structure``'s (global, sorted) order (uplink)."""
     base = unwrap_model(model)
-    params = dict(base.named_parameters())
     mapping = expert_map(base)
     tensors: State = {}
     for each, layer in layout.rows.items():
@@ -284,7 +298,7 @@ def sent_rows(model: nn.Module, layout: Layout, structure: Structure, name: str)
         missing = [g for g in structure[layer] if g not in local]
         if missing:
             raise FedExpertsError(f"{name}: the client model does not hold experts {missing} of {each}")
-        tensor = params[each].detach()
+        tensor = read_rows(base, each)
         positions = torch.tensor([local.index(g) for g in structure[layer]], device=tensor.device)
         tensors[each] = tensor.index_select(0, positions)
     return tensors

@@ -41,6 +41,7 @@ from transformers import PreTrainedModel
 from fedexperts.algorithms.base import BaseAlgorithm, scope_rules
 from fedexperts.algorithms.flex.config import FlexConfig
 from fedexperts.algorithms.settings import SharedScope
+from fedexperts.data.layout import batch_layout
 from fedexperts.errors import FedExpertsError
 from fedexperts.interface import ClientContext, LocalData, Payload
 from fedexperts.moe.families import moe_layers, unwrap_model
@@ -153,7 +154,7 @@ class FLEx(BaseAlgorithm):
                 if self.calibration_tokens is None
                 else _until_tokens(batches(), self.calibration_tokens)
             )
-            choices = reconstruction_losses(model, _inputs(chosen, device), criterion=self.criterion)
+            choices = reconstruction_losses(model, _inputs(model, chosen, device), criterion=self.criterion)
         current = {name: graft.experts for name, graft in grafts(model).items()}
         wanted = {name: tuple(choice.top(self.top_n)) for name, choice in choices.items()}
         changed = {name: list(chosen) for name, chosen in wanted.items() if not keep_trained or chosen != current[name]}
@@ -185,10 +186,14 @@ def _until_tokens(batches: Iterable[dict[str, torch.Tensor]], tokens: int) -> It
             return
 
 
-def _inputs(batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Calibration batches without labels (the selection runs a plain forward), on the model's device."""
+def _inputs(
+    model: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Calibration batches as the model's forward inputs, on its device (an encoder-decoder's decoder
+    reads the responses: :meth:`~fedexperts.data.layout.BatchLayout.model_inputs`)."""
+    layout = batch_layout(model)
     for batch in batches:
-        yield {key: value.to(device) for key, value in batch.items() if key != "labels"}
+        yield layout.model_inputs(model, {key: value.to(device) for key, value in batch.items()})
 
 
 def grafted_experts(model: nn.Module) -> dict[str, tuple[int, ...]]:

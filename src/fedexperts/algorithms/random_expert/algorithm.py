@@ -10,6 +10,10 @@ With ``personal`` the chosen rows are the client's own instead: the fused expert
 :attr:`Role.PERSONAL`, the same ``TENSOR@expert=J`` row slices are what :meth:`personal_state`
 keeps (and only they: the other rows are the frozen pretrained ones every client shares), and a new
 client starts from the pretrained rows; only attention LoRA is sent and averaged.
+
+Where each expert is a module of its own (Switch Transformers) the chosen expert is that module: its
+parameters are shared (or personal) whole tensors under their own names, and every other expert's
+module is frozen, so no row mask is needed.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class RandomExpert(BaseAlgorithm):
         self.seed = 0
         self.chosen: dict[str, int] = {}
         """Parameter name of each fused expert tensor -> the expert row trained."""
+        self.chosen_modules: dict[str, bool] = {}
+        """Parameter name of each expert stored as a module -> whether it is the chosen expert's."""
 
     @property
     def batching_refusal(self) -> str | None:
@@ -53,10 +59,13 @@ class RandomExpert(BaseAlgorithm):
     def prepare(self, model: nn.Module) -> None:
         base = unwrap_model(model)
         generator = torch.Generator().manual_seed(self.seed)
+        slots = expert_slots(base)
         for layer in moe_layers(base):
-            if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
-                raise FedExpertsError(f"random-expert supports fused experts; {layer.family.model_type} has modules")
             expert = int(torch.randint(layer.num_experts, (1,), generator=generator))
+            if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT:
+                owned = {name: slot.expert for name, slot in slots.items() if slot.layer == layer.name}
+                self.chosen_modules.update({name: e == expert for name, e in owned.items() if e is not None})
+                continue
             for tensor in layer.family.expert_tensors:
                 self.chosen[f"{layer.experts_name}.{tensor}"] = expert
         super().prepare(model)  # the expert tensors are shared here, so no whole-tensor copy is kept
@@ -72,17 +81,27 @@ class RandomExpert(BaseAlgorithm):
             parameter.register_hook(_masker(mask))
             setattr(parameter, NO_WEIGHT_DECAY, True)
 
+    def _assign_roles(self, model: nn.Module) -> dict[str, Role]:
+        """By kind, except that where experts are modules only the chosen expert's trains (shared, or personal)."""
+        roles = super()._assign_roles(model)
+        chosen_role = Role.PERSONAL if self.personal else Role.SHARED
+        roles.update({name: chosen_role if chosen else Role.FROZEN for name, chosen in self.chosen_modules.items()})
+        return roles
+
     def _shared_expert_slots(self, model: nn.Module) -> dict[str, ExpertSlot]:
         """Each shared chosen row is its expert's whole tensor (none when the rows are personal)."""
         if self.personal:
             return {}
         slots = expert_slots(model)
-        return {row_key(name, e): ExpertSlot(slots[name].layer, e) for name, e in self.chosen.items()}
+        rows = {row_key(name, e): ExpertSlot(slots[name].layer, e) for name, e in self.chosen.items()}
+        return rows | {name: slots[name] for name, chosen in self.chosen_modules.items() if chosen}
 
     def _chosen_rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The chosen expert row of every fused expert tensor (views), under ``TENSOR@expert=J``."""
+        """The chosen expert row of every fused expert tensor (views), under ``TENSOR@expert=J``, and the
+        chosen expert modules' parameters under their own names."""
         params = self._params(model, Role.PERSONAL if self.personal else Role.SHARED)
-        return {row_key(name, e): params[name][e] for name, e in self.chosen.items()}
+        rows = {row_key(name, e): params[name][e] for name, e in self.chosen.items()}
+        return rows | {name: params[name] for name, chosen in self.chosen_modules.items() if chosen}
 
     def _rows(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What is shared: attention LoRA, plus the chosen rows unless they are personal."""

@@ -5,7 +5,8 @@ tokenizer and a stock transformers OLMoE (8 experts per layer, top-2) pretrained
 The checkpoint is a plain Hugging Face folder with a model card (:mod:`.card`) holding the numbers this
 very run measured: probe accuracy, per-category scores and per-category routing. It lives in
 ``$FEDEXPERTS_CACHE`` (default ``~/.cache/fedexperts``) under a folder named by the recipe's hash
-(:mod:`.recipe`), is written atomically, and :func:`default_model_path` builds it on first use.
+(:mod:`.recipe`), is written atomically, and :func:`default_model_path` builds it on first use. The
+``switch-*`` recipes make an encoder-decoder Switch Transformer the same way (``docs/seq2seq.md``).
 """
 
 from __future__ import annotations

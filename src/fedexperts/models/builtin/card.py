@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedexperts.data.expertbench import CANONICAL, CATEGORIES, ExpertBench, Style, client_styles
+from fedexperts.data.layout import BatchLayout, batch_layout
 from fedexperts.data.templates import prompt_template
 from fedexperts.data.tokenize import InstructionCollator, tokenize_instructions
 from fedexperts.evaluation import exact_match, generate, multiple_choice_accuracy, rouge_l, routing_profile
@@ -22,13 +23,16 @@ _SCORING_SEED, _ROUTING_SEED = 1_000_003, 2_000_003
 """Offsets from the recipe seed for the card's held-out tasks, far from the corpus's draws."""
 
 
-def _routing_batches(bench: ExpertBench, tokenizer: Any, recipe: Recipe) -> dict[str, list[dict[str, torch.Tensor]]]:
+def _routing_batches(
+    bench: ExpertBench, tokenizer: Any, recipe: Recipe, layout: BatchLayout
+) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Held-out prompt+response batches per category, split in halves ``a``/``b`` to gauge sampling noise."""
     collate = InstructionCollator(tokenizer.pad_token_id)
     batches = {}
     for category in CATEGORIES:
         chosen = bench.dataset(recipe.eval_per_category, seed=recipe.seed + _ROUTING_SEED, categories=(category,))
-        rows = list(tokenize_instructions(chosen, tokenizer, max_length=recipe.seq_len, template="chat").dataset)
+        tokens = tokenize_instructions(chosen, tokenizer, max_length=recipe.seq_len, template="chat", layout=layout)
+        rows = list(tokens.dataset)
         for half, part in (("a", rows[0::2]), ("b", rows[1::2])):
             batches[f"{category}/{half}"] = [collate(part[start : start + 32]) for start in range(0, len(part), 32)]
     return batches
@@ -58,7 +62,7 @@ def measure(model: Any, tokenizer: Any, bench: ExpertBench, recipe: Recipe) -> d
 
     styles = client_styles(recipe.eval_styles)
     client_scores = [scores(style) for style in styles]
-    halves = routing_profile(model, _routing_batches(bench, tokenizer, recipe))
+    halves = routing_profile(model, _routing_batches(bench, tokenizer, recipe, batch_layout(model)))
     routing = halves.merged({category: [f"{category}/a", f"{category}/b"] for category in CATEGORIES})
     pairs = [(a, b) for index, a in enumerate(CATEGORIES) for b in CATEGORIES[index + 1 :]]
     return {
@@ -91,23 +95,37 @@ def measure(model: Any, tokenizer: Any, bench: ExpertBench, recipe: Recipe) -> d
     }
 
 
+def _shape(recipe: Recipe) -> str:
+    """The architecture in words, for the card's first line."""
+    if recipe.architecture == "olmoe":
+        return (
+            f"OLMoE ({recipe.num_layers} layers, hidden {recipe.hidden_size}, {recipe.num_experts} experts of width "
+            f"{recipe.expert_size} per layer, top-{recipe.top_k})"
+        )
+    return (
+        f"Switch Transformer ({recipe.num_layers} encoder and {recipe.num_layers} decoder blocks, every second one "
+        f"sparse, hidden {recipe.hidden_size}, {recipe.num_experts} experts of width {recipe.expert_size} per sparse "
+        f"block, top-1 with capacity {recipe.expert_capacity} tokens per expert and sequence)"
+    )
+
+
 def model_card(recipe: Recipe, metrics: dict[str, Any], bench: ExpertBench) -> str:
     """The README of the checkpoint: what it is, how it was made, and what this run measured."""
     train_log = metrics["train"]
     world = bench.world
+    auto = "AutoModelForCausalLM" if recipe.architecture == "olmoe" else "AutoModelForSeq2SeqLM"
+    units = "packed blocks" if recipe.architecture == "olmoe" else "encoder/decoder rows"
     between, within = metrics["routing_between_categories_tv"], metrics["routing_within_category_tv"]
     lines = [
         "---",
         "library_name: transformers",
         "license: apache-2.0",
-        "tags: [fedexperts, expertbench, mixture-of-experts, olmoe]",
+        f"tags: [fedexperts, expertbench, mixture-of-experts, {recipe.architecture}]",
         "---",
         "",
         f"# fedexperts built-in model `{recipe.folder_name}`",
         "",
-        f"A {metrics['parameters'] / 1e6:.2f}M-parameter OLMoE ({recipe.num_layers} layers, hidden "
-        f"{recipe.hidden_size}, {recipe.num_experts} experts of width {recipe.expert_size} per layer, "
-        f"top-{recipe.top_k}) "
+        f"A {metrics['parameters'] / 1e6:.2f}M-parameter {_shape(recipe)} "
         f"with a {metrics['vocab_size']}-token byte-level BPE tokenizer, pretrained from scratch "
         f"on the ExpertBench world (seed {recipe.world_seed}: {len(world.towns)} towns, {len(world.people)} people, "
         f"{len(world.goods)} goods, {len(world.facts)} facts). Made by `fedexperts pretrain` (recipe `{recipe.name}`, "
@@ -116,7 +134,7 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], bench: ExpertBench) -> s
         "## Training",
         "",
         f"- {train_log['steps']} steps of {recipe.batch_size} x {recipe.seq_len} tokens "
-        f"({train_log['tokens'] / 1e6:.2f}M tokens, {metrics['corpus_blocks']} packed blocks), "
+        f"({train_log['tokens'] / 1e6:.2f}M tokens, {metrics['corpus_blocks']} {units}), "
         f"AdamW at peak lr {recipe.learning_rate:g}, router load-balancing loss x{recipe.router_aux_loss_coef:g}",
         f"- loss {train_log['first_loss']:.3f} -> {train_log['final_loss']:.3f}",
         f"- training {train_log['seconds']:.0f} s, measurements {metrics['measure_seconds']:.0f} s, "
@@ -172,8 +190,8 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], bench: ExpertBench) -> s
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
+        f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("<this folder>")',
         'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
         "```",
         "",

@@ -3,7 +3,9 @@
 No model can be downloaded here, so fedexperts makes its own: a byte-level BPE tokenizer trained with
 ``tokenizers`` on ExpertBench text, and a stock transformers OLMoE (8 experts per layer, top-2) pretrained on
 ExpertBench's corpus. :func:`pretrain` runs the whole recipe and saves a plain Hugging Face folder
-(``AutoModelForCausalLM`` / ``AutoTokenizer`` load it) with its model card, atomically.
+(``AutoModelForCausalLM`` / ``AutoTokenizer`` load it) with its model card, atomically. A Switch recipe
+(:attr:`Recipe.architecture`) makes an encoder-decoder Switch Transformer instead (``AutoModelForSeq2SeqLM``),
+pretrained by prefix language modelling on the documents and on the tasks' prompt -> completion pairs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from tqdm.auto import tqdm
 
 from fedexperts.atomic import atomic_directory
 from fedexperts.data.expertbench import CANONICAL, ExpertBench, tokenizer_texts
+from fedexperts.data.layout import SEQ2SEQ
 from fedexperts.data.templates import prompt_template
+from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.models.builtin.card import measure, model_card
 from fedexperts.models.builtin.recipe import (
     METRICS_FILE,
@@ -77,7 +81,9 @@ def build_tokenizer(bench: ExpertBench, recipe: Recipe) -> transformers.PreTrain
 
 
 def build_model(recipe: Recipe, tokenizer: Any) -> transformers.PreTrainedModel:
-    """A freshly initialised OLMoE of the recipe's size (seeded)."""
+    """A freshly initialised OLMoE, or Switch Transformer (:attr:`Recipe.architecture`), of the recipe's size."""
+    if recipe.architecture == "switch_transformers":
+        return _build_switch(recipe, tokenizer)
     config = transformers.AutoConfig.for_model(
         "olmoe",
         vocab_size=len(tokenizer),
@@ -101,6 +107,33 @@ def build_model(recipe: Recipe, tokenizer: Any) -> transformers.PreTrainedModel:
     return model
 
 
+def _build_switch(recipe: Recipe, tokenizer: Any) -> transformers.PreTrainedModel:
+    """A Switch Transformer: ``num_layers`` encoder and decoder blocks, every second one sparse (as in
+    Switch-base), experts as wide as the dense MLPs (``expert_size``), the decoder started by padding."""
+    config = transformers.AutoConfig.for_model(
+        "switch_transformers",
+        vocab_size=len(tokenizer),
+        d_model=recipe.hidden_size,
+        d_kv=recipe.hidden_size // recipe.num_heads,
+        d_ff=recipe.expert_size,
+        num_layers=recipe.num_layers,
+        num_decoder_layers=recipe.num_layers,
+        num_heads=recipe.num_heads,
+        num_experts=recipe.num_experts,
+        expert_capacity=recipe.expert_capacity,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        router_aux_loss_coef=recipe.router_aux_loss_coef,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    model: transformers.PreTrainedModel = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    return model
+
+
 # -- data ----------------------------------------------------------------------------------------------
 
 
@@ -121,15 +154,56 @@ def packed_corpus(bench: ExpertBench, tokenizer: Any, recipe: Recipe) -> torch.T
     return torch.tensor(stream[: blocks * recipe.seq_len], dtype=torch.long).view(blocks, recipe.seq_len)
 
 
-def _batches(blocks: torch.Tensor, recipe: Recipe) -> Iterator[torch.Tensor]:
-    """``recipe.steps`` batches of blocks: seeded passes over the corpus, reshuffled each pass."""
+Corpus = torch.Tensor | list[dict[str, list[int]]]
+"""Packed ``(blocks, seq_len)`` token ids (decoder-only), or token rows of an encoder-decoder."""
+
+
+def seq2seq_rows(bench: ExpertBench, tokenizer: Any, recipe: Recipe) -> list[dict[str, list[int]]]:
+    """The corpus for an encoder-decoder, as token rows (:mod:`fedexperts.data.layout`): the documents,
+    joined by EOS and cut into ``seq_len`` blocks, each block's first half for the encoder and its second
+    for the decoder (prefix language modelling); every task's prompt for the encoder and its completion
+    for the decoder (a task whose completion exceeds ``seq_len`` is left out). Shuffled."""
+    corpus = bench.corpus(num_documents=recipe.num_documents, task_fraction=recipe.task_fraction, seed=recipe.seed)
+    documents = tokenizer([text + tokenizer.eos_token for text in corpus.texts], add_special_tokens=False)
+    stream = [token for row in documents["input_ids"] for token in row]
+    half = recipe.seq_len // 2
+    rows = [
+        {"input_ids": stream[start : start + half], "labels": stream[start + half : start + 2 * half]}
+        for start in range(0, len(stream) - 2 * half + 1, 2 * half)
+    ]
+    template = prompt_template(tokenizer, "chat")
+    for task in corpus.tasks:
+        response = CANONICAL.render(task.answer)
+        prompt = template.prompt(tokenizer, task.instruction, task.context)
+        completion = template.completion(tokenizer, task.instruction, task.context, response)
+        ids = tokenizer([prompt, completion], add_special_tokens=False)["input_ids"]
+        try:
+            input_ids, labels, _ = SEQ2SEQ.example(ids[0], ids[1], max_length=recipe.seq_len, min_prompt_tokens=0)
+        except ValueError:
+            continue
+        rows.append({"input_ids": input_ids, "labels": labels})
+    random.Random(recipe.seed).shuffle(rows)
+    return rows
+
+
+def _batches(count: int, recipe: Recipe) -> Iterator[torch.Tensor]:
+    """``recipe.steps`` batches of indices into ``count`` items: seeded passes over the corpus, reshuffled each pass."""
     generator = torch.Generator().manual_seed(recipe.seed)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(recipe.steps):
         if len(order) < recipe.batch_size:
-            order = torch.cat([order, torch.randperm(len(blocks), generator=generator)])
-        yield blocks[order[: recipe.batch_size]]
+            order = torch.cat([order, torch.randperm(count, generator=generator)])
+        yield order[: recipe.batch_size]
         order = order[recipe.batch_size :]
+
+
+def _pretraining_loss(model: transformers.PreTrainedModel, corpus: Corpus, chosen: torch.Tensor) -> torch.Tensor:
+    """The model's own loss (router terms included) on the chosen blocks, or rows (an encoder-decoder)."""
+    if isinstance(corpus, torch.Tensor):
+        batch = corpus[chosen]
+        return model(input_ids=batch, labels=batch, output_router_logits=True).loss
+    rows = InstructionCollator(int(model.config.pad_token_id))([corpus[index] for index in chosen.tolist()])
+    return model(**rows, output_router_logits=True).loss
 
 
 PRETRAINING_FLOOR = 0.1
@@ -162,14 +236,15 @@ class TrainLog:
     seconds: float
 
 
-def train(model: transformers.PreTrainedModel, blocks: torch.Tensor, recipe: Recipe, *, progress: bool) -> TrainLog:
-    """Next-token training on packed blocks, with the router's load-balancing loss."""
+def train(model: transformers.PreTrainedModel, blocks: Corpus, recipe: Recipe, *, progress: bool) -> TrainLog:
+    """Next-token training on packed blocks (or on token rows, :func:`seq2seq_rows`), with the router's
+    load-balancing loss (and Switch's router z-loss, which its own loss adds)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(total=recipe.steps, desc="pretraining", unit="step", disable=not progress)
-    for step, batch in enumerate(_batches(blocks, recipe)):
+    for step, chosen in enumerate(_batches(len(blocks), recipe)):
         for group in optimizer.param_groups:
             group["lr"] = cosine_learning_rate(
                 step,
@@ -178,7 +253,7 @@ def train(model: transformers.PreTrainedModel, blocks: torch.Tensor, recipe: Rec
                 warmup_steps=recipe.warmup_steps,
                 total_steps=recipe.steps,
             )
-        loss = model(input_ids=batch, labels=batch, output_router_logits=True).loss
+        loss = _pretraining_loss(model, blocks, chosen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -191,7 +266,7 @@ def train(model: transformers.PreTrainedModel, blocks: torch.Tensor, recipe: Rec
     tail = losses[-max(len(losses) // 10, 1) :]
     return TrainLog(
         steps=len(losses),
-        tokens=len(losses) * recipe.batch_size * recipe.seq_len,
+        tokens=len(losses) * recipe.batch_size * recipe.seq_len,  # an encoder-decoder's rows: at most this
         first_loss=losses[0],
         final_loss=sum(tail) / len(tail),
         seconds=time.perf_counter() - start,
@@ -223,7 +298,10 @@ def pretrain(
     with torch_threads(threads) as used_threads:
         bench = ExpertBench.from_seed(chosen.world_seed)
         tokenizer = build_tokenizer(bench, chosen)
-        blocks = packed_corpus(bench, tokenizer, chosen)
+        encoder_decoder = chosen.architecture == "switch_transformers"
+        blocks: Corpus = (
+            seq2seq_rows(bench, tokenizer, chosen) if encoder_decoder else packed_corpus(bench, tokenizer, chosen)
+        )
         model = build_model(chosen, tokenizer)
         log = train(model, blocks, chosen, progress=progress)
         measured_at = time.perf_counter()

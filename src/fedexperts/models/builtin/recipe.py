@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from fedexperts.errors import FedExpertsError
 
@@ -48,14 +49,28 @@ class Recipe:
     """Held-out tasks per category for the model card's scores and routing."""
     eval_styles: int = 4
     """How many client styles the card also scores, to show what personalisation has to close."""
+    architecture: Literal["olmoe", "switch_transformers"] = "olmoe"
+    """A decoder-only OLMoE, or an encoder-decoder Switch Transformer (``num_layers`` encoder and as many
+    decoder blocks, every second one sparse, top-1 routing: ``top_k`` is unused)."""
+    expert_capacity: int = 0
+    """Switch: tokens per expert and sequence its router admits (0 for OLMoE, which has no capacity)."""
 
     def digest(self) -> str:
-        text = json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        for name in _LATER_FIELDS:  # fields added later count only when set: older recipes keep their hash
+            if fields[name] == _DEFAULTS[name]:
+                del fields[name]
+        text = json.dumps({"version": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def folder_name(self) -> str:
-        return f"expertbench-olmoe-{self.name}-{self.digest()}"
+        kind = "olmoe" if self.architecture == "olmoe" else "switch"
+        return f"expertbench-{kind}-{self.name}-{self.digest()}"
+
+
+_LATER_FIELDS = ("architecture", "expert_capacity")
+_DEFAULTS = {name: Recipe.__dataclass_fields__[name].default for name in _LATER_FIELDS}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -75,10 +90,41 @@ RECIPES: dict[str, Recipe] = {
         eval_styles=1,
     ),
     "experts32": Recipe(name="experts32", num_experts=32, expert_size=32),
+    "switch-8": Recipe(name="switch-8", architecture="switch_transformers", num_experts=8, top_k=1, expert_capacity=16),
+    "switch-32": Recipe(
+        name="switch-32",
+        architecture="switch_transformers",
+        num_experts=32,
+        top_k=1,
+        expert_size=32,
+        expert_capacity=4,
+    ),
+    "switch-micro": Recipe(
+        name="switch-micro",
+        architecture="switch_transformers",
+        vocab_size=400,
+        hidden_size=32,
+        num_layers=2,
+        num_experts=4,
+        top_k=1,
+        expert_size=32,
+        expert_capacity=16,
+        seq_len=64,
+        batch_size=8,
+        steps=12,
+        warmup_steps=2,
+        num_documents=200,
+        eval_per_category=4,
+        eval_styles=1,
+    ),
 }
 """``default`` is the base model every command finds (built on first use); ``micro`` trains in seconds, for tests;
 ``experts32`` is ``default`` with 32 narrower experts per layer (the same expert parameters in all), as in FedMoE's
-Switch-base-32, where which sub-MoE a client holds can matter. ``model.name = "builtin:experts32"`` selects one."""
+Switch-base-32, where which sub-MoE a client holds can matter. ``model.name = "builtin:experts32"`` selects one.
+``switch-8`` and ``switch-32`` are encoder-decoder Switch Transformers of the same width (8 experts, or 32 narrower
+ones, per sparse block; expert capacity 16 or 4 tokens per sequence: a capacity factor of 2 over the ``seq_len / 2``
+tokens a pretraining side holds), as FedMoE's baselines and FedMoE itself use; ``switch-micro`` trains in seconds,
+for tests."""
 
 
 def resolve_recipe(recipe: Recipe | str) -> Recipe:

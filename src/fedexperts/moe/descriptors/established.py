@@ -139,6 +139,7 @@ ESTABLISHED: tuple[MoEFamily, ...] = (
         layout=ExpertLayout.MODULE_PER_EXPERT,
         routing="top-1 softmax with per-sequence expert capacity",
         sparse_layers=switch_sparse_layers,
+        expert_capacity="expert_capacity",
     ),
 )
 
