@@ -52,6 +52,18 @@ def _assert_close_states(left, right):
         torch.testing.assert_close(left[key], right[key], rtol=1e-3, atol=2e-4, msg=key)
 
 
+def _scores(records):
+    """Every score the run recorded (per-round and final evaluations), by record, client and split."""
+    found = {}
+    for index, record in enumerate(records):
+        clients = record.get("clients")
+        for client, entry in sorted(clients.items() if isinstance(clients, dict) else ()):
+            for split in ("eval", "val", "union"):
+                for key, value in (entry.get(split) or {}).items():
+                    found[(index, client, split, key)] = value
+    return found
+
+
 def _train_losses(records):
     return [
         (record["round"], client, entry["train_loss"])
@@ -85,6 +97,9 @@ def test_batched_clients_equal_sequential_clients(micro_config, tmp_path, monkey
         assert (round_a, client_a) == (round_b, client_b)
         assert loss_a == pytest.approx(loss_b, abs=1e-4)
     assert len(_train_losses(together)) == 6  # 3 clients x 2 rounds trained
+    scores = _scores(sequential)
+    assert scores and scores.keys() == _scores(together).keys()
+    assert _scores(together) == pytest.approx(scores, abs=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(SEQUENTIAL_ONLY & set(algorithm_names())))

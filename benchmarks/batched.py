@@ -1,0 +1,177 @@
+"""Batched clients: a round's wall time and fraction of matmul peak at ``federation.parallel_clients`` k = 1, 2, 4, 8.
+
+The same in-process run (every client sampled, 10 local steps, no per-round evaluation, 3 rounds)
+with k clients trained at a time as one batch (:mod:`fedexperts.batching`), k = 1 being the
+sequential runtime, for FedAvg (attention LoRA) and FLEx, with 8 and 64 clients, on the built-in
+model and a random-weight OLMoE of hidden size 512 (16 experts; the built-in tokenizer, the same
+ExpertBench rows). The k values of one configuration run one after another in this process, so the
+machine's state hits them alike; each row's speed-up is against k = 1 of the same configuration.
+
+Fraction of peak: useful training FLOPs (``4 x active parameters x real input tokens``, the usual
+estimate with frozen base weights: forward 2, backward through activations 2; padding not counted)
+over the round's training seconds, against a square fp32 matmul measured in this run. Peak memory
+is the process's peak resident set during the round's client steps (base model included).
+
+    python -m benchmarks.batched                       # both models, 8 and 64 clients
+    python -m benchmarks.batched --models builtin --clients 8 --algorithms fedavg --parallel 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import Table, matmul_peak
+from benchmarks.training import active_parameters
+from fedexperts.config import ExperimentConfig, load_config
+from fedexperts.evaluation import pad_token_id
+from fedexperts.experiment import Setting, build_setting, derived_seed
+from fedexperts.federation.client import shuffled_batches
+from fedexperts.federation.inprocess import run_experiment
+
+PARALLEL = (1, 2, 4, 8)
+ALGORITHMS = ("fedavg", "flex")
+RUN = (
+    "data.scheme=iid",
+    "federation.rounds=3",
+    "eval.every=0",
+    "eval.max_examples=1",
+    "eval.union_examples=0",
+    "eval.probes=0",
+    "eval.max_new_tokens=1",
+)
+
+
+def hidden_512_folder(folder: Path) -> Path:
+    """A random-weight OLMoE (hidden 512, 16 experts, 2 layers) saved with the built-in model's tokenizer."""
+    from fedexperts.models import tiny_model
+    from fedexperts.models.builtin import default_model_path
+
+    source = default_model_path()
+    tokenizer_files = [path for path in source.iterdir() if "token" in path.name or path.name.endswith(".jinja")]
+    vocab = int(json.loads((source / "config.json").read_text())["vocab_size"])
+    model = tiny_model(
+        "olmoe",
+        hidden_size=512,
+        intermediate_size=256,
+        num_experts=16,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+    )
+    target = folder / "olmoe-hidden-512"
+    model.save_pretrained(target)
+    for path in tokenizer_files:
+        shutil.copy(path, target / path.name)
+    return target
+
+
+def round_tokens(setting: Setting, round_number: int) -> int:
+    """Real input tokens the round's local training reads (every client sampled): its batches, replayed."""
+    config = setting.config
+    pad = pad_token_id(setting.tokenizer)
+    total = 0
+    for client in setting.clients:
+        seed = derived_seed(config.federation.seed, round_number, client.index, 1)
+        batches = shuffled_batches(client.train, config.train.batch_size, pad, seed)
+        for _ in range(config.train.steps_per_round * config.train.grad_accumulation):
+            total += int(next(batches)["attention_mask"].sum())
+    return total
+
+
+def measure(config: ExperimentConfig, target: Path, peak: float) -> dict[str, float]:
+    """Median round wall, fraction of peak and peak memory of one run of ``config``."""
+    setting = build_setting(config)
+    active = active_parameters(setting.model)
+    records = run_experiment(config, target, setting=setting).records
+    walls, fractions, memory = [], [], []
+    for record in (entry for entry in records if entry["kind"] == "round"):
+        clients: dict[str, Any] = record["clients"]
+        train = sum(entry["seconds"]["train"] for entry in clients.values())
+        walls.append(record["seconds"]["round"])
+        fractions.append(4 * active * round_tokens(setting, record["round"]) / train / peak)
+        memory.append(max(entry.get("peak_memory_bytes", 0) for entry in clients.values()))
+    return {
+        "wall": statistics.median(walls),
+        "fraction": statistics.median(fractions),
+        "memory": max(memory) / 2**20,
+    }
+
+
+def run(
+    models: Sequence[str],
+    clients: Sequence[int],
+    algorithms: Sequence[str] = ALGORITHMS,
+    parallel: Sequence[int] = PARALLEL,
+) -> Table:
+    peak = matmul_peak(torch.float32)
+    table = Table(
+        "Batched clients (in-process, 10 local steps, every client sampled; median over 3 rounds)",
+        ["model", "algorithm", "clients", "k", "round wall (s)", "speed-up vs k=1", "% of fp32 peak", "peak RSS (MiB)"],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        sources = {"builtin": "builtin"}
+        if "hidden-512" in models:
+            sources["hidden-512"] = str(hidden_512_folder(Path(folder)))
+        for model in models:
+            for algorithm in algorithms:
+                for count in clients:
+                    baseline = None
+                    for k in parallel:
+                        config = load_config(
+                            None,
+                            [
+                                *RUN,
+                                f'model.name="{sources[model]}"',
+                                f"algorithm.name={algorithm}",
+                                f"federation.clients={count}",
+                                f"federation.min_clients={count}",
+                                f"federation.parallel_clients={k}",
+                                f"data.items={max(1200, 20 * count)}",
+                                f'output_dir="{folder}"',
+                            ],
+                        )
+                        result = measure(config, Path(folder) / f"{model}-{algorithm}-{count}-{k}", peak)
+                        baseline = baseline or result["wall"]
+                        table.add(
+                            model,
+                            algorithm,
+                            count,
+                            k,
+                            f"{result['wall']:.2f}",
+                            f"{baseline / result['wall']:.2f}x",
+                            f"{100 * result['fraction']:.1f}%",
+                            f"{result['memory']:,.0f}",
+                        )
+                        print(table.rows[-1], flush=True)
+    table.note(f"measured fp32 matmul peak in this run: {peak / 1e9:.1f} GFLOP/s")
+    table.note(
+        "k = 1 is the sequential runtime; at k > 1 a round's clients set up and evaluate one by one, then train k at "
+        "a time as one batch; the round wall includes setup, messages and checkpoints"
+    )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["builtin", "hidden-512"], choices=["builtin", "hidden-512"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--parallel", nargs="+", type=int, default=list(PARALLEL))
+    args = parser.parse_args()
+    print(run(args.models, args.clients, args.algorithms, args.parallel).markdown())
+
+
+if __name__ == "__main__":
+    main()
