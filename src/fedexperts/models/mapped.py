@@ -12,6 +12,7 @@ weight in place gets its own copy of that page, never a change to the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -137,8 +138,9 @@ def load_mapped(
         raise FedExpertsError(f"{path}: no model dtype in its metadata; the file was not written by save_mapped")
     model = meta_model(config, dtype, experts_implementation=experts_implementation)
     map_tensors(model, path)
-    if Path(source, "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(source)
+    if model.can_generate():  # as from_pretrained: the checkpoint's generation config where it has one
+        with contextlib.suppress(OSError):
+            model.generation_config = transformers.GenerationConfig.from_pretrained(source)
     note_wrapper(model, config)
     movable: Any = model
     movable.to(device).eval()

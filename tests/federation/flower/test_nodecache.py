@@ -154,7 +154,7 @@ def _step(app, config, partition, state_dir, cache_dir, received, monkeypatch):
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "flex"])
 def test_a_client_step_from_the_cache_replies_bit_identically(micro_config, tmp_path, monkeypatch, algorithm):
-    config = micro_config(f"algorithm.name={algorithm}", "data.validation_fraction=0.2")
+    config = micro_config(f"algorithm.name={algorithm}", "data.validation_fraction=0.2", "eval.max_new_tokens=1")
     setting = build_setting(config, only_clients=[], evaluation=False)
     global_state = setting.algorithm.initial_global_state(setting.model)
     received = setting.algorithm.downlink(global_state, ClientInfo(client_ids(3)[1], 10))
