@@ -1,8 +1,9 @@
 """A loaded model's own tensors as one safetensors file, and the model back from it, memory-mapped.
 
 What a Flower node's cache holds (:mod:`fedexperts.federation.flower.nodecache`). ``from_pretrained``
-reads a checkpoint, renames and fuses its tensors (transformers' conversion mapping) and copies
-each one into the model; a process started per message pays that every time. :func:`save_mapped`
+memory-maps a checkpoint too, but builds transformers' conversion mapping and fuses per-expert
+tensors into new copies (most of an MoE's bytes) every time; a process started per message pays
+that for each message. :func:`save_mapped`
 writes the loaded model's tensors once, in the model's own names, dtypes and layout (tied weights
 once). :func:`load_mapped` builds the model on the meta device (no initialisation) and points every
 parameter and buffer at its bytes in a private memory map of that file (no copy): pages are read on
