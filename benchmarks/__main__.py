@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import machine
 
-MODULES = ("training", "batched", "rounds", "payloads", "transfer", "memory", "scale", "grafting_selection")
+MODULES = ("training", "batched", "rounds", "nodes", "payloads", "transfer", "memory", "scale", "grafting_selection")
 
 HEADER = """# Performance
 

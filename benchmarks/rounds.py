@@ -9,11 +9,13 @@ process, clients run one after another, so overhead = wall − Σ work. Flower's
 ``workers`` clients at a time (one Ray actor per core), so its overhead is wall − Σ work / workers:
 what the round costs beyond perfectly parallel client work.
 
-    python -m benchmarks.rounds
+    python -m benchmarks.rounds                                # 8 and 64 clients (make bench)
+    python -m benchmarks.rounds --clients 64 --no-default-steps # the 2-step comparison only
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -59,7 +61,7 @@ def overhead(records: list[dict[str, Any]], workers: int) -> tuple[float, float,
     return statistics.median(walls), statistics.median(works), statistics.median(fractions)
 
 
-def run(clients: tuple[int, ...] = (8, 64)) -> Table:
+def run(clients: tuple[int, ...] = (8, 64), *, with_default_steps: bool = True) -> Table:
     from fedexperts.federation.flower import run_simulation
 
     workers = os.cpu_count() or 1
@@ -82,7 +84,8 @@ def run(clients: tuple[int, ...] = (8, 64)) -> Table:
             default_steps = config.model_copy(
                 update={"train": config.train.model_copy(update={"steps_per_round": DEFAULT_STEPS})}
             )
-            for runtime, steps in (("in-process", 2), ("in-process", DEFAULT_STEPS), ("Flower simulation", 2)):
+            runs = [("in-process", 2), ("in-process", DEFAULT_STEPS), ("Flower simulation", 2)]
+            for runtime, steps in runs if with_default_steps else runs[::2]:
                 start = time.perf_counter()
                 target = Path(folder) / f"{runtime.split()[0]}-{count}-{steps}"
                 if runtime == "in-process":
@@ -100,14 +103,20 @@ def run(clients: tuple[int, ...] = (8, 64)) -> Table:
     table.note(
         "in-process overhead is the server loop plus each client's model build from the received tensors, "
         "the encoding and decoding of every message, validation, the per-round checkpoint and records. "
-        "Flower's client work is larger than in-process: each Ray actor runs one torch thread, and an actor "
-        "builds a client's data the first time it serves that client (seconds_setup)"
+        "On Flower the simulation fills the node cache before Ray starts (the base model and every client's "
+        "tokens, built once as in-process builds them; part of the whole run); each actor memory-maps the "
+        "cached model, reads a client's tokens the first time it serves it (seconds_setup), keeps both "
+        "between messages and runs cpus-per-client torch threads"
     )
     return table
 
 
 def main() -> None:
-    print(run().markdown())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--no-default-steps", action="store_true", help="skip the in-process run of 10 local steps")
+    args = parser.parse_args()
+    print(run(tuple(args.clients), with_default_steps=not args.no_default_steps).markdown())
 
 
 if __name__ == "__main__":

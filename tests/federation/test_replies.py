@@ -23,7 +23,7 @@ from flwr.app import Context, Message, RecordDict
 from fedexperts.experiment import build_setting
 from fedexperts.federation.client import CLIENT_FIELD, NONCE_FIELD, ROUND_FIELD, ClientTask
 from fedexperts.federation.flower import clientapp
-from fedexperts.federation.flower.clientapp import NUM_PARTITIONS, PARTITION_ID, STATE_DIR, client_app
+from fedexperts.federation.flower.clientapp import CACHE_DIR, NUM_PARTITIONS, PARTITION_ID, STATE_DIR, client_app
 from fedexperts.federation.flower.serverapp import run_on_grid
 from fedexperts.federation.flower.wire import payload_to_record, record_to_payload
 from fedexperts.federation.inprocess import InProcessTransport, members_of
@@ -143,7 +143,12 @@ class TamperingGrid:
             node: Context(
                 run_id=7,
                 node_id=node,
-                node_config={PARTITION_ID: node - 1, NUM_PARTITIONS: clients, STATE_DIR: str(state_dir)},
+                node_config={
+                    PARTITION_ID: node - 1,
+                    NUM_PARTITIONS: clients,
+                    STATE_DIR: str(state_dir),
+                    CACHE_DIR: str(state_dir / "cache"),
+                },
                 state=RecordDict(),
                 run_config={},
             )

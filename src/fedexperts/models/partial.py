@@ -110,9 +110,9 @@ def load_sub_moe(
     rows, columns = _expert_rows(model)
     with _Checkpoint(source, naming) as checkpoint:
         compute_non_persistent_buffers(model, torch.device(device))
-        for names, tensor in _tensors(model):
+        for names, tensor in unique_tensors(model):
             value = checkpoint.read(names, tensor, rows.get(names[0]), columns.get(names[0]))
-            _assign(model, names, value.to(device=device, dtype=tensor.dtype), tensor)
+            assign_tensor(model, names, value.to(device=device, dtype=tensor.dtype), tensor)
     generation = source / "generation_config.json"
     if generation.is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(source)
@@ -146,7 +146,7 @@ def _expert_rows(model: PreTrainedModel) -> tuple[dict[str, list[int]], dict[str
     return rows, columns
 
 
-def _tensors(model: nn.Module) -> Iterator[tuple[list[str], torch.Tensor]]:
+def unique_tensors(model: nn.Module) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Every parameter and persistent buffer once, with all the names it has (tied weights share one)."""
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -178,7 +178,7 @@ def compute_non_persistent_buffers(model: PreTrainedModel, device: torch.device)
     initialise_non_persistent_buffers(model)
 
 
-def _assign(model: nn.Module, names: Sequence[str], value: torch.Tensor, old: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, names: Sequence[str], value: torch.Tensor, old: torch.Tensor) -> None:
     """Put ``value`` in place of ``old`` under every one of its names (one object, so ties survive)."""
     new: torch.Tensor = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
     for name in names:

@@ -11,8 +11,11 @@ current when a later message says its round was accepted and checkpointed by the
 becomes the client's state.
 
 In a deployment every message starts a fresh ClientApp process, so the node rebuilds its setting
-each time (the base model is memory-mapped from safetensors; the time is reported as
-``seconds_setup``). In a simulation the Ray actor keeps it between messages. For an algorithm that
+each time: from the node cache (:mod:`~fedexperts.federation.flower.nodecache`, under ``cache-dir``:
+the base model memory-mapped, the partition already tokenized; ``cache-dir=""`` turns it off), and
+the time is reported as ``seconds_setup``. In a simulation each Ray actor builds from the same cache
+once, keeps its setting and clients between messages, and runs as many torch threads as it has
+cores (``threads``). For an algorithm that
 names its clients' experts (FedMoE), a node never loads the full model: it prepares the algorithm
 on a meta-device model and each step loads only the sub-MoE its downlink names
 (:class:`~fedexperts.experiment.ClientModels`), whatever ``federation.client_model`` says.
@@ -21,25 +24,18 @@ on a meta-device model and each step loads only the sub-MoE its downlink names
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedexperts.config import ExperimentConfig
-from fedexperts.data.expertbench import ExpertBench
-from fedexperts.data.partition import Partition
 from fedexperts.errors import FedExpertsError
-from fedexperts.experiment import (
-    Setting,
-    build_setting,
-    client_ids,
-    federated_rows,
-    with_clients,
-    with_evaluation,
-)
+from fedexperts.experiment import Setting, build_setting, client_ids, with_clients, with_evaluation
 from fedexperts.federation.client import run_client
+from fedexperts.federation.flower.nodecache import FederatedRows, NodeCache, node_base, node_client
 from fedexperts.federation.flower.runconfig import config_from_run_config
 from fedexperts.federation.flower.wire import payload_to_record, record_to_payload, task_of
 from fedexperts.federation.payload import transfer_dtype
@@ -47,8 +43,10 @@ from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import Payload, majority_category
 from fedexperts.models.builtin import cache_root
 
-PARTITION_ID, NUM_PARTITIONS, STATE_DIR = "partition-id", "num-partitions", "state-dir"
+PARTITION_ID, NUM_PARTITIONS, STATE_DIR, CACHE_DIR = "partition-id", "num-partitions", "state-dir", "cache-dir"
 """The node config keys a SuperNode is started with (``--node-config``)."""
+THREADS = "threads"
+"""Optional node config key: torch threads per ClientApp process (SuperNodes sharing a machine's cores)."""
 MEMBER = "member"
 """The record of a query reply: who this node is, for the server's roster."""
 _NODE_RECORD = "fedexperts"
@@ -56,6 +54,10 @@ _NODE_RECORD = "fedexperts"
 
 def default_state_dir() -> Path:
     return cache_root() / "nodes"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "node-cache"
 
 
 def node_store(state_dir: Path, run_uid: str, partition: int) -> ClientStateStore:
@@ -68,19 +70,27 @@ class _SettingCache:
     """The base model, algorithm and client data this process built, reused while the config is the same."""
 
     key: str = ""
-    built: tuple[Setting, tuple[Partition, ExpertBench | None]] | None = None
-    """The setting without client data (model, algorithm, evaluation sets) and every client's raw rows."""
+    base: Setting | None = None
+    """The setting without client data (model, algorithm, evaluation sets)."""
+    rows: FederatedRows | None = None
+    """Every client's raw rows, read only when something is built (not from the node cache)."""
     clients: dict[int, Setting] = field(default_factory=dict)
 
-    def get(self, config: ExperimentConfig, partition: int) -> Setting:
+    def get(self, config: ExperimentConfig, partition: int, cache: NodeCache | None) -> Setting:
         key = config.model_dump_json()
-        if self.built is None or key != self.key:
-            rows = federated_rows(config)
-            base = with_evaluation(build_setting(config, only_clients=[], evaluation=False, node=True), rows)
-            self.key, self.built, self.clients = key, (base, rows), {}
+        if self.base is None or self.rows is None or key != self.key:
+            rows = FederatedRows(config)
+            if cache is not None:
+                base = node_base(config, cache, rows)
+            else:
+                base = with_evaluation(build_setting(config, only_clients=[], evaluation=False, node=True), rows())
+            self.key, self.base, self.rows, self.clients = key, base, rows, {}
         if partition not in self.clients:
-            base, rows = self.built
-            self.clients[partition] = with_clients(base, [partition], rows)
+            if cache is not None:
+                client = node_client(self.base, cache, partition, self.rows)
+                self.clients[partition] = replace(self.base, clients=(client,))
+            else:
+                self.clients[partition] = with_clients(self.base, [partition], self.rows())
         return self.clients[partition]
 
 
@@ -101,22 +111,47 @@ def _partition(context: Context, config: ExperimentConfig) -> int:
     return partition
 
 
-def client_app(config: ExperimentConfig | None = None, state_dir: Path | None = None) -> ClientApp:
+def _node_cache(context: Context, cache_dir: Path | None) -> NodeCache | None:
+    """``cache_dir``, else the node config's ``cache-dir`` (``""``: no cache), else the default folder."""
+    if cache_dir is not None:
+        return NodeCache(cache_dir)
+    folder = context.node_config.get(CACHE_DIR)
+    if folder == "":
+        return None
+    return NodeCache(Path(str(folder)).expanduser() if folder is not None else default_cache_dir())
+
+
+def client_app(
+    config: ExperimentConfig | None = None,
+    state_dir: Path | None = None,
+    *,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> ClientApp:
     """A ClientApp for ``config`` (default: the run config) keeping state under ``state_dir``.
 
-    ``state_dir`` defaults to the node config's ``state-dir``, else ``$FEDEXPERTS_CACHE/nodes``.
+    ``state_dir`` defaults to the node config's ``state-dir``, else ``$FEDEXPERTS_CACHE/nodes``;
+    ``cache_dir`` (the node cache) to the node config's ``cache-dir``, else
+    ``$FEDEXPERTS_CACHE/node-cache``. ``threads``: torch threads for every message (a simulation's
+    cores per client); ``None``: the node config's ``threads``, else torch's choice.
     """
     app = ClientApp()
 
-    def resolve(context: Context) -> tuple[ExperimentConfig, int, Path]:
+    def resolve(context: Context) -> tuple[ExperimentConfig, int, Path, Setting]:
+        wanted = threads or context.node_config.get(THREADS, 0)
+        if not isinstance(wanted, int) or wanted < 0:
+            raise FedExpertsError(f"node config {THREADS}={wanted!r}: expected a number of threads (0: torch's)")
+        if wanted and torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
         resolved = config or config_from_run_config(context.run_config)
         folder = state_dir or Path(str(context.node_config.get(STATE_DIR) or default_state_dir()))
-        return resolved, _partition(context, resolved), folder
+        partition = _partition(context, resolved)
+        return resolved, partition, folder, _CACHE.get(resolved, partition, _node_cache(context, cache_dir))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        resolved, partition, _folder = resolve(context)
-        client = _CACHE.get(resolved, partition).client(client_ids(resolved.federation.clients)[partition])
+        resolved, partition, _folder, setting = resolve(context)
+        client = setting.client(client_ids(resolved.federation.clients)[partition])
         member: dict[str, ConfigRecordValues] = {
             "client-id": client.client_id,
             "partition-id": partition,
@@ -126,9 +161,8 @@ def client_app(config: ExperimentConfig | None = None, state_dir: Path | None = 
         return Message(RecordDict({MEMBER: ConfigRecord(member)}), reply_to=msg)
 
     def step(msg: Message, context: Context) -> Message:
-        resolved, partition, folder = resolve(context)
         started = time.perf_counter()
-        setting = _CACHE.get(resolved, partition)
+        resolved, partition, folder, setting = resolve(context)
         setup_seconds = time.perf_counter() - started
         task, commit_round, run_uid = task_of(msg.content)
         own = client_ids(resolved.federation.clients)[partition]

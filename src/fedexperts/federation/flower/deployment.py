@@ -139,6 +139,8 @@ class LocalDeployment:
     work: Path
     nodes: int
     port: int = field(default_factory=free_port)
+    node_cache: bool = True
+    """Whether the SuperNodes share a node cache (``work/node-cache``, one per machine); off: each message builds."""
     startup_timeout: float = 120.0
     ca: Path = field(init=False)
     _certificates: tuple[Path, Path] = field(init=False)
@@ -263,12 +265,16 @@ class LocalDeployment:
         return int(reply["node-id"])
 
     def node_command(self, key: Path, port: int, partition: int, state_dir: Path) -> list[str]:
+        """The SuperNode's command line: its partition, state, the shared node cache and its share of the cores."""
+        cache = self.work / "node-cache" if self.node_cache else ""
+        threads = max(1, (os.cpu_count() or 1) // self.nodes)  # N processes x all cores each thrash a shared machine
         return [
             _tool("flower-supernode"),
             *("--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.ca)),
             *("--auth-supernode-private-key", str(key), "--port", str(port)),
             "--node-config",
-            f'partition-id={partition} num-partitions={self.nodes} state-dir="{state_dir}"',
+            f'partition-id={partition} num-partitions={self.nodes} state-dir="{state_dir}" cache-dir="{cache}" '
+            f"threads={threads}",
         ]
 
     def start_node(self, partition: int) -> None:

@@ -2,8 +2,12 @@
 
 ``flwr.simulation.run_simulation`` runs the ServerApp in a thread of this process and each
 ClientApp in a Ray actor; it gives the apps no run config, so the config travels in the app
-factories instead. The node states go under ``run_dir/nodes`` unless told otherwise. A run that
-completes no round (a failed start) is removed once the nodes have stopped.
+factories instead. The node states go under ``run_dir/nodes`` unless told otherwise. Before Ray
+starts, this process fills the node cache (:mod:`~fedexperts.federation.flower.nodecache`) with the
+base model and every client's tokenized partition, so each actor memory-maps the one model file
+and reads its clients' tokens instead of building them; an actor runs ``cpus_per_client`` torch
+threads (at least one). A run that completes no round (a failed start) is removed once the nodes
+have stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 
 from fedexperts.config import ExperimentConfig
 from fedexperts.errors import FedExpertsError, RunError
-from fedexperts.federation.flower.clientapp import client_app
+from fedexperts.federation.flower.clientapp import client_app, default_cache_dir
+from fedexperts.federation.flower.nodecache import NodeCache, warm
 from fedexperts.federation.flower.serverapp import server_app
 from fedexperts.federation.rundir import RunResult, discard_unstarted
 from fedexperts.federation.runstore import NODES
@@ -33,6 +38,7 @@ def run_simulation(
     resume: bool = False,
     overwrite: bool = False,
     state_dir: Path | None = None,
+    cache_dir: Path | None = None,
     cpus_per_client: float = 1.0,
     gpus_per_client: float | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -42,6 +48,7 @@ def run_simulation(
     ``gpus_per_client`` defaults to 1 / (clients that fit) when CUDA is present, else 0. The CPUs are
     checked before Ray starts: Ray refuses a bad count with pages of log, or waits forever for cores
     that are not there. ``resume`` continues the run in ``run_dir`` after its last committed round.
+    ``cache_dir`` is the node cache (default ``$FEDEXPERTS_CACHE/node-cache``).
     """
     from flwr.simulation import run_simulation as flower_simulation
 
@@ -53,10 +60,13 @@ def run_simulation(
         )
     if gpus_per_client is None:
         gpus_per_client = 1.0 / max(1, int(cpus // cpus_per_client)) if torch.cuda.is_available() else 0.0
+    cache = NodeCache(cache_dir or default_cache_dir())
+    warm(config, cache, range(config.federation.clients))  # before any run file: bad data fails here
     server = server_app(
         config, run_dir, resume=resume, overwrite=overwrite, discard_failed_start=False, on_round=on_round
     )
-    client = client_app(config, state_dir or run_dir / NODES)
+    threads = max(1, int(cpus_per_client))
+    client = client_app(config, state_dir or run_dir / NODES, cache_dir=cache.root, threads=threads)
     try:
         flower_simulation(
             server_app=server,
