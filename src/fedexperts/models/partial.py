@@ -8,10 +8,9 @@ rows and biases, fused experts). Per-expert hub tensors are fused for the kept e
 transformers' conversion mapping fuses all of them (:mod:`fedexperts.moe.checkpoints`). Where each
 expert is a module of its own (Switch Transformers), the sub-MoE's module ``expert_{j}`` is read
 from the checkpoint's ``expert_{g}``, ``g`` the global expert it holds, and the other experts'
-modules are never read. Tensors
-are cast and moved one at a time, so the full model never exists in memory. Non-persistent
-buffers (rotary frequencies) are computed by the model's own initialiser, as ``from_pretrained``
-does; tied weights stay one tensor.
+modules are never read. Tensors are cast and moved one at a time, so the full model never exists
+in memory. Non-persistent buffers (rotary frequencies) are computed by the model's own
+initialiser, as ``from_pretrained`` does; tied weights stay one tensor.
 """
 
 from __future__ import annotations
