@@ -55,6 +55,29 @@ def micro_model_path(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def switch_model_path(micro_model_path, tmp_path_factory):
+    """A random-weight tiny Switch Transformers checkpoint (2 encoder and 2 decoder blocks, each stack with
+    one sparse block of 4 experts) with the micro model's tokenizer, saved once per session."""
+    import transformers
+
+    from fedexperts.models import tiny_model
+
+    folder = tmp_path_factory.mktemp("switch")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(micro_model_path)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    model = tiny_model(
+        "switch_transformers",
+        vocab_size=len(tokenizer),
+        num_experts=4,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **ids,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 MICRO_RUN = (
     "algorithm.name=fedavg",
     "train.learning_rate=0.01",

@@ -1,20 +1,20 @@
 """Every registry algorithm end to end on a tiny encoder-decoder MoE (Switch Transformers).
 
-One random-weight Switch model (2 encoder and 2 decoder blocks, each stack with one sparse block of 4
-experts) saved with the micro model's tokenizer; 2 clients, 1 round, 1 step, one evaluation example.
+One random-weight Switch model (``switch_model_path`` in tests/conftest.py: 2 encoder and 2 decoder
+blocks, each stack with one sparse block of 4 experts) saved with the micro model's tokenizer;
+2 clients, 1 round, 1 step, one evaluation example.
 The seq2seq data path is chosen from the model's config; nothing in the run says it is one.
 """
 
 import math
 
 import pytest
-import transformers
+import torch
 from safetensors.torch import load_file
 
 from fedexperts.algorithms.registry import algorithm_names
 from fedexperts.errors import FedExpertsError
 from fedexperts.federation.inprocess import run_experiment
-from fedexperts.models import tiny_model
 
 CHEAP = (
     "federation.clients=2",
@@ -42,26 +42,9 @@ REFUSED = {"feddpa": "feddpa supports decoder-only models"}
 """Algorithms that cannot work on an encoder-decoder, and the start of their one-line refusal."""
 
 
-@pytest.fixture(scope="module")
-def switch_folder(micro_model_path, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("switch")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(micro_model_path)
-    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    model = tiny_model(
-        "switch_transformers",
-        vocab_size=len(tokenizer),
-        num_experts=4,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        **ids,
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("name", algorithm_names())
-def test_every_algorithm_runs_on_switch(name, switch_folder, micro_config):
-    config = micro_config(f"algorithm.name={name}", f'model.name="{switch_folder}"', *CHEAP, *EXTRA.get(name, ()))
+def test_every_algorithm_runs_on_switch(name, switch_model_path, micro_config):
+    config = micro_config(f"algorithm.name={name}", f'model.name="{switch_model_path}"', *CHEAP, *EXTRA.get(name, ()))
     if name in REFUSED:
         with pytest.raises(FedExpertsError, match=REFUSED[name]):
             run_experiment(config)
@@ -85,3 +68,30 @@ def test_every_algorithm_runs_on_switch(name, switch_folder, micro_config):
     if name in ("fedmoe", "random-moe"):  # the budget clients got sub-MoEs, smaller than the full model
         sizes = sorted(entry["bytes_down"] for entry in rounds[-1]["clients"].values())
         assert sizes[0] < sizes[-1]
+
+
+def test_fedmoe_clients_that_load_their_switch_sub_moe_give_the_shared_runs_results(
+    switch_model_path, micro_config, monkeypatch
+):
+    """``federation.client_model=sub-moe`` (what Flower nodes use): each sub-MoE is read from the Switch
+    checkpoint by global expert index, and the run equals the one on views of the shared model, bit for bit."""
+    from fedexperts import experiment
+    from tests.algorithms.fedmoe.test_end_to_end import checkpoint, stable
+
+    overrides = (f'model.name="{switch_model_path}"', *CHEAP, *EXTRA["fedmoe"], "algorithm.name=fedmoe")
+    shared = run_experiment(micro_config(*overrides, "name=shared"))
+    kept = []
+    original = experiment.load_sub_moe
+
+    def counted(folder, keep, **options):
+        kept.append(sum(len(experts) for experts in keep.values()))
+        return original(folder, keep, **options)
+
+    monkeypatch.setattr(experiment, "load_sub_moe", counted)
+    loaded = run_experiment(micro_config(*overrides, "name=sub-moe", "federation.client_model=sub-moe"))
+    assert kept and min(kept) < max(kept)  # sub-MoEs smaller than the full model were loaded
+    assert stable(loaded.records[1:]) == stable(shared.records[1:])
+    (a, meta_a), (b, meta_b) = checkpoint(shared.run_dir), checkpoint(loaded.run_dir)
+    assert a.keys() == b.keys() and meta_a == meta_b
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -9,7 +9,7 @@ import transformers
 from safetensors.torch import save_file, save_model
 
 from fedexperts.algorithms.fedmoe.views import expert_and_dense_bytes
-from fedexperts.errors import FedExpertsError, UnsupportedModelError
+from fedexperts.errors import FedExpertsError
 from fedexperts.federation.accounting import held_bytes
 from fedexperts.models.partial import load_sub_moe
 from fedexperts.models.tiny import TINY_FAMILIES, tiny_model
@@ -196,10 +196,6 @@ def test_bad_folders_subsets_and_families_are_refused(tmp_path, olmoe_folder):
     (olmoe_folder / "model.safetensors").unlink()
     with pytest.raises(FedExpertsError, match=r"no \*\.safetensors weights"):
         load_sub_moe(olmoe_folder)
-    switch = tmp_path / "switch"
-    tiny_model("switch_transformers").save_pretrained(switch)
-    with pytest.raises(UnsupportedModelError, match=r"Switch Transformers .* keeps one module per expert"):
-        load_sub_moe(switch)
 
 
 def test_qwen3_5s_text_model_is_read_from_under_the_composite_models_language_model(tmp_path, batch_factory):
@@ -216,3 +212,50 @@ def test_qwen3_5s_text_model_is_read_from_under_the_composite_models_language_mo
     expected = copy.deepcopy(model)
     select_experts(expected, keep)
     assert_same_model(load_sub_moe(tmp_path, keep), expected, batch_factory(model))
+
+
+@pytest.fixture(scope="module")
+def switch_checkpoint(tmp_path_factory):
+    """A tiny Switch Transformers checkpoint: one module per expert, saved with ``save_pretrained``."""
+    folder = tmp_path_factory.mktemp("switch")
+    tiny_model("switch_transformers", seed=1, expert_capacity=4).save_pretrained(folder)
+    return folder
+
+
+def test_a_switch_sub_moe_equals_the_surgery_view_with_global_indices_and_scaled_capacity(
+    switch_checkpoint, batch_factory
+):
+    full = transformers.AutoModelForSeq2SeqLM.from_pretrained(switch_checkpoint).eval()
+    keep = {layer.name: ([6, 1, 3, 0] if index % 2 else [0, 2, 4, 6]) for index, layer in enumerate(moe_layers(full))}
+    expected = copy.deepcopy(full)
+    select_experts(expected, keep)
+    loaded = load_sub_moe(switch_checkpoint, keep)
+    batch = batch_factory(full, length=12)  # 12 tokens a sequence over 4 experts: capacity 4 would be tight
+    assert_same_model(loaded, expected, batch)
+    for layer in moe_layers(loaded):
+        assert layer.router.expert_capacity == 8  # ceil(4 * 8 / 4)
+        experts = full.get_submodule(layer.experts_name)
+        for local, held in enumerate(keep[layer.name]):
+            assert torch.equal(layer.experts[f"expert_{local}"].wi.weight, experts[f"expert_{held}"].wi.weight)
+
+
+def test_a_switch_sub_moe_holds_and_reads_only_the_kept_experts(switch_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    full = transformers.AutoModelForSeq2SeqLM.from_pretrained(switch_checkpoint)
+    keep = {layer.name: [5, 2] for layer in moe_layers(full)}
+    loaded = load_sub_moe(switch_checkpoint, keep)
+    assert held_bytes(loaded) == pytest.approx(analytic_bytes(full, keep), rel=0.02)
+    assert held_bytes(loaded) < 0.8 * held_bytes(full)
+    state = load_file(switch_checkpoint / "model.safetensors")
+    held = {f".expert_{index}." for index in (2, 5)}
+    kept = {name: tensor for name, tensor in state.items() if ".expert_" not in name or any(h in name for h in held)}
+    assert len(kept) < len(state)
+    for name in ("config.json", "generation_config.json"):
+        (tmp_path / name).write_bytes((switch_checkpoint / name).read_bytes())
+    save_file(kept, str(tmp_path / "model.safetensors"))  # the other experts' modules are not in the file at all
+    for name, tensor in load_sub_moe(tmp_path, keep).state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    unheld = r"no tensor encoder\.block\.1\.layer\.1\.mlp\.experts\.expert_0\.wi\.weight$"
+    with pytest.raises(FedExpertsError, match=unheld):
+        load_sub_moe(tmp_path, {**keep, "encoder.block.1.layer.1.mlp": [0]})

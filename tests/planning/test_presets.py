@@ -4,14 +4,20 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from fedexperts.algorithms.fedavg.config import FedAvgConfig
+from fedexperts.algorithms.fedmoe.config import FedMoEConfig, FedMoEOptions
 from fedexperts.algorithms.fedsa_lora.config import FedSALoRAConfig
 from fedexperts.algorithms.ffa_lora.config import FFALoRAConfig
 from fedexperts.algorithms.flex.config import FlexConfig
+from fedexperts.algorithms.registry import build_algorithm
+from fedexperts.federation.accounting import held_bytes
+from fedexperts.models.partial import meta_model
 from fedexperts.models.tiny import tiny_config
 from fedexperts.moe import Role
 from fedexperts.planning import PRESETS, PlanError, plan
+from fedexperts.planning.presets import load_plan_config
 
 # Published totals. OLMoE: 6.92B on the hub (paper: 6.9B total / 1.3B active). Qwen1.5-MoE-A2.7B: 14.3B / 2.7B
 # (model card). Qwen3-30B-A3B: 30.5B / 3.3B (model card). Mixtral-8x7B: 46.7B / 12.9B (Mistral's announcement).
@@ -27,6 +33,10 @@ from fedexperts.planning import PRESETS, PlanError, plan
 # (the card rounds it to "21B", which the text model's 21.8B would miss by 4%). Their active counts ("12B", "10B",
 # "3B") are rounded to a whole billion and their convention for embeddings is not stated; ours are 13.4B, 11.0B and
 # 3.35B with both embeddings (12.8B, 10.4B, 3.09B without the input one), so only Llama 4's is compared (None).
+#
+# Switch-Base (google/switch-base-8, -32): the hub's counts of the checkpoints as remembered, 0.62B and 2B (the
+# latter rounded); active, one expert per sparse block: T5-Base's 223M, which Switch-Base is FLOP-matched to
+# (Fedus et al., arXiv 2101.03961).
 PUBLISHED = {
     "olmoe-1b-7b": (6.92e9, 1.3e9, False),
     "qwen1.5-moe-a2.7b": (14.3e9, 2.7e9, False),
@@ -38,6 +48,8 @@ PUBLISHED = {
     "llama-4-scout-17b-16e": (109e9, 17e9, False),
     "minimax-m2": (230e9, None, False),
     "ernie-4.5-21b-a3b": (21.8e9, None, False),
+    "switch-base-8": (0.62e9, 0.223e9, False),
+    "switch-base-32": (2.0e9, 0.223e9, False),
 }
 
 
@@ -123,3 +135,17 @@ def test_bad_inputs_are_plan_errors_naming_the_input_and_the_presets(tmp_path):
         plan(tmp_path, FlexConfig())
     with pytest.raises(PlanError, match="unknown dtype"):
         plan("olmoe-1b-7b", FlexConfig(), dtype="int4")
+
+
+@pytest.mark.parametrize(("preset", "experts"), [("switch-base-8", 8), ("switch-base-32", 32)])
+def test_switch_presets_give_fedmoes_per_client_bytes_on_the_meta_device(preset, experts):
+    """What ``algorithm.fedmoe.budgets`` is written in: the full model, the smallest sub-MoE, one expert."""
+    _, config = load_plan_config(preset)
+    model = meta_model(config, torch.bfloat16)
+    algorithm = build_algorithm(FedMoEConfig(fedmoe=FedMoEOptions(budget_fraction=1.0)))
+    algorithm.prepare(model)
+    assert held_bytes(model) == 0  # never materialised
+    expert = (2 * 768 * 3072 + 768) * 4  # wi, wo and its router row, trained as float32 masters
+    assert algorithm.layout.expert_bytes == [expert] * 12  # 6 sparse blocks in each stack
+    assert algorithm.min_bytes == 562_629_120  # the dense part and one expert per sparse block: the same for both
+    assert algorithm.full_bytes == algorithm.min_bytes + 12 * (experts - 1) * expert

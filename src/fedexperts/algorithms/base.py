@@ -36,6 +36,7 @@ from fedexperts.interface import (
 from fedexperts.moe.families import family_for, moe_layers, unwrap_model
 from fedexperts.moe.params import ExpertSlot, ParamKind, Role, RoleRules, apply_roles, expert_slots, parameter_roles
 from fedexperts.moe.precision import float32_masters, master_copy
+from fedexperts.moe.rows import full_model_names, unheld_expert_modules
 
 _NON_EXPERT = (
     ParamKind.ATTENTION,
@@ -219,16 +220,21 @@ class BaseAlgorithm:
         """Give a client model loaded apart from the base (a sub-MoE) the base's preparation, learning nothing.
 
         The same LoRA injection, roles, freezing and float32 masters as :meth:`prepare`; the roles
-        are the ones learnt there, so the model must have exactly the base's parameter names.
+        are the ones learnt there, so the model must have exactly the base's parameter names (where
+        experts are modules, Switch: those of the experts it holds, each under its global index).
         """
         if not self.roles:
             raise FedExpertsError(f"{self.name}: prepare(model) must run before client models are built")
         self._inject_lora(model)
-        names = {name for name, _ in unwrap_model(model).named_parameters()}
-        if names != set(self.roles):
-            strays = sorted(names ^ set(self.roles))
+        base = unwrap_model(model)
+        full_names = full_model_names(base)  # a kept expert module is read under its global expert's name
+        names = {name: full_names.get(name, name) for name, _ in base.named_parameters()}
+        unheld = unheld_expert_modules(base)
+        expected = {name for name in self.roles if not name.startswith(unheld)}
+        if set(names.values()) != expected:
+            strays = sorted(set(names.values()) ^ expected)
             raise FedExpertsError(f"{self.name}: the client model's parameters differ from the base's: {strays[:3]}")
-        apply_roles(model, self.roles)
+        apply_roles(model, {name: self.roles[full] for name, full in names.items()})
         self._settle_base(model)
         float32_masters(model)
         setattr(unwrap_model(model), _CLIENT_MODEL, True)

@@ -5,10 +5,12 @@ device (no weights), pruned with :func:`~fedexperts.moe.select_experts` (which r
 local-to-global expert map), and then every tensor is materialised from the ``*.safetensors``
 files, reading with ``get_slice`` only the kept experts' rows of each expert-row tensor (router
 rows and biases, fused experts). Per-expert hub tensors are fused for the kept experts only, as
-transformers' conversion mapping fuses all of them (:mod:`fedexperts.moe.checkpoints`). Tensors
-are cast and moved one at a time, so the full model never exists in memory. Non-persistent
-buffers (rotary frequencies) are computed by the model's own initialiser, as ``from_pretrained``
-does; tied weights stay one tensor.
+transformers' conversion mapping fuses all of them (:mod:`fedexperts.moe.checkpoints`). Where each
+expert is a module of its own (Switch Transformers), the sub-MoE's module ``expert_{j}`` is read
+from the checkpoint's ``expert_{g}``, ``g`` the global expert it holds, and the other experts'
+modules are never read. Tensors are cast and moved one at a time, so the full model never exists
+in memory. Non-persistent buffers (rotary frequencies) are computed by the model's own
+initialiser, as ``from_pretrained`` does; tied weights stay one tensor.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from fedexperts.models.load import (
 )
 from fedexperts.moe.checkpoints import CheckpointNaming, checkpoint_naming
 from fedexperts.moe.families import family_for, moe_layers
+from fedexperts.moe.rows import full_model_names
 from fedexperts.moe.surgery import expert_map, initialise_non_persistent_buffers, select_experts
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -108,10 +111,12 @@ def load_sub_moe(
     if keep:
         select_experts(model, keep)
     rows, columns = _expert_rows(model)
+    modules = full_model_names(model)
     with _Checkpoint(source, naming) as checkpoint:
         compute_non_persistent_buffers(model, torch.device(device))
         for names, tensor in unique_tensors(model):
-            value = checkpoint.read(names, tensor, rows.get(names[0]), columns.get(names[0]))
+            stored = [modules.get(name, name) for name in names]
+            value = checkpoint.read(stored, tensor, rows.get(names[0]), columns.get(names[0]))
             assign_tensor(model, names, value.to(device=device, dtype=tensor.dtype), tensor)
     generation = source / "generation_config.json"
     if generation.is_file():

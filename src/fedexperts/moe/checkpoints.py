@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedexperts.errors import UnsupportedModelError
-from fedexperts.moe.families import ExpertLayout, described_family, family_for
+from fedexperts.moe.families import described_family, family_for
 from fedexperts.moe.wrappers import builds_whole_wrapper
 
 _GATE_UP_DOWN = {"gate_up_proj": ("gate_proj.weight", "up_proj.weight"), "down_proj": ("down_proj.weight",)}
@@ -81,8 +81,11 @@ CHECKPOINT_NAMING: dict[str, CheckpointNaming] = {
     "minimax": CheckpointNaming(renames=((r"\.block_sparse_moe\.", ".mlp."),), per_expert=_W1_W3_W2),
     "minimax_m2": CheckpointNaming(renames=((r"\.block_sparse_moe\.", ".mlp."),), per_expert=_W1_W3_W2),
     "llama4_text": CheckpointNaming(),  # Llama 4 checkpoints already hold the fused tensors under the model's names
+    # One module per expert, stored under the model's own names (``experts.expert_{j}.wi.weight``): the loader
+    # reads a kept expert's module under its global index (:func:`fedexperts.models.load_sub_moe`).
+    "switch_transformers": CheckpointNaming(),
 }
-"""Every family with fused experts; Switch Transformers (one module per expert) is not here."""
+"""Every described family whose sub-MoE can be read straight from its checkpoint."""
 
 
 def checkpoint_naming(model_or_config: object) -> CheckpointNaming:
@@ -102,13 +105,8 @@ def checkpoint_naming(model_or_config: object) -> CheckpointNaming:
     family = family_for(model_or_config)
     naming = CHECKPOINT_NAMING.get(family.model_type)
     if naming is None:
-        why = (
-            "keeps one module per expert"
-            if family.layout is ExpertLayout.MODULE_PER_EXPERT
-            else "has no checkpoint naming"
-        )
         raise UnsupportedModelError(
-            f"{family.display_name} ({family.model_type}) {why}; loading a sub-MoE from its checkpoint is "
-            f"supported for: {', '.join(sorted(CHECKPOINT_NAMING))}"
+            f"{family.display_name} ({family.model_type}) has no checkpoint naming; loading a sub-MoE from its "
+            f"checkpoint is supported for: {', '.join(sorted(CHECKPOINT_NAMING))}"
         )
     return naming

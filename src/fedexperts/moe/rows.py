@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from fedexperts.errors import SurgeryError
 from fedexperts.moe.families import ExpertLayout, MoELayer, moe_layers
+from fedexperts.moe.surgery import expert_map
 
 
 def _stacked_parts(layer: MoELayer) -> list[str]:
@@ -96,3 +97,34 @@ def own_expert_modules(model: PreTrainedModel) -> None:
                     if parameter is not None:
                         copied = nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad)
                         owner._parameters[key] = copied
+
+
+def full_model_names(model: PreTrainedModel) -> dict[str, str]:
+    """Each tensor of a per-expert module -> its name in the full model.
+
+    A sub-MoE's module ``expert_{j}`` holds global expert ``g`` (its expert map), so its
+    ``...experts.expert_{j}.wi.weight`` is the full model's ``...experts.expert_{g}.wi.weight``; what
+    a sub-MoE loaded from a checkpoint reads, and the name the base's role of it is learnt under.
+    Fused expert tensors keep their names and are not listed.
+    """
+    mapping = expert_map(model).local_to_global
+    names: dict[str, str] = {}
+    for layer in moe_layers(model):
+        if layer.family.layout is not ExpertLayout.MODULE_PER_EXPERT:
+            continue
+        for local, held in enumerate(mapping[layer.name]):
+            for part in layer.experts[f"expert_{local}"].state_dict():
+                names[f"{layer.experts_name}.expert_{local}.{part}"] = f"{layer.experts_name}.expert_{held}.{part}"
+    return names
+
+
+def unheld_expert_modules(model: PreTrainedModel) -> tuple[str, ...]:
+    """The name prefixes (``...experts.expert_{g}.``) of the full model's per-expert modules a sub-MoE lacks."""
+    held = expert_map(model)
+    return tuple(
+        f"{layer.experts_name}.expert_{index}."
+        for layer in moe_layers(model)
+        if layer.family.layout is ExpertLayout.MODULE_PER_EXPERT
+        for index in range(held.num_global[layer.name])
+        if index not in held.holds(layer.name)
+    )

@@ -21,6 +21,7 @@ from fedexperts.errors import FedExpertsError
 from fedexperts.moe.families import supported_model_types
 from fedexperts.planning.frontier_presets import FRONTIER_PRESETS, FRONTIER_SOURCES
 from fedexperts.planning.hybrid_presets import HYBRID_PRESET_SOURCES, HYBRID_PRESETS
+from fedexperts.planning.switch_presets import SWITCH_PRESETS, SWITCH_SOURCES
 
 
 class PlanError(FedExpertsError):
@@ -203,6 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     **HYBRID_PRESETS,
     **FRONTIER_PRESETS,
+    **SWITCH_PRESETS,
 }
 """Architecture fields of real checkpoints' ``config.json`` (transformers config kwargs), by short name.
 
@@ -210,7 +212,8 @@ Taken from the hub checkpoints ``allenai/OLMoE-1B-7B-0924``, ``Qwen/Qwen1.5-MoE-
 ``Qwen/Qwen3-30B-A3B``, ``mistralai/Mixtral-8x7B-v0.1``, ``deepseek-ai/DeepSeek-V2-Lite`` and
 ``openai/gpt-oss-20b`` (see :data:`PRESET_SOURCES`); fields that do not change a tensor's shape
 (dropout, init range, cache) are left at transformers' defaults. The 2025 frontier checkpoints
-(GLM-4.5-Air, Llama-4-Scout, MiniMax-M2, ERNIE-4.5-21B-A3B) are in :mod:`.frontier_presets`.
+(GLM-4.5-Air, Llama-4-Scout, MiniMax-M2, ERNIE-4.5-21B-A3B) are in :mod:`.frontier_presets`, the
+Switch-Base checkpoints of FedMoE's paper in :mod:`.switch_presets`.
 """
 
 PRESET_SOURCES: dict[str, str] = {
@@ -222,6 +225,7 @@ PRESET_SOURCES: dict[str, str] = {
     "gpt-oss-20b": "openai/gpt-oss-20b",
     **HYBRID_PRESET_SOURCES,
     **FRONTIER_SOURCES,
+    **SWITCH_SOURCES,
 }
 """The hub checkpoint each preset's config was taken from."""
 
