@@ -1,6 +1,7 @@
 """Batched clients: a round's wall time and fraction of matmul peak at ``federation.parallel_clients`` k = 1, 2, 4, 8.
 
-The same in-process run (every client sampled, 10 local steps, no per-round evaluation, 3 rounds)
+The same in-process run (every client sampled, 10 local steps, no per-round evaluation, 3 rounds;
+train.batch_size 8, the default, and 1)
 with k clients trained at a time as one batch (:mod:`fedexperts.batching`), k = 1 being the
 sequential runtime, for FedAvg (attention LoRA) and FLEx, with 8 and 64 clients, on the built-in
 model and a random-weight OLMoE of hidden size 512 (16 experts; the built-in tokenizer, the same
@@ -19,6 +20,7 @@ is the process's peak resident set during the round's client steps (base model i
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -114,47 +116,59 @@ def run(
     clients: Sequence[int],
     algorithms: Sequence[str] = ALGORITHMS,
     parallel: Sequence[int] = PARALLEL,
+    batch_sizes: Sequence[int] = (8,),
 ) -> Table:
     peak = matmul_peak(torch.float32)
     table = Table(
         "Batched clients (in-process, 10 local steps, every client sampled; median over 3 rounds)",
-        ["model", "algorithm", "clients", "k", "round wall (s)", "speed-up vs k=1", "% of fp32 peak", "peak RSS (MiB)"],
+        [
+            "model",
+            "algorithm",
+            "clients",
+            "batch",
+            "k",
+            "round wall (s)",
+            "speed-up vs k=1",
+            "% of fp32 peak",
+            "peak RSS (MiB)",
+        ],
     )
     with tempfile.TemporaryDirectory() as folder:
         sources = {"builtin": "builtin"}
         if "hidden-512" in models:
             sources["hidden-512"] = str(hidden_512_folder(Path(folder)))
         for model in models:
-            for algorithm in algorithms:
-                for count in clients:
-                    baseline = None
-                    for k in parallel:
-                        config = load_config(
-                            None,
-                            [
-                                *RUN,
-                                f'model.name="{sources[model]}"',
-                                f"algorithm.name={algorithm}",
-                                f"federation.clients={count}",
-                                f"federation.min_clients={count}",
-                                f"federation.parallel_clients={k}",
-                                f"data.items={max(1200, 20 * count)}",
-                                f'output_dir="{folder}"',
-                            ],
-                        )
-                        result = measure(config, Path(folder) / f"{model}-{algorithm}-{count}-{k}", peak)
-                        baseline = baseline or result["wall"]
-                        table.add(
-                            model,
-                            algorithm,
-                            count,
-                            k,
-                            f"{result['wall']:.2f}",
-                            f"{baseline / result['wall']:.2f}x",
-                            f"{100 * result['fraction']:.1f}%",
-                            f"{result['memory']:,.0f}",
-                        )
-                        print(table.rows[-1], flush=True)
+            for algorithm, count, batch in itertools.product(algorithms, clients, batch_sizes):
+                baseline = None
+                for k in parallel:
+                    config = load_config(
+                        None,
+                        [
+                            *RUN,
+                            f'model.name="{sources[model]}"',
+                            f"algorithm.name={algorithm}",
+                            f"federation.clients={count}",
+                            f"federation.min_clients={count}",
+                            f"federation.parallel_clients={k}",
+                            f"data.items={max(1200, 20 * count)}",
+                            f"train.batch_size={batch}",
+                            f'output_dir="{folder}"',
+                        ],
+                    )
+                    result = measure(config, Path(folder) / f"{model}-{algorithm}-{count}-{batch}-{k}", peak)
+                    baseline = baseline or result["wall"]
+                    table.add(
+                        model,
+                        algorithm,
+                        count,
+                        batch,
+                        k,
+                        f"{result['wall']:.2f}",
+                        f"{baseline / result['wall']:.2f}x",
+                        f"{100 * result['fraction']:.1f}%",
+                        f"{result['memory']:,.0f}",
+                    )
+                    print(table.rows[-1], flush=True)
     table.note(f"measured fp32 matmul peak in this run: {peak / 1e9:.1f} GFLOP/s")
     table.note(
         "k = 1 is the sequential runtime; at k > 1 a round's clients set up and evaluate one by one, then train k at "
@@ -169,8 +183,9 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[8, 64])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--parallel", nargs="+", type=int, default=list(PARALLEL))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 1], help="train.batch_size values")
     args = parser.parse_args()
-    print(run(args.models, args.clients, args.algorithms, args.parallel).markdown())
+    print(run(args.models, args.clients, args.algorithms, args.parallel, args.batch_sizes).markdown())
 
 
 if __name__ == "__main__":
