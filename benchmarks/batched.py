@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Table, matmul_peak
-from benchmarks.training import active_parameters
+from benchmarks.training import HIDDEN_512, active_parameters
 from fedexperts.config import ExperimentConfig, load_config
 from fedexperts.evaluation import pad_token_id
 from fedexperts.experiment import Setting, build_setting, derived_seed
@@ -60,18 +60,7 @@ def hidden_512_folder(folder: Path) -> Path:
     source = default_model_path()
     tokenizer_files = [path for path in source.iterdir() if "token" in path.name or path.name.endswith(".jinja")]
     vocab = int(json.loads((source / "config.json").read_text())["vocab_size"])
-    model = tiny_model(
-        "olmoe",
-        hidden_size=512,
-        intermediate_size=256,
-        num_experts=16,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=vocab,
-        max_position_embeddings=512,
-    )
+    model = tiny_model("olmoe", **HIDDEN_512, vocab_size=vocab, max_position_embeddings=512)
     target = folder / "olmoe-hidden-512"
     model.save_pretrained(target)
     for path in tokenizer_files:

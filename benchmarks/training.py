@@ -34,6 +34,16 @@ from fedexperts.federation.client import shuffled_batches
 from fedexperts.training import train_local
 
 BATCH, STEPS, LR = 8, 5, 5e-3
+HIDDEN_512 = {
+    "hidden_size": 512,
+    "intermediate_size": 256,
+    "num_experts": 16,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+"""The larger benchmark model's OLMoE config fields (its vocabulary aside): an MoE of hidden size 512, 16 experts."""
 
 
 @dataclass(frozen=True)
@@ -174,17 +184,7 @@ def workloads() -> list[Workload]:
         pad_token_id(setting.tokenizer),
     )
     generator = torch.Generator().manual_seed(0)
-    large = tiny_model(
-        "olmoe",
-        hidden_size=512,
-        intermediate_size=256,
-        num_experts=16,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=2048,
-    )
+    large = tiny_model("olmoe", **HIDDEN_512, vocab_size=2048)
     rows = tuple(
         {"input_ids": ids, "labels": ids}
         for ids in (torch.randint(3, 2048, (96,), generator=generator).tolist() for _ in range(64))
