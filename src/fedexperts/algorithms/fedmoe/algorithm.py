@@ -140,10 +140,7 @@ class FedMoE(BaseAlgorithm):
         self.layout = layout_of(base, moe_layers(base), self.roles, self.name, counts=self.budget_counts)
 
     def _settle_base(self, model: nn.Module) -> None:
-        """Freeze the expert rows: the model keeps its pretrained experts in their dtype.
-
-        The client model trains float32 copies of its held rows (:func:`~fedexperts.algorithms.fedmoe.views.load_rows`).
-        """
+        """Freeze the expert rows (kept in their dtype); a client trains float32 copies of the held ones (load_rows)."""
         freeze_rows(model, self.layout)
 
     def initial_global_state(self, model: nn.Module) -> State:
