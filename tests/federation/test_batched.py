@@ -116,3 +116,20 @@ def test_an_algorithm_that_cannot_batch_says_why_and_runs_sequentially(micro_con
         transport = InProcessTransport(setting, ClientStateStore(tmp_path / "clients"))
     assert transport.parallel == 1
     assert "one at a time" in caplog.text and setting.algorithm.batching_refusal in caplog.text
+
+
+def test_a_client_that_fails_in_a_batch_is_recorded_and_the_others_train(micro_config, tmp_path, monkeypatch):
+    begin = batched.begin_client
+
+    def failing(setting, store, task, received):
+        if task.client_id == "client-1" and task.train:
+            raise RuntimeError("disk gone")
+        return begin(setting, store, task, received)
+
+    monkeypatch.setattr(batched, "begin_client", failing)
+    config = micro_config("federation.parallel_clients=3", "federation.rounds=1")
+    records = _records(run_experiment(config, tmp_path / "run").run_dir)
+    (round_record,) = [record for record in records if record["kind"] == "round"]
+    clients = round_record["clients"]
+    assert "disk gone" in clients["client-1"]["error"]
+    assert all("train_loss" in clients[name] for name in clients if name != "client-1")

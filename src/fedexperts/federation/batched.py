@@ -29,7 +29,7 @@ def run_clients_batched(
     setting: Setting, store: ClientStateStore, tasks: Sequence[tuple[ClientTask, Payload]]
 ) -> list[Payload | Exception]:
     """Each task's reply, or the error it failed with, in order (a failing client does not stop the others)."""
-    outcomes: list[Payload | Exception | None] = [None] * len(tasks)
+    outcomes: dict[int, Payload | Exception] = {}
     steps: dict[int, ClientStep] = {}
     members: dict[int, BatchMember] = {}
     config = setting.config
@@ -72,7 +72,7 @@ def run_clients_batched(
             outcomes[index] = finish_client(setting, store, step, [result] if result is not None else [], peak.bytes)
         except Exception as error:
             outcomes[index] = error
-    return [outcome if outcome is not None else RuntimeError("no outcome") for outcome in outcomes]
+    return [outcomes[index] for index in range(len(tasks))]  # every task began (or failed to) and finished
 
 
 @torch.no_grad()
