@@ -31,12 +31,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Table, matmul_peak
+from benchmarks.common import NO_EVALUATION, Table, matmul_peak
 from benchmarks.training import HIDDEN_512, active_parameters
 from fedexperts.config import ExperimentConfig, load_config
-from fedexperts.evaluation import pad_token_id
-from fedexperts.experiment import Setting, build_setting, derived_seed
-from fedexperts.federation.client import shuffled_batches
+from fedexperts.experiment import Setting, build_setting
+from fedexperts.federation.client import training_batches
 from fedexperts.federation.inprocess import run_experiment
 
 PARALLEL = (1, 2, 4, 8)
@@ -44,11 +43,7 @@ ALGORITHMS = ("fedavg", "flex")
 RUN = (
     "data.scheme=iid",
     "federation.rounds=3",
-    "eval.every=0",
-    "eval.max_examples=1",
-    "eval.union_examples=0",
-    "eval.probes=0",
-    "eval.max_new_tokens=1",
+    *NO_EVALUATION,
 )
 
 
@@ -70,14 +65,13 @@ def hidden_512_folder(folder: Path) -> Path:
 
 def round_tokens(setting: Setting, round_number: int) -> int:
     """Real input tokens the round's local training reads (every client sampled): its batches, replayed."""
-    config = setting.config
-    pad = pad_token_id(setting.tokenizer)
+    train = setting.config.train
     total = 0
     for client in setting.clients:
-        seed = derived_seed(config.federation.seed, round_number, client.index, 1)
-        batches = shuffled_batches(client.train, config.train.batch_size, pad, seed)
-        for _ in range(config.train.steps_per_round * config.train.grad_accumulation):
-            total += int(next(batches)["attention_mask"].sum())
+        batches = training_batches(setting, client, round_number)
+        total += sum(
+            int(next(batches)["attention_mask"].sum()) for _ in range(train.steps_per_round * train.grad_accumulation)
+        )
     return total
 
 

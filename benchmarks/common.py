@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+NO_EVALUATION = (
+    "eval.every=0",
+    "eval.max_examples=1",
+    "eval.union_examples=0",
+    "eval.probes=0",
+    "eval.max_new_tokens=1",
+)
+"""Overrides that leave out per-round evaluation and shrink the final one: runs that time rounds, not scores."""
+
 
 def machine() -> str:
     """One line naming the machine the numbers come from."""

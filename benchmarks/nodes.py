@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Table
+from benchmarks.common import NO_EVALUATION, Table
 from fedexperts.config import load_config
 from fedexperts.federation.flower.app_dir import write_app
 from fedexperts.federation.flower.deployment import LocalDeployment
@@ -36,11 +36,7 @@ RUN = (
     f"federation.clients={NODES}",
     f"federation.min_clients={NODES}",
     "train.steps_per_round=2",
-    "eval.every=0",
-    "eval.max_examples=1",
-    "eval.union_examples=0",
-    "eval.probes=0",
-    "eval.max_new_tokens=1",
+    *NO_EVALUATION,
 )
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Table
+from benchmarks.common import NO_EVALUATION, Table
 from fedexperts.config import TrainConfig, load_config
 from fedexperts.federation.inprocess import run_experiment
 
@@ -34,11 +34,7 @@ RUN = (
     "data.scheme=iid",
     "federation.rounds=2",
     "train.steps_per_round=2",
-    "eval.every=0",
-    "eval.max_examples=1",
-    "eval.union_examples=0",
-    "eval.probes=0",
-    "eval.max_new_tokens=1",
+    *NO_EVALUATION,
 )
 
 

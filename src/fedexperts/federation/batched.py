@@ -45,7 +45,7 @@ def run_clients_batched(
                 members[index] = BatchMember(
                     step.client.client_id,
                     client_copies(trainable_by_name(step.context.model)),
-                    training_batches(setting, step),
+                    training_batches(setting, step.client, task.round),
                     ClientRandom.capture(setting.device),
                     setting.algorithm.proximal_term(step.context),
                 )

@@ -147,11 +147,11 @@ def begin_client(setting: Setting, store: ClientStateStore, task: ClientTask, re
     return ClientStep(task, client, context, metrics, watch)
 
 
-def training_batches(setting: Setting, step: ClientStep) -> Iterator[dict[str, torch.Tensor]]:
-    """The step's endless training batches, shuffled by the seed of ``(federation.seed, round, client, 1)``."""
+def training_batches(setting: Setting, client: ClientData, round_number: int) -> Iterator[dict[str, torch.Tensor]]:
+    """A client's endless training batches of a round, shuffled by the seed of (federation.seed, round, client, 1)."""
     config = setting.config
-    seed = derived_seed(config.federation.seed, step.task.round, step.client.index, 1)
-    return shuffled_batches(step.client.train, config.train.batch_size, pad_token_id(setting.tokenizer), seed)
+    seed = derived_seed(config.federation.seed, round_number, client.index, 1)
+    return shuffled_batches(client.train, config.train.batch_size, pad_token_id(setting.tokenizer), seed)
 
 
 def train_client(setting: Setting, step: ClientStep) -> list[TrainResult]:
@@ -159,7 +159,7 @@ def train_client(setting: Setting, step: ClientStep) -> list[TrainResult]:
     config, algorithm, context = setting.config, setting.algorithm, step.context
     recorder = RoutingRecorder(unwrap_model(context.model)) if algorithm.counts_routing else None
     with step.watch.phase("train"):
-        batches = training_batches(setting, step)
+        batches = training_batches(setting, step.client, step.task.round)
         results = []
         for phase in algorithm.training_phases(context):  # one, unless the algorithm trains in turns
             with phase:

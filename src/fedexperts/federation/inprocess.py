@@ -97,24 +97,28 @@ class InProcessTransport:
             self.setting, self.store, [(task, decode(down)) for (task, _), down in zip(chunk, downs, strict=True)]
         )
         seconds = (time.perf_counter() - started) / len(chunk)
-        deliveries = []
-        for down, outcome in zip(downs, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                error = f"{type(outcome).__name__}: {outcome}"
-                deliveries.append(Delivery(len(down), error=error, seconds=seconds))
-                continue
-            up = encode(outcome, dtype=self.dtype)
-            deliveries.append(Delivery(len(down), len(up), decode(up), seconds=seconds))
-        return deliveries
+        return [self._delivery(down, outcome, seconds) for down, outcome in zip(downs, outcomes, strict=True)]
 
     def _one(self, task: ClientTask, downlink: Payload) -> Delivery:
         started = time.perf_counter()
         down = encode(downlink, dtype=self.dtype)
+        outcome: Payload | Exception
         try:
-            up = encode(run_client(self.setting, self.store, task, decode(down)), dtype=self.dtype)
+            outcome = run_client(self.setting, self.store, task, decode(down))
         except Exception as error:  # a client that raises is recorded; the round goes on without it
-            return Delivery(len(down), error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started)
-        return Delivery(len(down), len(up), decode(up), seconds=time.perf_counter() - started)
+            outcome = error
+        return self._delivery(down, outcome, time.perf_counter() - started)
+
+    def _delivery(self, down: bytes, outcome: Payload | Exception, seconds: float) -> Delivery:
+        """What the server hears of one client step: its encoded reply, or the error it (or its encoding) raised."""
+        if not isinstance(outcome, Exception):
+            try:
+                up = encode(outcome, dtype=self.dtype)
+            except Exception as error:
+                outcome = error
+            else:
+                return Delivery(len(down), len(up), decode(up), seconds=seconds)
+        return Delivery(len(down), error=f"{type(outcome).__name__}: {outcome}", seconds=seconds)
 
     def reject(self, task: ClientTask) -> None:
         self.store.unstage(task.round, task.client_id)
