@@ -41,7 +41,7 @@ test: lint typecheck unit
 
 # Long runs on real processes (Flower deployments killed and resumed, churn): not in `make test`.
 soak: dev
-	$(BIN)/python -m pytest -m soak
+	$(BIN)/python -m pytest -m soak -s
 
 bench: dev
 	$(BIN)/python -m benchmarks

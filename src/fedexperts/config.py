@@ -139,6 +139,10 @@ class FederationConfig(Section):
     """Flower: seconds the server waits, before round 1, for every client's SuperNode to connect."""
     max_reply_metadata_bytes: int = Field(1 << 20, ge=1024)
     """The most bytes of JSON metadata a client's reply may carry (metrics, reports, routed-token counts)."""
+    audit: bool = False
+    """Keep every accepted update (with the weight it was given) and each round's new global state under
+    ``audit/round-NNNNNN/`` of the run directory, so that anyone can recompute each aggregate from exactly
+    the replies that were accepted. Costs one global state per round plus one update per accepted client."""
 
 
 class TrainConfig(Section):

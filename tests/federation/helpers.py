@@ -90,3 +90,27 @@ def fingerprint(folder: Path) -> dict[str, str]:
         else:
             found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
+
+
+def audited_round(run_dir: Path, round_number: int) -> tuple[dict[str, tuple[dict[str, torch.Tensor], int]], dict]:
+    """A round's audit: ``({client: (update tensors, weight)}, new global state)``, read with safetensors alone."""
+    from safetensors import safe_open
+
+    folder = run_dir / "audit" / f"round-{round_number:06d}"
+    updates = {}
+    for path in sorted(folder.glob("client-*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            examples = json.loads(handle.metadata()["fedexperts"])["examples"]
+        updates[path.stem] = (load_file(path), examples)
+    return updates, load_file(folder / "global.safetensors")
+
+
+def weighted_mean(updates: dict[str, tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """FedAvg's aggregate written out independently: sum of weight x tensor over sum of weights, in float64."""
+    total = sum(weight for _tensors, weight in updates.values())
+    keys = next(iter(updates.values()))[0].keys()
+    return {key: sum(t[key].double() * (w / total) for t, w in updates.values()) for key in keys}
+
+
+def accepted(record: dict) -> set[str]:
+    return {client for client, entry in record["clients"].items() if entry["status"] == "ok"}

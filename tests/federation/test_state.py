@@ -73,3 +73,16 @@ def test_a_torn_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         store.save(2, Payload({"w": torch.zeros(2)}))
     assert store.rounds() == [1]
     assert [p.name for p in tmp_path.iterdir()] == ["round-000001.safetensors"]
+
+
+def test_a_committed_state_names_the_round_it_was_trained_in(tmp_path):
+    store = ClientStateStore(tmp_path)
+    assert store.round_of("client-0") is None
+    store.stage(3, "client-0", Payload({"w": torch.ones(2)}, {"k": 1}))
+    assert store.round_of("client-0") is None  # staged, not committed
+    store.commit(3)
+    assert store.round_of("client-0") == 3
+    assert store.load("client-0").metadata == {"k": 1}  # the round rides in the header, not in the state's metadata
+    store.save("client-1", Payload({"w": torch.ones(2)}))
+    with pytest.raises(PayloadError, match="does not name the round"):
+        store.round_of("client-1")

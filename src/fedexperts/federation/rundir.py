@@ -29,7 +29,7 @@ import tomli_w
 from fedexperts.atomic import TEMPORARY, atomic_file
 from fedexperts.config import ExperimentConfig, build_config
 from fedexperts.errors import FedExpertsError, RunError
-from fedexperts.federation.runstore import CHECKPOINTS, CLIENTS, NODES, RECORDS
+from fedexperts.federation.runstore import AUDIT, CHECKPOINTS, CLIENTS, NODES, RECORDS
 from fedexperts.federation.state import STAGING
 from fedexperts.reporting.schema import CONFIG_FILE
 from fedexperts.runfiles import MANIFEST, RunManifest, mismatch
@@ -39,7 +39,7 @@ _STAGED = rf"{re.escape(STAGING)}/round-\d{{6}}"
 _NODE = rf"{NODES}/run-\d+/partition-\d+"
 _OWNED_FILE = re.compile(rf"^(?:{CLIENTS}/{_STAGED}|{_NODE}(?:/{_STAGED})?)/{_ID}\.safetensors$")
 _OWNED_FOLDER = re.compile(
-    rf"^(?:{RECORDS}|{CHECKPOINTS}|{CLIENTS}(?:/{re.escape(STAGING)}(?:/round-\d{{6}})?)?"
+    rf"^(?:{RECORDS}|{CHECKPOINTS}|{AUDIT}(?:/round-\d{{6}})?|{CLIENTS}(?:/{re.escape(STAGING)}(?:/round-\d{{6}})?)?"
     rf"|{NODES}(?:/run-\d+(?:/partition-\d+(?:/{re.escape(STAGING)}(?:/round-\d{{6}})?)?)?)?)$"
 )
 

@@ -6,6 +6,10 @@ clients' staged personal states (under the names they will have) and sets ``roun
 that save is the round's commit point. Only then do the staged states move into place and the
 checkpoints older than the last ``keep`` go. A run killed before the commit point redoes round
 ``r``; killed after it, it finishes the moves (their digests are already listed) and goes on.
+
+With ``federation.audit`` the round's audit files (every accepted update and the new global state,
+under ``audit/round-NNNNNN/``) are written and listed with its record and checkpoint, so they are
+committed, rolled back and deleted with the round, and are never retired.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from typing import Any
 
 from fedexperts.atomic import atomic_file
 from fedexperts.errors import RunError
-from fedexperts.federation.state import CheckpointStore
+from fedexperts.federation.state import CheckpointStore, write_payload
 from fedexperts.interface import Payload
 from fedexperts.reporting import schema
 from fedexperts.runfiles import MANIFEST, FileEntry, RunManifest, describe
 
-RECORDS, CHECKPOINTS, CLIENTS, NODES = "records", "checkpoints", "clients", "nodes"
-"""The run directory's folders of round records, server checkpoints, client states (in-process) and the
-node states of a Flower simulation."""
+RECORDS, CHECKPOINTS, CLIENTS, NODES, AUDIT = "records", "checkpoints", "clients", "nodes", "audit"
+"""The run directory's folders of round records, server checkpoints, client states (in-process), the
+node states of a Flower simulation and the audit of accepted updates."""
 _LISTED_CHECKPOINT = re.compile(rf"^{CHECKPOINTS}/round-(\d{{6}})\.safetensors$")
 _LISTED_RECORD = re.compile(rf"^{RECORDS}/round-(\d{{6}})\.json$")
+_LISTED_AUDIT = re.compile(rf"^{AUDIT}/round-(\d{{6}})/[^/]+\.safetensors$")
 
 Record = schema.RunInfo | schema.RoundRecord | schema.FinalRecord
 
@@ -83,23 +88,37 @@ class RunStore:
         found = (_LISTED_CHECKPOINT.match(name) for name in self.manifest.files)
         return sorted(int(match.group(1)) for match in found if match)
 
-    def commit_round(
-        self, round_number: int, record: schema.RoundRecord, checkpoint: Payload, staged: Mapping[Path, Path]
-    ) -> list[Path]:
-        """Write the round's record and checkpoint and commit the round; return the checkpoints to delete.
+    def audit_path(self, round_number: int, name: str) -> Path:
+        """Where the audit of ``round_number`` keeps ``name`` (a client id, or ``global``)."""
+        return self.run_dir / AUDIT / f"round-{round_number:06d}" / f"{name}.safetensors"
 
-        ``staged`` maps each client state the transport will put in place to where it is staged now.
+    def commit_round(
+        self,
+        round_number: int,
+        record: schema.RoundRecord,
+        checkpoint: Payload,
+        staged: Mapping[Path, Path],
+        audit: Mapping[str, Payload] | None = None,
+    ) -> list[Path]:
+        """Write the round's record, checkpoint and audit files and commit the round; return checkpoints to delete.
+
+        ``staged`` maps each client state the transport will put in place to where it is staged now;
+        ``audit`` names each audit file of the round (:meth:`audit_path`) and what it holds.
         """
         record_path, checkpoint_path = (
             self.record_path(f"round-{round_number:06d}"),
             self.checkpoints.path(round_number),
         )
-        self.manifest.begin([record_path, checkpoint_path])
+        audited = {self.audit_path(round_number, name): payload for name, payload in (audit or {}).items()}
+        self.manifest.begin([record_path, checkpoint_path, *audited])
         self._write_json(record_path, record)
         self.checkpoints.save(round_number, checkpoint)
+        for path, payload in audited.items():
+            write_payload(path, payload)
         written: dict[Path, FileEntry] = {
             record_path: describe(record_path),
             checkpoint_path: describe(checkpoint_path),
+            **{path: describe(path) for path in audited},
         }
         written.update({final: describe(now, round_number=round_number) for final, now in staged.items()})
         kept = sorted({*self.checkpoint_rounds(), round_number})
@@ -108,10 +127,13 @@ class RunStore:
         return retired
 
     def delete(self, paths: Iterable[Path]) -> None:
-        """Delete fedexperts' own files (retired or pending) and forget them."""
+        """Delete fedexperts' own files (retired or pending) and forget them; an emptied audit round's folder too."""
         chosen = list(paths)
         for path in chosen:
             path.unlink(missing_ok=True)
+            folder = path.parent
+            if folder.parent == self.run_dir / AUDIT and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         self.manifest.forget(chosen)
 
     def drop_pending(self) -> None:
@@ -122,7 +144,7 @@ class RunStore:
         """Forget every round after ``round_number`` and the final record, deleting their files."""
         later = []
         for name in self.manifest.files:
-            match = _LISTED_CHECKPOINT.match(name) or _LISTED_RECORD.match(name)
+            match = _LISTED_CHECKPOINT.match(name) or _LISTED_RECORD.match(name) or _LISTED_AUDIT.match(name)
             if (match and int(match.group(1)) > round_number) or name == f"{RECORDS}/final.json":
                 later.append(self.run_dir / name)
         self.manifest.finish({}, retire=later, rounds_done=round_number)

@@ -341,7 +341,7 @@ class Federation:
                 f"federation.min_successful={federation.min_successful} ({_failure_summary(entries)})"
             )
         aggregate_start = time.perf_counter()
-        global_state = self.algorithm.aggregate(global_state, updates)
+        before, global_state = global_state, self.algorithm.aggregate(global_state, updates)
         aggregate_seconds = time.perf_counter() - aggregate_start
         round_seconds = time.perf_counter() - started
         train = sum(e.seconds.train for e in entries.values())
@@ -363,12 +363,29 @@ class Federation:
             **_privacy_field(self.algorithm.privacy_spent()),
         )
         staged = self.transport.staged(round_number)
-        retired = self.store.commit_round(round_number, record, self._checkpoint(global_state), staged)
+        audit = self._audit(round_number, before, updates, global_state) if federation.audit else None
+        retired = self.store.commit_round(round_number, record, self._checkpoint(global_state), staged, audit)
         self.transport.commit(round_number, [update.client.client_id for update in updates])
         self.store.delete(retired)
         self.store.write_metrics()
         self.on_round(schema.dump(record))
         return global_state
+
+    @staticmethod
+    def _audit(round_number: int, before: State, updates: Sequence[ClientUpdate], after: State) -> dict[str, Payload]:
+        """The round's audit files: each accepted update as received, with its weight; the new global state;
+        in round 1 also the initial one (so a server rule's steps can be replayed from the start)."""
+        audit = {
+            update.client.client_id: Payload(
+                update.payload.tensors,
+                {"examples": update.client.num_examples, "metadata": dict(update.payload.metadata)},
+            )
+            for update in updates
+        }
+        audit["global"] = Payload(dict(after))
+        if round_number == 1:
+            audit["initial"] = Payload(dict(before))
+        return audit
 
     def _final(self, global_state: State) -> None:
         started = time.perf_counter()

@@ -20,18 +20,32 @@ from fedexperts.interface import Payload, PayloadError
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _METADATA_KEY = "fedexperts"
+_ROUND_KEY = "fedexperts-round"
+"""A staged client state's header names the round it was trained in (read back by :meth:`ClientStateStore.round_of`)."""
 _CHECKPOINT = re.compile(r"^round-(\d{6})\.safetensors$")
 _STAGED_ROUND = re.compile(r"^round-(\d{6})$")
 STAGING = ".staging"
 """The folder (under a store's root) of states trained in a round that is not yet committed."""
 
 
-def _write(path: Path, payload: Payload) -> None:
+def write_payload(path: Path, payload: Payload, *, trained_in: int | None = None) -> None:
+    """Write ``payload`` atomically as safetensors, its metadata (and the round it was trained in) in the header."""
     metadata = {_METADATA_KEY: json.dumps(payload.metadata, sort_keys=True, allow_nan=False)}
+    if trained_in is not None:
+        metadata[_ROUND_KEY] = str(trained_in)
     save_tensors(path, payload.tensors, metadata)
 
 
-def _read(path: Path, *, tensors: bool = True) -> Payload:
+def _header(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, ValueError, OSError) as error:
+        raise PayloadError(f"{path}: unreadable state file ({error})") from error
+
+
+def read_payload(path: Path, *, tensors: bool = True) -> Payload:
+    """What :func:`write_payload` wrote (``tensors=False``: the metadata only, from the header)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "{}"))
@@ -62,7 +76,7 @@ class ClientStateStore:
         return self.root / f"{client_id}.safetensors"
 
     def save(self, client_id: str, state: Payload) -> None:
-        _write(self.path(client_id), state)
+        write_payload(self.path(client_id), state)
 
     def load(self, client_id: str) -> Payload | None:
         """The client's committed state, or ``None`` before its first committed round.
@@ -72,10 +86,23 @@ class ClientStateStore:
         """
         path = self.path(client_id)
         if path.exists():
-            return _read(path)
+            return read_payload(path)
         if client_id in self._committed:
             raise PayloadError(f"{path}: the committed personal state of {client_id} is missing")
         return None
+
+    def round_of(self, client_id: str) -> int | None:
+        """The round the client's committed state was trained in (``None``: no committed state yet).
+
+        Read from the file's header, so a check of which round each node holds reads no tensor.
+        """
+        path = self.path(client_id)
+        if not path.exists():
+            return None
+        trained_in = _header(path).get(_ROUND_KEY)
+        if trained_in is None or not trained_in.isdigit():
+            raise PayloadError(f"{path}: its header does not name the round it was trained in")
+        return int(trained_in)
 
     def _staging(self, round_number: int) -> Path:
         return self.root / STAGING / f"round-{round_number:06d}"
@@ -89,7 +116,7 @@ class ClientStateStore:
     def stage(self, round_number: int, client_id: str, state: Payload) -> None:
         """Write a client's state trained in ``round_number``; it takes effect at :meth:`commit`."""
         self.path(client_id)  # validates the id
-        _write(self._staging(round_number) / f"{client_id}.safetensors", state)
+        write_payload(self._staging(round_number) / f"{client_id}.safetensors", state, trained_in=round_number)
 
     def unstage(self, round_number: int, client_id: str) -> None:
         """Forget a staged state (its client's update was rejected)."""
@@ -127,18 +154,18 @@ class CheckpointStore:
 
     def save(self, round_number: int, state: Payload) -> Path:
         path = self.path(round_number)
-        _write(path, Payload(state.tensors, {**state.metadata, "round": round_number}))
+        write_payload(path, Payload(state.tensors, {**state.metadata, "round": round_number}))
         return path
 
     def load(self, round_number: int) -> Payload:
         """The checkpoint of ``round_number``; its recorded round must be that round."""
-        state = _read(self.path(round_number))
+        state = read_payload(self.path(round_number))
         self._check_round(round_number, state.metadata)
         return state
 
     def check(self, round_number: int) -> None:
         """Read only the header of the round's checkpoint: a safetensors file of that round (else ``PayloadError``)."""
-        self._check_round(round_number, _read(self.path(round_number), tensors=False).metadata)
+        self._check_round(round_number, read_payload(self.path(round_number), tensors=False).metadata)
 
     def _check_round(self, round_number: int, metadata: dict[str, Any]) -> None:
         if metadata.get("round") != round_number:

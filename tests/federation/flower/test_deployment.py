@@ -5,11 +5,17 @@ import subprocess
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedexperts.federation.flower.app_dir import write_app
-from fedexperts.federation.flower.deployment import LocalDeployment, free_port, write_node_key
+from fedexperts.federation.flower.certificates import write_node_key
+from fedexperts.federation.flower.deployment import LocalDeployment, free_port
+from fedexperts.federation.state import ClientStateStore
 from fedexperts.runfiles import RunManifest
+from tests.federation.helpers import accepted, audited_round, weighted_mean
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 
 def records(run_dir):
@@ -72,6 +78,7 @@ def test_a_killed_supernode_fails_its_round_keeps_its_state_and_rejoins(micro_co
         # (two missed heartbeats, ~1 min); a live node's reply (a fresh ClientApp process importing torch per
         # message) may take long on a loaded machine and must not fail the round.
         "federation.reply_timeout=300",
+        "federation.audit=true",
     )
     app = tmp_path / "app"
     write_app(config, app)
@@ -100,20 +107,11 @@ def test_a_killed_supernode_fails_its_round_keeps_its_state_and_rejoins(micro_co
     node_run = f"run-{RunManifest.load(run_dir).uid}"
     state_file = deployment.state_dir(1) / node_run / "partition-1" / "client-1.safetensors"
     assert load_file(state_file)
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_processes():
-    """Every process a deployment starts is stopped by PID when it ends."""
-    import psutil
-
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-    deadline = time.monotonic() + 20
-    while True:
-        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
-        left = [p for p in left if p.status() != psutil.STATUS_ZOMBIE]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert not left, [" ".join(p.cmdline()[:3]) for p in left]
+    last_accepted = max(r for r, clients in rounds.items() if clients["client-1"]["status"] == "ok")
+    assert ClientStateStore(state_file.parent).round_of("client-1") == last_accepted  # committed at the final message
+    for line in lines:  # each aggregate is the weighted mean of exactly the replies the round accepted
+        if line["kind"] == "round":
+            updates, global_state = audited_round(run_dir, line["round"])
+            assert set(updates) == accepted(line)
+            for key, value in weighted_mean(updates).items():
+                torch.testing.assert_close(global_state[key].double(), value, rtol=0, atol=1e-7)

@@ -2,18 +2,14 @@
 
 It starts the same processes a multi-machine deployment runs (``flower-superlink``,
 ``flower-supernode``, ``flwr``), on 127.0.0.1 with free ports, so that a user can try the whole
-path on a laptop and the test suite can check it. The TLS certificate authority, the SuperLink's
-certificate (its SAN covers 127.0.0.1 and localhost, the addresses the SuperLink's own processes
-connect to) and the SuperNodes' ECDSA keys (OpenSSH format, as ``flwr supernode register``
-expects) are made with ``cryptography``. Every process it starts is stopped by PID: SuperNodes
-first, then the SuperLink.
+path on a laptop and the test suite can check it (certificates and keys:
+:mod:`~fedexperts.federation.flower.certificates`). Every process it starts is stopped by PID:
+SuperNodes first, then the SuperLink.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -26,12 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from fedexperts.errors import FedExpertsError
+from fedexperts.federation.flower.certificates import write_certificates, write_node_key
 
 CONNECTION = "fedexperts-local"
 """The SuperLink connection name written into ``$FLWR_HOME/config.toml``."""
@@ -59,64 +51,6 @@ def _tool(name: str) -> str:
     if not path.exists():
         raise DeploymentError(f"{name} not found next to {sys.executable}; install fedexperts[flower]")
     return str(path)
-
-
-def write_certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """A self-signed CA and a server certificate for 127.0.0.1/localhost: ``(ca.crt, server.pem, server.key)``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedexperts local CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    paths[2].chmod(0o600)
-    return paths
-
-
-def write_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """An ECDSA P-384 key pair in OpenSSH format (what SuperNode authentication takes): ``(private, public)``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    )
-    private.chmod(0o600)
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
-    )
-    return private, public
 
 
 @dataclass
@@ -303,6 +237,27 @@ class LocalDeployment:
         node_id = self._nodes[partition].node_id
         self._wait(lambda: self.statuses().get(node_id) not in (None, "online"), f"node {node_id} to be marked offline")
         self.start_node(partition)
+
+    def restart_offline(self, partitions: list[int]) -> list[int]:
+        """Start each of these killed SuperNodes that the SuperLink has marked offline; return those started.
+
+        One status query for all of them, so a caller can poll without blocking (:meth:`restart_node` waits).
+        """
+        statuses = self.statuses()
+        started = []
+        for partition in partitions:
+            node = self._nodes[partition]
+            if node.process is None and statuses.get(node.node_id) not in (None, "online"):
+                self.start_node(partition)
+                started.append(partition)
+        return started
+
+    def running(self, partition: int) -> bool:
+        """Whether this deployment has SuperNode ``partition``'s process up (not whether it is online yet)."""
+        return self._nodes[partition].process is not None
+
+    def node_id(self, partition: int) -> int:
+        return self._nodes[partition].node_id
 
     def statuses(self) -> dict[int, str]:
         """Each registered SuperNode's status on the SuperLink (registered, online, offline, ...)."""
