@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
 from rich.table import Table
 
 from fedexperts.errors import DataError
 
 if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
     from fedexperts.config import DataConfig
 
 ROW_ID = "row_id"
@@ -122,6 +123,10 @@ class Partition:
 
 
 def _partitioner(spec: PartitionSpec) -> Partitioner:
+    # Imported here: flwr_datasets loads matplotlib and seaborn for its plots (about 1.3 s), which a
+    # Flower node that reads its partition from the node cache never needs.
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     if spec.scheme == Scheme.IID:
         return IidPartitioner(num_partitions=spec.num_clients)
     if spec.scheme == Scheme.DIRICHLET:

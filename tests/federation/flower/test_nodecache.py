@@ -191,3 +191,16 @@ def test_a_node_runs_the_torch_threads_it_is_given(micro_config, tmp_path, monke
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_clientapp_process_does_not_import_the_partitioners_plotting_stack():
+    """flwr_datasets pulls in matplotlib and seaborn (about 1.3 s per message); a cached node never partitions."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fedexperts.federation.flower.clientapp; "
+        "print(sorted({'flwr_datasets', 'seaborn'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
