@@ -114,3 +114,12 @@ def weighted_mean(updates: dict[str, tuple[dict[str, torch.Tensor], int]]) -> di
 
 def accepted(record: dict) -> set[str]:
     return {client for client, entry in record["clients"].items() if entry["status"] == "ok"}
+
+
+def assert_aggregates_are_accepted_means(run_dir: Path, round_records: list[dict]) -> None:
+    """Each round's audited global state is the weighted mean of exactly the updates that round accepted."""
+    for record in round_records:
+        updates, global_state = audited_round(run_dir, record["round"])
+        assert set(updates) == accepted(record), record["round"]
+        for key, value in weighted_mean(updates).items():
+            torch.testing.assert_close(global_state[key].double(), value, rtol=0, atol=1e-7)

@@ -36,23 +36,21 @@ def write_payload(path: Path, payload: Payload, *, trained_in: int | None = None
     save_tensors(path, payload.tensors, metadata)
 
 
-def _header(path: Path) -> dict[str, str]:
+def _read(path: Path, *, tensors: bool) -> tuple[dict[str, str], Payload]:
+    """The file's raw header and the payload in it; any unreadable part is one ``PayloadError`` naming the file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            header = dict(handle.metadata() or {})
+            metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+            loaded = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}  # noqa: SIM118
     except (SafetensorError, ValueError, OSError) as error:
         raise PayloadError(f"{path}: unreadable state file ({error})") from error
+    return header, Payload(loaded, metadata)
 
 
 def read_payload(path: Path, *, tensors: bool = True) -> Payload:
     """What :func:`write_payload` wrote (``tensors=False``: the metadata only, from the header)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "{}"))
-            loaded = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}  # noqa: SIM118
-    except (SafetensorError, ValueError, OSError) as error:
-        raise PayloadError(f"{path}: unreadable state file ({error})") from error
-    return Payload(loaded, metadata)
+    return _read(path, tensors=tensors)[1]
 
 
 class ClientStateStore:
@@ -99,7 +97,7 @@ class ClientStateStore:
         path = self.path(client_id)
         if not path.exists():
             return None
-        trained_in = _header(path).get(_ROUND_KEY)
+        trained_in = _read(path, tensors=False)[0].get(_ROUND_KEY)
         if trained_in is None or not trained_in.isdigit():
             raise PayloadError(f"{path}: its header does not name the round it was trained in")
         return int(trained_in)

@@ -5,7 +5,6 @@ import subprocess
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from fedexperts.federation.flower.app_dir import write_app
@@ -13,7 +12,7 @@ from fedexperts.federation.flower.certificates import write_node_key
 from fedexperts.federation.flower.deployment import LocalDeployment, free_port
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.runfiles import RunManifest
-from tests.federation.helpers import accepted, audited_round, weighted_mean
+from tests.federation.helpers import assert_aggregates_are_accepted_means
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -109,9 +108,4 @@ def test_a_killed_supernode_fails_its_round_keeps_its_state_and_rejoins(micro_co
     assert load_file(state_file)
     last_accepted = max(r for r, clients in rounds.items() if clients["client-1"]["status"] == "ok")
     assert ClientStateStore(state_file.parent).round_of("client-1") == last_accepted  # committed at the final message
-    for line in lines:  # each aggregate is the weighted mean of exactly the replies the round accepted
-        if line["kind"] == "round":
-            updates, global_state = audited_round(run_dir, line["round"])
-            assert set(updates) == accepted(line)
-            for key, value in weighted_mean(updates).items():
-                torch.testing.assert_close(global_state[key].double(), value, rtol=0, atol=1e-7)
+    assert_aggregates_are_accepted_means(run_dir, [line for line in lines if line["kind"] == "round"])

@@ -235,8 +235,7 @@ class LocalDeployment:
         when two heartbeats (30 s each, not configurable in flwr 1.41) are missed: about a minute.
         """
         node_id = self._nodes[partition].node_id
-        self._wait(lambda: self.statuses().get(node_id) not in (None, "online"), f"node {node_id} to be marked offline")
-        self.start_node(partition)
+        self._wait(lambda: self.restart_offline([partition]) == [partition], f"node {node_id} to be marked offline")
 
     def restart_offline(self, partitions: list[int]) -> list[int]:
         """Start each of these killed SuperNodes that the SuperLink has marked offline; return those started.
