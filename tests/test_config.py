@@ -203,3 +203,19 @@ def test_unreadable_config_files_are_named(tmp_path, content, message):
         load_config(path)
     with pytest.raises(ConfigError, match=f"{tmp_path}: is a folder"):
         load_config(tmp_path)
+
+
+def test_a_fraction_written_as_a_decimal_of_a_count_samples_that_count():
+    from fedexperts.config import round_size
+
+    assert 7 / 25 * 25 > 7  # the float product is 7.000000000000001
+    assert round_size(25, 7 / 25, 1) == 7 and round_size(30, 5 / 30, 1) == 5
+    assert round_size(30, 0.1, 1) == 3 and round_size(30, 0.17, 1) == 6
+
+
+def test_builtin_models_may_be_named_with_a_dash(tmp_path, monkeypatch):
+    assert load_config(None, ["model.name=builtin-switch-8"]).model.name == "builtin:switch-8"
+    assert load_config(None, ["model.name=builtin:switch-32"]).model.name == "builtin:switch-32"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builtin-mine").mkdir()  # a folder of that name is the folder
+    assert load_config(None, ["model.name=builtin-mine"]).model.name == "builtin-mine"

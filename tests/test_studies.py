@@ -5,7 +5,8 @@ from typer.testing import CliRunner
 
 from fedexperts.cli import app
 from fedexperts.config import load_config
-from fedexperts.studies import STUDIES
+from fedexperts.errors import FedExpertsError
+from fedexperts.studies import STUDIES, split_method
 
 CASES = [(study, method) for study in STUDIES.values() for method in study.algorithms]
 
@@ -13,7 +14,40 @@ CASES = [(study, method) for study in STUDIES.values() for method in study.algor
 @pytest.mark.parametrize("study, method", CASES, ids=lambda value: getattr(value, "name", value))
 def test_every_study_validates_for_each_of_its_methods(study, method):
     config = load_config(None, [*study.run_overrides(method), f"name={study.name}"])
-    assert config.algorithm.name == method
+    assert config.algorithm.name == split_method(method)[0]
+
+
+def test_the_fedmoe_paper_presets_run_each_method_on_the_papers_model():
+    from fedexperts.config import round_size
+
+    for name, per_round, sampling in (("fedmoe-paper", 5, "random"), ("fedmoe-paper-distinct", 3, "distinct")):
+        study = STUDIES[name]
+        configs = {method: load_config(None, study.run_overrides(method)) for method in study.algorithms}
+        models = {method: config.model.name for method, config in configs.items()}
+        assert models == {
+            "dense@switch-8": "builtin:switch-8",
+            "dense@switch-32": "builtin:switch-32",
+            "fedavg@switch-32": "builtin:switch-32",
+            "random-moe@switch-32": "builtin:switch-32",
+            "fedmoe@switch-32": "builtin:switch-32",
+        }
+        for method, config in configs.items():
+            federation = config.federation
+            assert federation.clients == 30 and federation.sampling == sampling
+            assert round_size(federation.clients, federation.fraction, federation.min_clients) == per_round
+            assert config.data.categories == ["classification", "closed_qa", "summarization"]
+            assert (config.data.scheme, config.data.classes_per_client) == ("pathological", 1)
+            sub_moe = split_method(method)[0] in ("fedmoe", "random-moe")
+            assert (federation.client_model == "sub-moe") is sub_moe
+        assert study.reference == "fedmoe@switch-32" and study.tasks
+
+
+def test_a_method_variant_the_study_does_not_define_is_named():
+    assert split_method("fedavg@switch-8") == ("fedavg", "switch-8") and split_method("flex") == ("flex", None)
+    with pytest.raises(FedExpertsError, match="study 'fedmoe-paper' has no variant 'switch-64'"):
+        STUDIES["fedmoe-paper"].run_overrides("dense@switch-64")
+    result = CliRunner().invoke(app, ["compare", "--algorithms", "fedavg@switch-8"])
+    assert result.exit_code == 2 and "needs a --study" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("name", ["flex-paper-pathological", "flex-paper-dirichlet", "flex-paper-dirichlet-1.0"])

@@ -40,7 +40,7 @@ def compare(
     Finished runs in the folder are reused and unfinished ones resumed, so a stopped comparison continues.
     """
     from fedexperts.config import check_local_paths, load_config
-    from fedexperts.studies import STUDIES
+    from fedexperts.studies import STUDIES, split_method
     from fedexperts.studies import study as find_study
 
     if list_studies:
@@ -65,9 +65,12 @@ def compare(
         raise FedExpertsError(f"--reference {reference!r} is not one of the compared methods: {', '.join(names)}")
 
     def method(name: str) -> list[str]:
-        """A method's overrides: the study's (shared, then the method's own), the user's, then the method's name."""
+        """A method's overrides: the study's (shared, algorithm's, variant's), the user's, then the algorithm."""
+        algorithm, variant = split_method(name)
+        if preset is None and variant is not None:
+            raise FedExpertsError(f"method {name!r}: a variant (after '@') needs a --study that defines it")
         study_overrides = [*preset.run_overrides(name), f"name={preset.name}"] if preset is not None else []
-        return [*study_overrides, *overrides, f"algorithm.name={name}"]
+        return [*study_overrides, *overrides, f"algorithm.name={algorithm}"]
 
     base = load_config(path, method(names[0]))
     folder = out or base.output_dir / base.name
@@ -84,6 +87,8 @@ def compare(
     from fedexperts.progress import RunProgress
     from fedexperts.reporting import compare as compare_runs
     from fedexperts.reporting import comparison_table, load_run, paired_table, write_comparison, write_report
+    from fedexperts.reporting.compare import METRICS
+    from fedexperts.reporting.paper_layout import paper_metrics, write_paper_table
     from fedexperts.reporting.schema import METRICS_FILE
 
     groups: dict[str, list[Any]] = {}
@@ -102,11 +107,16 @@ def compare(
                 )
             write_report(run_dir)
         groups.setdefault(name, []).append(load_run(run_dir))
-    comparison = compare_runs(groups, reference=reference)
+    tasks = preset.tasks if preset is not None else {}
+    metrics = (*METRICS, *paper_metrics(tasks)) if tasks else METRICS
+    comparison = compare_runs(groups, metrics=metrics, reference=reference)
     console.print(comparison_table(comparison))
     if (paired := paired_table(comparison)) is not None:
         console.print(paired)
-    wrote(write_comparison(folder, comparison))
+    written = write_comparison(folder, comparison)
+    if tasks:
+        written.append(write_paper_table(folder, comparison, tasks))
+    wrote(written)
 
 
 @studies_app.command()

@@ -57,6 +57,15 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint; only for code you trust."""
 
+    @field_validator("name")
+    @classmethod
+    def _builtin_spelling(cls, name: str) -> str:
+        """``builtin-switch-8`` (another spelling) is ``builtin:switch-8``, unless such a folder exists."""
+        prefix = f"{BUILTIN_MODEL}-"
+        if name.startswith(prefix) and len(name) > len(prefix) and not Path(name).expanduser().exists():
+            return f"{BUILTIN_MODEL}:{name[len(prefix) :]}"
+        return name
+
 
 DEFAULT_VALIDATION_FRACTION = 0.1
 """``data.validation_fraction`` for algorithms that decide on validation scores, when not given."""
@@ -101,8 +110,11 @@ class DataConfig(Section):
 
 
 def round_size(clients: int, fraction: float, minimum: int) -> int:
-    """Clients sampled per round: ``max(minimum, ceil(fraction * clients))``, at most ``clients``."""
-    return min(clients, max(minimum, math.ceil(fraction * clients)))
+    """Clients sampled per round: ``max(minimum, ceil(fraction * clients))``, at most ``clients``.
+
+    The product is rounded to 9 decimals before the ceiling, so a fraction written as a decimal of a count
+    (``7 / 25`` times 25 is 7.000000000000001) picks that count, not one more."""
+    return min(clients, max(minimum, math.ceil(round(fraction * clients, 9))))
 
 
 class FederationConfig(Section):

@@ -47,10 +47,30 @@ class Study:
     """Overrides for one method only (applied after ``overrides``): keys of one algorithm are errors in another."""
     reference: str | None = None
     """The study's proposed method: the comparison reports every other method's paired difference to it."""
+    tasks: dict[str, str] = field(default_factory=dict)
+    """Category -> score name of a per-task table in FedMoE's layout (:mod:`fedexperts.reporting.paper_layout`)."""
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Named override sets a method can pick: the method ``fedavg@switch-8`` is fedavg with the ``switch-8`` ones
+    (applied after the method's own), so one study can run an algorithm on two models."""
 
-    def run_overrides(self, algorithm: str) -> list[str]:
-        """The study's overrides of ``algorithm``'s runs: the shared ones, its own, then its name."""
-        return [*self.overrides, *self.method_overrides.get(algorithm, ()), f"algorithm.name={algorithm}"]
+    def run_overrides(self, method: str) -> list[str]:
+        """The study's overrides of ``method``'s runs: the shared ones, its algorithm's, its variant's, its name."""
+        algorithm, variant = split_method(method)
+        if variant is not None and variant not in self.variants:
+            known = ", ".join(self.variants) or "none"
+            raise FedExpertsError(f"method {method!r}: study {self.name!r} has no variant {variant!r} ({known})")
+        return [
+            *self.overrides,
+            *self.method_overrides.get(algorithm, ()),
+            *self.variants.get(variant or "", ()),
+            f"algorithm.name={algorithm}",
+        ]
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"fedavg@switch-8"`` -> ``("fedavg", "switch-8")``; a plain algorithm name has no variant."""
+    algorithm, at, variant = method.partition("@")
+    return algorithm, (variant if at else None)
 
 
 _FLEX_METHODS = ("local", "fedavg", "fedprox", "dense", "random-expert", "fedsa-lora", "ffa-lora", "feddpa", "flex")
@@ -87,6 +107,57 @@ _FLEX_PAPER = (
 _FLEX_PAPER_METHODS = ("local", "fedavg", "fedprox", "random-expert", "flex")
 """What the FLEx paper compares that fedexperts has (not its FedAdagrad/FedAdam/FedYogi/SCAFFOLD rows:
 the first three are ``algorithm.server.rule`` of fedavg, SCAFFOLD is not implemented)."""
+
+FEDMOE_TASKS = {"classification": "accuracy", "closed_qa": "token_f1", "summarization": "rouge_2"}
+"""FedMoE's three task types on ExpertBench and the score the paper reports for each: AG News (a label task) ->
+classification, label accuracy; SQuAD (extractive QA) -> closed_qa (the answer is a span of the context), token
+F1; XSum (summarization) -> summarization, ROUGE-2."""
+_FEDMOE_PAPER = (
+    "federation.clients=30",
+    f"data.categories={list(FEDMOE_TASKS)}".replace("'", '"'),
+    "data.scheme=pathological",
+    "data.classes_per_client=1",
+    "data.items=6000",
+    "federation.rounds=12",
+    "train.steps_per_round=5",
+    "eval.every=0",
+    "eval.max_examples=24",
+    "eval.union_examples=0",
+    "eval.probes=0",
+)
+"""30 clients of one task type each (10 per type, as the paper's three datasets); 6000 ExpertBench items keep
+3600 rows of the three types, 120 per client, 24 of them its test rows (all scored). 12 rounds of 5 steps: with 5
+of 30 clients a round each client trains in about 2 of them, and FedMoE's stage 1 (2 warm-up rounds, then the
+measuring one) leaves it 9 rounds of stage 2. No union set or knowledge probes: no FedMoE claim reads them, and
+scoring 30 clients on them would double a run's time."""
+_FEDMOE_PAPER_METHOD: dict[str, tuple[str, ...]] = {
+    name: (
+        "algorithm.fedmoe.budget_fraction=0.4",
+        "algorithm.fedmoe.full_budget_every=2",
+        "algorithm.fedmoe.warmup_rounds=2",
+        "algorithm.fedmoe.wait_for_stage_1=false",
+        "federation.client_model=sub-moe",
+    )
+    for name in ("fedmoe", "random-moe")
+}
+"""Half the clients can hold the full model and profile, the rest a 0.4 budget, each holding only its sub-MoE
+(``client_model = "sub-moe"``, so its ``model_bytes`` is what a device holds). ``wait_for_stage_1 = false``: with 5
+of 30 clients a round, a budget client sampled before its category was measured would otherwise sit whole rounds
+out; it trains a provisional sub-MoE instead (the paper does not say which it does)."""
+_FEDMOE_PAPER_VARIANTS: dict[str, tuple[str, ...]] = {
+    "switch-8": ('model.name="builtin:switch-8"',),
+    "switch-32": ('model.name="builtin:switch-32"',),
+}
+_FEDMOE_PAPER_METHODS = (
+    "dense@switch-8",
+    "dense@switch-32",
+    "fedavg@switch-32",
+    "random-moe@switch-32",
+    "fedmoe@switch-32",
+)
+"""As the paper: its FedAvg baseline fine-tunes the whole Switch-8 (``dense``: every weight trained and averaged),
+FedMoE and its randomMoE ablation run on Switch-32; plus ``dense`` on Switch-32, so every method is also compared
+on FedMoE's own model, and FedAvg of attention LoRA on it (the sparsity-blind PEFT baseline)."""
 
 STUDIES: dict[str, Study] = {
     study.name: study
@@ -167,6 +238,27 @@ STUDIES: dict[str, Study] = {
             ("random-moe", "fedmoe"),
             seeds=DECIDING_SEEDS,
             reference="fedmoe",
+        ),
+        Study(
+            "fedmoe-paper",
+            "FedMoE's setting: 30 clients, each of one task type (label task, extractive QA, summarization), "
+            "5 sampled at random per round; full FedAvg on the built-in Switch-8, FedMoE and randomMoE on Switch-32",
+            (*_FEDMOE_PAPER, f"federation.fraction={5 / 30!r}"),
+            _FEDMOE_PAPER_METHODS,
+            method_overrides=_FEDMOE_PAPER_METHOD,
+            reference="fedmoe@switch-32",
+            tasks=FEDMOE_TASKS,
+            variants=_FEDMOE_PAPER_VARIANTS,
+        ),
+        Study(
+            "fedmoe-paper-distinct",
+            "FedMoE's setting with 3 clients per round, each of a different task type (the paper's cross-task rounds)",
+            (*_FEDMOE_PAPER, "federation.fraction=0.1", "federation.sampling=distinct"),
+            _FEDMOE_PAPER_METHODS,
+            method_overrides=_FEDMOE_PAPER_METHOD,
+            reference="fedmoe@switch-32",
+            tasks=FEDMOE_TASKS,
+            variants=_FEDMOE_PAPER_VARIANTS,
         ),
     )
 }

@@ -68,6 +68,10 @@ def test_every_algorithm_runs_on_switch(name, switch_model_path, micro_config):
     if name in ("fedmoe", "random-moe"):  # the budget clients got sub-MoEs, smaller than the full model
         sizes = sorted(entry["bytes_down"] for entry in rounds[-1]["clients"].values())
         assert sizes[0] < sizes[-1]
+        held = sorted(entry["model_bytes"] for entry in rounds[-1]["clients"].values() if "model_bytes" in entry)
+        if name == "fedmoe":  # both train (randomMoE's budget client sits stage 1 out, holding no model)
+            assert held[0] < held[-1]  # and the sub-MoE's model held fewer weights
+    assert set(result.records[0]["groups"]) == set(result.records[0]["clients"])
 
 
 def test_fedmoe_clients_that_load_their_switch_sub_moe_give_the_shared_runs_results(

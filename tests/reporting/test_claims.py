@@ -86,3 +86,28 @@ def test_the_command_prints_and_writes_and_names_a_missing_folder(tmp_path):
     assert "| FLEx | flex personalizes better than local-only training" in document.read_text(encoding="utf-8")
     missing = CliRunner().invoke(app, ["claims", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_fedmoe_paper_claims_read_each_task_over_its_own_clients(tmp_path):
+    from fedexperts.reporting.claims import _fedmoe_paper_claims
+
+    from .helpers import client_final, client_round, final_line, round_line, run_line, scores, write_run
+
+    groups = {"0": "classification", "1": "closed_qa", "2": "summarization"}
+
+    def run(method, seed, accuracy):
+        folder = tmp_path / "fedmoe-paper" / method / f"seed-{seed}"
+        finals = {client: client_final(own=scores(accuracy=accuracy, token_f1=0.5, rouge_2=0.2)) for client in groups}
+        parts = {client: {**client_round(), "model_bytes": 1000} for client in groups}
+        info = run_line(list(groups), rounds=1, seed=seed, groups=groups)
+        write_run(folder, [info, round_line(1, parts), final_line(finals)])
+
+    for seed, accuracy in enumerate([0.50, 0.62, 0.55, 0.58, 0.66]):
+        run("fedmoe@switch-32", seed, accuracy + 0.05)
+        run("random-moe@switch-32", seed, accuracy)
+    claims = _fedmoe_paper_claims("fedmoe-paper")
+    rows = claim_rows(tmp_path, claims)
+    by_metric = {row.claim.metric: row for row in rows}
+    assert by_metric["task_classification_accuracy"].verdict == "reproduced"
+    assert by_metric["task_closed_qa_token_f1"].verdict.startswith("not reproduced")  # equal on every seed
+    assert by_metric["client_model_gb"].verdict.startswith("not run")  # no dense@switch-8 runs

@@ -17,7 +17,7 @@ from fedexperts.data.tokenize import InstructionCollator
 from fedexperts.errors import FedExpertsError
 from fedexperts.evaluation import Scores, instruction_scores, mmlu_scores, multiple_choice_accuracy, pad_token_id
 from fedexperts.experiment import ClientData, Setting, derived_seed
-from fedexperts.federation.accounting import Stopwatch, peak_memory
+from fedexperts.federation.accounting import Stopwatch, held_bytes, peak_memory
 from fedexperts.federation.state import ClientStateStore
 from fedexperts.interface import ClientContext, ClientInfo, LocalData, Payload
 from fedexperts.moe.families import unwrap_model
@@ -125,6 +125,8 @@ def begin_client(setting: Setting, store: ClientStateStore, task: ClientTask, re
     local = LocalData(info, lambda: row_batches(client.train, pad), task.round, client.categories)
     context = start_client(setting, store, client.index, received, local)
     model = context.model
+    if not context.idle:  # a client sitting the round out holds no model of its own
+        metrics["model_bytes"] = held_bytes(model)
     evaluate_options: dict[str, Any] = {
         "max_new_tokens": config.eval.max_new_tokens,
         "batch_size": config.eval.batch_size,

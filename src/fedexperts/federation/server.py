@@ -190,6 +190,7 @@ class Federation:
                 "personal": by_role[Role.PERSONAL],
                 "frozen": by_role[Role.FROZEN],
             },
+            "groups": {cid: self.members[cid].group for cid in self.ids},
         }
         return schema.RunInfo.model_validate(record)
 
@@ -279,6 +280,8 @@ class Federation:
                 "total": delivery.seconds,
             },
         )
+        if "model_bytes" in metadata:  # absent, not null, from clients that predate it
+            entry["model_bytes"] = metadata["model_bytes"]
         if isinstance(metadata.get(REPORT_KEY), dict):  # absent, not null, when the algorithm reports nothing
             entry["report"] = metadata[REPORT_KEY]
         if task.union or task.probes:

@@ -120,6 +120,9 @@ class RunInfo(_Record):
     """How the model's MoE was found and what of it trains, when not the plain case (a wrapper config's
     text model, a family without a descriptor); see docs/families.md."""
     parameters: Parameters
+    groups: dict[str, Text] | None = None
+    """Each client's majority category (its id when its data has none), as the server's distinct sampling and
+    per-task reports read it; absent in runs written before it."""
 
     @field_validator("clients")
     @classmethod
@@ -153,6 +156,9 @@ class ClientRound(_Record):
     """On the client's validation rows, before it trained (runs with a validation split; what decisions read)."""
     peak_memory_bytes: Int | None = None
     """``None`` when the client did not report it (e.g. it failed)."""
+    model_bytes: Int | None = None
+    """Bytes of the weights the client's model of this step holds (:func:`~fedexperts.federation.accounting.held_bytes`:
+    a FedMoE sub-MoE's, the whole model's otherwise); absent in runs written before it and for failed clients."""
     seconds: ClientSeconds
     union: Scores | None = None
     probes: Float | None = None
