@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; override (e.g. TORCH_SPEC="torch>=2.6") on machines with a GPU build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test setup dev lint typecheck unit soak bench clean
+.PHONY: run test setup dev lint typecheck unit soak bench records clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ soak: dev
 
 bench: dev
 	$(BIN)/python -m benchmarks
+
+# Keep the studies' run records (each run's metrics.jsonl and config.toml, ~16 KB) under docs/results, so
+# `fedexperts claims docs/results` and `fedexperts compare --study NAME --out docs/results/NAME` rebuild the
+# tables in docs/RESULTS.md from the repository (finished runs are read, never rerun).
+STUDIES ?= studies
+records:
+	cd $(STUDIES) && find . \( -path './*/*/seed-*/metrics.jsonl' -o -path './*/*/seed-*/config.toml' \) \
+		-exec cp --parents {} $(CURDIR)/docs/results/ \;
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

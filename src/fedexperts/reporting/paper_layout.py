@@ -57,7 +57,8 @@ def client_model_bytes(run: RunRecord) -> float | None:
 
 
 def _gigabytes(value: float) -> str:
-    return f"{value / GB:.4f}"
+    """Three significant figures: the built-in models' clients hold a few MB, the paper's a few GB."""
+    return f"{value / GB:.3g}"
 
 
 def paper_metrics(tasks: Mapping[str, str]) -> tuple[Metric, ...]:
