@@ -127,9 +127,9 @@ _FEDMOE_PAPER = (
 )
 """30 clients of one task type each (10 per type, as the paper's three datasets); 6000 ExpertBench items keep
 3600 rows of the three types, 120 per client, 24 of them its test rows (all scored). 12 rounds of 10 steps: with 5
-of 30 clients a round each client trains in about 2 of them (20 steps; at 5 steps no method's label accuracy left 0
-on the built-in Switch), and FedMoE's stage 1 (2 warm-up rounds, then the measuring one) leaves 9 rounds of stage 2. No union set or knowledge probes: no FedMoE claim reads them, and
-scoring 30 clients on them would double a run's time."""
+of 30 clients a round each client trains in about 2 of them (20 steps), and FedMoE's stage 1 (2 warm-up rounds,
+then the measuring one) leaves 9 rounds of stage 2. No union set or knowledge probes: no FedMoE claim reads them,
+and scoring 30 clients on them would double a run's time."""
 _FEDMOE_PAPER_METHOD: dict[str, tuple[str, ...]] = {
     name: (
         "algorithm.fedmoe.budget_fraction=0.7",
