@@ -8,7 +8,7 @@ import pytest
 
 from fedexperts.algorithms.registry import algorithm_names
 from fedexperts.config import check_local_paths, load_config
-from fedexperts.studies import STUDIES
+from fedexperts.studies import STUDIES, split_method
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -32,7 +32,9 @@ def test_every_algorithm_has_an_example_that_runs_it(name):
 def test_every_study_has_an_example_with_the_same_runs(study):
     path = EXAMPLES / "studies" / f"{study.name}.toml"
     for method in study.algorithms:
-        from_file = load_config(path, [f"algorithm.name={method}", *study.method_overrides.get(method, ())])
+        algorithm, variant = split_method(method)
+        extra = [*study.method_overrides.get(algorithm, ()), *study.variants.get(variant or "", ())]
+        from_file = load_config(path, [f"algorithm.name={algorithm}", *extra])
         assert from_file == load_config(None, [*study.run_overrides(method), f"name={study.name}"]), method
 
 
