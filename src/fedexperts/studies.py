@@ -12,6 +12,7 @@ Qwen1.5-MoE-A2.7B on Dolly-15k, for a GPU. ``model.name=...`` and ``data.source=
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from fedexperts.errors import FedExpertsError
@@ -114,7 +115,7 @@ classification, label accuracy; SQuAD (extractive QA) -> closed_qa (the answer i
 F1; XSum (summarization) -> summarization, ROUGE-2."""
 _FEDMOE_PAPER = (
     "federation.clients=30",
-    f"data.categories={list(FEDMOE_TASKS)}".replace("'", '"'),
+    f"data.categories={json.dumps(list(FEDMOE_TASKS))}",
     "data.scheme=pathological",
     "data.classes_per_client=1",
     "data.items=6000",

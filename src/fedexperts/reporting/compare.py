@@ -222,7 +222,8 @@ def compare(
     return Comparison(tuple(runs), runs, tuple(metrics), estimates, reference)
 
 
-def _cell(comparison: Comparison, metric: Metric, label: str) -> str:
+def estimate_cell(comparison: Comparison, metric: Metric, label: str) -> str:
+    """``mean ± half-width`` of one method on one metric (``± n/a`` with one seed, ``(n=k)`` when runs lack it)."""
     item = comparison.estimate(metric.key, label)
     if item.mean is None:
         return fmt.MISSING
@@ -248,12 +249,12 @@ def verdict_line(comparison: Comparison, verdict: Verdict) -> str:
     if verdict.best is None:
         return f"{head} no method has a value."
     if verdict.tie:
-        methods = ", ".join(f"**{label}** {_cell(comparison, metric, label)}" for label in verdict.tied)
+        methods = ", ".join(f"**{label}** {estimate_cell(comparison, metric, label)}" for label in verdict.tied)
         return f"{head} a tie between {methods}."
-    best = f"**{verdict.best}** {_cell(comparison, metric, verdict.best)}"
+    best = f"**{verdict.best}** {estimate_cell(comparison, metric, verdict.best)}"
     if verdict.runner_up is None:
         return f"{head} {best}; no other method has a value."
-    runner_up = f"runner-up {verdict.runner_up} {_cell(comparison, metric, verdict.runner_up)}"
+    runner_up = f"runner-up {verdict.runner_up} {estimate_cell(comparison, metric, verdict.runner_up)}"
     if verdict.overlap is None:
         outcome = "overlap cannot be told (a CI is undefined: one seed)"
     elif verdict.overlap:
@@ -279,7 +280,7 @@ def comparison_markdown(comparison: Comparison) -> str:
     ]
     for metric in comparison.metrics:
         arrow = "↑" if metric.higher_is_better else "↓"
-        cells = " | ".join(_cell(comparison, metric, label) for label in labels)
+        cells = " | ".join(estimate_cell(comparison, metric, label) for label in labels)
         lines.append(f"| {metric.label} {arrow} | {cells} |")
     lines += ["", "## Best method per metric", ""]
     lines += [f"- {verdict_line(comparison, comparison.verdict(metric.key))}" for metric in comparison.metrics]
@@ -306,7 +307,7 @@ def comparison_table(comparison: Comparison) -> Table:
     for metric in comparison.metrics:
         best = comparison.verdict(metric.key).tied
         cells = [
-            Text(_cell(comparison, metric, label), style="bold green" if label in best else "")
+            Text(estimate_cell(comparison, metric, label), style="bold green" if label in best else "")
             for label in comparison.labels
         ]
         table.add_row(f"{metric.label} {'↑' if metric.higher_is_better else '↓'}", *cells)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedexperts.atomic import atomic_file
 from fedexperts.reporting import format as fmt
-from fedexperts.reporting.compare import Comparison, Metric
+from fedexperts.reporting.compare import Comparison, Metric, estimate_cell
 from fedexperts.reporting.runs import RunRecord
 
 PAPER_TABLE_FILE = "paper_table.md"
@@ -34,11 +34,9 @@ def task_score(category: str, score: str) -> Callable[[RunRecord], float | None]
         groups = run.info.groups
         if run.final is None or groups is None:
             return None
-        values = [
-            float(getattr(client.own, score))
-            for client_id, client in run.final.clients.items()
-            if groups.get(client_id) == category and client.own is not None and getattr(client.own, score) is not None
-        ]
+        own = [client.own for cid, client in run.final.clients.items() if groups.get(cid) == category]
+        scored = [scores for scores in own if scores is not None]
+        values = [float(value) for value in (getattr(scores, score) for scores in scored) if value is not None]
         return math.fsum(values) / len(values) if values else None
 
     return value
@@ -96,13 +94,7 @@ def paper_table_markdown(comparison: Comparison, tasks: Mapping[str, str]) -> st
         "|---|---|" + "---|" * len(metrics),
     ]
     for label in comparison.labels:
-        cells = []
-        for metric in metrics:
-            item = comparison.estimate(metric.key, label)
-            if item.mean is None:
-                cells.append(fmt.MISSING)
-            else:
-                cells.append(f"{metric.show(item.mean)} ± {'n/a' if item.ci is None else metric.show(item.ci)}")
+        cells = [estimate_cell(comparison, metric, label) for metric in metrics]
         seeds = len(comparison.runs[label])
         lines.append(f"| {fmt.markdown_cell(label)} | {seeds} | " + " | ".join(cells) + " |")
     lines.append("")
