@@ -218,13 +218,22 @@ def check_growth(
     description: str, params: Iterable[torch.Tensor], start_rms: float, step: int, settings: TrainConfig
 ) -> None:
     """Raise :class:`DivergenceError` when the weights' RMS passed ``max(GROWTH_LIMIT x start_rms, 1)`` (or is nan)."""
+    error = growth_error(description, weights_rms(params), start_rms, step, settings)
+    if error is not None:
+        raise error
+
+
+def growth_error(
+    description: str, rms: float, start_rms: float, step: int, settings: TrainConfig
+) -> DivergenceError | None:
+    """The divergence of weights at RMS ``rms`` after ``step``, or ``None`` within the limit (:func:`check_growth`)."""
     limit = max(GROWTH_LIMIT * start_rms, 1.0)
-    rms = weights_rms(params)
-    if not rms <= limit:  # also catches nan
-        raise DivergenceError(
-            f"{description} diverged: the trainable weights' RMS went from {start_rms:.3g} to {rms:.3g} at "
-            f"step {step + 1} of {settings.steps_per_round} (limit {limit:.3g}); lower train.learning_rate"
-        )
+    if rms <= limit:  # nan is not
+        return None
+    return DivergenceError(
+        f"{description} diverged: the trainable weights' RMS went from {start_rms:.3g} to {rms:.3g} at "
+        f"step {step + 1} of {settings.steps_per_round} (limit {limit:.3g}); lower train.learning_rate"
+    )
 
 
 def train_local(

@@ -6,7 +6,14 @@ a setting cannot batch. The in-process runtime uses them for ``federation.parall
 (:mod:`fedexperts.federation.batched`).
 """
 
-from fedexperts.batching.groups import BatchingError, ClientRandom, RowGroups, concatenate, grouped_forwards
+from fedexperts.batching.groups import (
+    BatchingError,
+    ClientRandom,
+    RowGroups,
+    concatenate,
+    grouped_forwards,
+    stack_clients,
+)
 from fedexperts.batching.support import batching_refusal
 from fedexperts.batching.train import BatchMember, client_copies, train_batched
 
@@ -19,5 +26,6 @@ __all__ = [
     "client_copies",
     "concatenate",
     "grouped_forwards",
+    "stack_clients",
     "train_batched",
 ]

@@ -8,8 +8,11 @@ directly) splits its tensor inputs along the first dimension by group, runs its 
 group with that client's tensors in place of its parameters (so any module works, whatever its
 forward does) and concatenates the results. An ``nn.Linear`` unit over groups of equal size is one
 batched matmul over the stacked weights instead (multi-LoRA serving's segmented matmul, in its
-simplest form). Dropout modules draw each group's mask from that client's own random stream, so a
-batched client draws exactly the masks it would draw alone.
+simplest form), and a transformers experts module whose every tensor is the client's (FLEx's
+personal experts) is one call over all clients' experts side by side, each group routed to its own
+client's (the grouped matmul MoE kernels already do, with k x E experts). Dropout modules draw each
+group's mask from that client's own random stream, so a batched client draws exactly the masks it
+would draw alone.
 
 A unit's inputs are split only where their first dimension is the batch's rows or its tokens
 (rows x padded width, the flattened ``(T, H)`` an MoE block sees); any other first dimension (a
@@ -29,6 +32,7 @@ from torch import nn
 
 from fedexperts.data.layout import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
+from fedexperts.moe.experts import apply_gate
 
 
 class BatchingError(FedExpertsError):
@@ -55,6 +59,10 @@ class RowGroups:
         if leading == self.total * self.width:
             return tuple(rows * self.width for rows in self.rows)
         return None
+
+    def owners(self, device: torch.device) -> torch.Tensor:
+        """Each row's group index, as a tensor."""
+        return torch.arange(len(self.rows), device=device).repeat_interleave(torch.tensor(self.rows, device=device))
 
     def slices(self) -> list[slice]:
         """Each group's rows of the concatenated batch."""
@@ -116,7 +124,11 @@ class ClientRandom:
             torch.cuda.set_rng_state(self.cuda, device)
 
 
-def units(model: nn.Module, varying: Sequence[str]) -> dict[str, tuple[nn.Module, dict[str, str]]]:
+Owners = dict[str, tuple[nn.Module, dict[str, str]]]
+"""What :func:`units` returns: by module name, the module and its local parameter names mapped to full names."""
+
+
+def units(model: nn.Module, varying: Sequence[str]) -> Owners:
     """The modules that own (directly) a parameter named in ``varying``: by module name, the module and its
     local parameter names mapped to the ``varying`` names.
 
@@ -125,7 +137,7 @@ def units(model: nn.Module, varying: Sequence[str]) -> dict[str, tuple[nn.Module
     """
     wanted = set(varying)
     canonical = {id(param): name for name, param in model.named_parameters()}
-    found: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    found: Owners = {}
     for name, module in model.named_modules():
         local = {key: canonical[id(param)] for key, param in module.named_parameters(recurse=False)}
         chosen = {key: full for key, full in local.items() if full in wanted}
@@ -137,26 +149,37 @@ def units(model: nn.Module, varying: Sequence[str]) -> dict[str, tuple[nn.Module
     return found
 
 
+def stack_clients(tensors: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every client's tensors of one name stacked along a new first dimension (client ``g`` at index ``g``)."""
+    return {name: torch.stack([chosen[name] for chosen in tensors]) for name in tensors[0]}
+
+
 @contextmanager
 def grouped_forwards(
     model: nn.Module,
-    tensors: Sequence[Mapping[str, torch.Tensor]],
+    stacked: Mapping[str, torch.Tensor],
     groups: RowGroups,
     randoms: Sequence[ClientRandom] | None = None,
+    *,
+    owners: Owners | None = None,
 ) -> Iterator[None]:
-    """Inside the block, ``model``'s forwards run each group of rows through its own client's ``tensors``.
+    """Inside the block, ``model``'s forwards run each group of rows through its own client's tensors.
 
-    ``tensors[g]`` maps parameter names of ``model`` to client ``g``'s tensors (the same names for
-    every group). ``randoms[g]`` is client ``g``'s random stream for dropout modules.
+    ``stacked`` maps parameter names of ``model`` to every client's tensors stacked along a first
+    dimension, one per row group (:func:`stack_clients`); gradients flow back through it.
+    ``randoms[g]`` is client ``g``'s random stream for dropout modules. ``owners`` is
+    :func:`units` of ``model`` for these names, when the caller computed it once for many steps.
     """
-    if len(tensors) != len(groups.rows):
-        raise BatchingError(f"{len(tensors)} clients' tensors for {len(groups.rows)} row groups")
-    device = next(iter(tensors[0].values())).device
+    counts = {name: tensor.shape[0] for name, tensor in stacked.items()}
+    if set(counts.values()) != {len(groups.rows)}:
+        depths = sorted(set(counts.values()))
+        raise BatchingError(f"clients' tensors stacked {depths} deep for {len(groups.rows)} row groups")
+    device = next(iter(stacked.values())).device
     patched: list[nn.Module] = []
     try:
-        for prefix, (unit, names) in units(model, list(tensors[0])).items():
-            per_group = [{key: chosen[full] for key, full in names.items()} for chosen in tensors]
-            vars(unit)["forward"] = _GroupedForward(unit, per_group, groups, prefix)  # shadows the class forward
+        for prefix, (unit, names) in (owners if owners is not None else units(model, list(stacked))).items():
+            local = {key: stacked[full] for key, full in names.items()}
+            vars(unit)["forward"] = _GroupedForward(unit, local, groups, prefix)  # shadows the class forward
             patched.append(unit)
         if randoms is not None:
             for module in model.modules():
@@ -173,11 +196,15 @@ class _GroupedForward:
     """A unit's forward while grouped: split, run per group with that client's tensors, concatenate.
 
     The unit's own forward runs once per group with the group's tensors in place of its parameters;
-    its hooks run once, around the whole grouped call, as they would around one client's call.
+    its hooks run once, around the whole grouped call, as they would around one client's call. Two
+    kinds of unit run as one call instead: an ``nn.Linear`` over groups of equal size (a batched
+    matmul, :func:`_stacked_linear`) and a transformers experts module whose every tensor varies
+    (:func:`_stacked_experts`).
     """
 
-    def __init__(self, unit: nn.Module, per_group: list[dict[str, torch.Tensor]], groups: RowGroups, name: str) -> None:
-        self.unit, self.per_group, self.groups, self.name = unit, per_group, groups, name
+    def __init__(self, unit: nn.Module, stacked: dict[str, torch.Tensor], groups: RowGroups, name: str) -> None:
+        self.unit, self.stacked, self.groups, self.name = unit, stacked, groups, name
+        self.experts = _fused_experts_count(unit, stacked)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leading = _leading(args, kwargs)
@@ -189,14 +216,98 @@ class _GroupedForward:
                 "cannot be told apart"
             )
         if isinstance(self.unit, nn.Linear) and len(set(sizes)) == 1 and len(args) == 1 and not kwargs:
-            return _stacked_linear(args[0], self.per_group, len(sizes))
+            return _stacked_linear(args[0], self.stacked["weight"], self.stacked.get("bias"))
+        if self.experts is not None and len(args) == 3 and not kwargs:
+            return _stacked_experts(self.unit, self.stacked, self.experts, sizes, *args)
         outputs = []
-        for index, chosen in enumerate(self.per_group):
-            with _swapped(self.unit, chosen):
+        for index in range(len(sizes)):
+            with _swapped(self.unit, {key: tensor[index] for key, tensor in self.stacked.items()}):
                 outputs.append(
                     type(self.unit).forward(self.unit, *_split(args, sizes, index), **_split(kwargs, sizes, index))
                 )
         return _join_outputs(outputs)
+
+
+def _fused_experts_count(unit: nn.Module, stacked: Mapping[str, torch.Tensor]) -> int | None:
+    """The expert count of a transformers experts module (3-D tensors, ``num_experts``) whose every tensor varies."""
+    experts = vars(unit).get("num_experts")  # an instance attribute, which the joined call can set for a moment
+    if not isinstance(experts, int) or not hasattr(unit, "config") or set(stacked) != set(unit._parameters):
+        return None
+    if any(tensor.dim() < 3 or tensor.shape[1] != experts for tensor in stacked.values()):
+        return None
+    return experts
+
+
+def _stacked_experts(
+    unit: nn.Module,
+    stacked: Mapping[str, torch.Tensor],
+    experts: int,
+    sizes: tuple[int, ...],
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """A transformers experts module over every group at once: the k clients' E experts as k x E experts.
+
+    Group ``g``'s tokens route to experts ``g x E + i``; an index of ``E`` or more (transformers'
+    sentinel for a slot no local expert takes) stays a sentinel (``k x E``). The module's own forward
+    runs once, with whatever experts implementation the model is set to.
+    """
+    count = len(sizes)
+    if len(set(sizes)) == 1 and _every_token_to_every_expert(unit, top_k_index, experts, stacked):
+        return _dense_stacked_experts(unit, stacked, count, hidden, top_k_weights)
+    base = torch.arange(count, device=top_k_index.device).mul_(experts)
+    offsets = base.repeat_interleave(torch.tensor(sizes, device=top_k_index.device)).unsqueeze(1)
+    shifted = torch.where(top_k_index < experts, top_k_index + offsets, count * experts)
+    joined = {key: tensor.flatten(0, 1) for key, tensor in stacked.items()}
+    vars(unit)["num_experts"] = count * experts  # read by every experts implementation
+    try:
+        with _swapped(unit, joined):
+            return type(unit).forward(unit, hidden, shifted.to(top_k_index.dtype), top_k_weights)
+    finally:
+        vars(unit)["num_experts"] = experts
+
+
+_EXPERT_TENSORS = {"gate_up_proj", "down_proj"}
+_EXPERT_BIASES = {"gate_up_proj_bias", "down_proj_bias"}
+
+
+def _every_token_to_every_expert(
+    unit: nn.Module, top_k_index: torch.Tensor, experts: int, stacked: Mapping[str, torch.Tensor]
+) -> bool:
+    """Whether every token goes to each of the module's experts (FLEx's personal experts: ``arange(E)`` expanded)
+    and the module is a plain gated one (``gate_up_proj``, ``down_proj``, optional biases)."""
+    plain = getattr(unit, "has_gate", False) and not getattr(unit, "has_post_expert_norm", False)
+    if not plain or not _EXPERT_TENSORS <= set(stacked) <= _EXPERT_TENSORS | _EXPERT_BIASES:
+        return False
+    if top_k_index.dim() != 2 or top_k_index.shape[1] != experts or top_k_index.stride(0) != 0:
+        return False
+    return torch.equal(top_k_index[0], torch.arange(experts, device=top_k_index.device))
+
+
+def _dense_stacked_experts(
+    unit: nn.Module, stacked: Mapping[str, torch.Tensor], count: int, hidden: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Every token of equal groups through each of its own client's experts: batched matmuls over (client, expert).
+
+    The same arithmetic as transformers' experts forward (gated up projection, the module's own
+    gate, down projection, routing weight, sum over experts) without routing every token by a sort.
+    """
+    tokens, width = hidden.shape
+    experts = stacked["down_proj"].shape[1]
+    per_group = tokens // count
+    spread = hidden.reshape(count, 1, per_group, width).expand(count, experts, per_group, width)
+
+    def project(inputs: torch.Tensor, name: str) -> torch.Tensor:
+        weight = stacked[name].flatten(0, 1)
+        out = torch.bmm(inputs, weight if unit.is_transposed else weight.transpose(1, 2))
+        bias = stacked.get(f"{name}_bias")
+        return out if bias is None else out + bias.flatten(0, 1).unsqueeze(1)
+
+    gated = apply_gate(unit, project(spread.reshape(count * experts, per_group, width), "gate_up_proj"))
+    out = project(gated, "down_proj").reshape(count, experts, per_group, -1)
+    routing = weights.reshape(count, per_group, experts).transpose(1, 2).unsqueeze(-1).to(out.dtype)
+    return (out * routing).sum(dim=1).reshape(tokens, -1).to(hidden.dtype)
 
 
 @contextmanager
@@ -247,13 +358,13 @@ class _GroupedDropout:
         return torch.cat(parts)
 
 
-def _stacked_linear(hidden: torch.Tensor, per_group: list[dict[str, torch.Tensor]], count: int) -> torch.Tensor:
-    """``nn.Linear`` for ``count`` equal groups as one batched matmul over the groups' stacked weights."""
-    weight = torch.stack([chosen["weight"] for chosen in per_group])  # (k, out, in)
-    grouped = hidden.reshape(count, -1, hidden.shape[-1])
-    out = torch.bmm(grouped, weight.transpose(1, 2))
-    if "bias" in per_group[0]:
-        out = out + torch.stack([chosen["bias"] for chosen in per_group]).unsqueeze(1)
+def _stacked_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``nn.Linear`` for equal groups as one batched matmul over the groups' stacked ``(k, out, in)`` weights."""
+    grouped = hidden.reshape(weight.shape[0], -1, hidden.shape[-1])
+    if bias is None:
+        out = torch.bmm(grouped, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), grouped, weight.transpose(1, 2))
     return out.reshape(*hidden.shape[:-1], weight.shape[1])
 
 

@@ -109,8 +109,14 @@ class BatchLayout:
     def loss(
         self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
     ) -> torch.Tensor:
-        """Cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (float32 logits)."""
-        logits, labels = self.aligned(logits, labels)
+        """Cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (float32 logits).
+
+        A decoder-only model's labels are shifted left (the last position gets ``IGNORE_INDEX``)
+        rather than its logits cut: the same terms, without copying the logits and zero-filling their
+        gradient. ``reduction="none"`` gives one value per position of ``logits`` (0 where ignored).
+        """
+        if not self.encoder_decoder:
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             labels.reshape(-1),
