@@ -8,6 +8,12 @@ model and a random-weight OLMoE of hidden size 512 (16 experts; the built-in tok
 ExpertBench rows). The k values of one configuration run one after another in this process, so the
 machine's state hits them alike; each row's speed-up is against k = 1 of the same configuration.
 
+Base ceiling: the frozen base model alone (no trainable parts, gradients back to its input
+embeddings as LoRA on the first layer needs), forward and backward over a round's actual client
+batches, each client's batch on its own against k clients' batches right-padded and concatenated:
+the most batching could gain if everything but the base cost nothing. The padding to the widest
+client's batch is part of it.
+
 Fraction of peak: useful training FLOPs (``4 x active parameters x real input tokens``, the usual
 estimate with frozen base weights: forward 2, backward through activations 2; padding not counted)
 over the round's training seconds, against a square fp32 matmul measured in this run. Peak memory
@@ -25,6 +31,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +40,14 @@ import torch
 
 from benchmarks.common import NO_EVALUATION, Table, matmul_peak
 from benchmarks.training import HIDDEN_512, active_parameters
+from fedexperts.batching import concatenate
 from fedexperts.config import ExperimentConfig, load_config
+from fedexperts.data.layout import CAUSAL
+from fedexperts.evaluation import pad_token_id
 from fedexperts.experiment import Setting, build_setting
 from fedexperts.federation.client import training_batches
 from fedexperts.federation.inprocess import run_experiment
+from fedexperts.models.builtin import default_model_path
 
 PARALLEL = (1, 2, 4, 8)
 ALGORITHMS = ("fedavg", "flex")
@@ -50,7 +61,6 @@ RUN = (
 def hidden_512_folder(folder: Path) -> Path:
     """A random-weight OLMoE (hidden 512, 16 experts, 2 layers) saved with the built-in model's tokenizer."""
     from fedexperts.models import tiny_model
-    from fedexperts.models.builtin import default_model_path
 
     source = default_model_path()
     tokenizer_files = [path for path in source.iterdir() if "token" in path.name or path.name.endswith(".jinja")]
@@ -73,6 +83,34 @@ def round_tokens(setting: Setting, round_number: int) -> int:
             int(next(batches)["attention_mask"].sum()) for _ in range(train.steps_per_round * train.grad_accumulation)
         )
     return total
+
+
+def base_ceiling(setting: Setting, model_path: Path, k: int, round_number: int = 2) -> float:
+    """Seconds of the frozen base over each client's batches alone, over those of k clients joined (see above)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path).train()
+    base.requires_grad_(False)
+    embed = base.get_input_embeddings()
+    steps = setting.config.train.steps_per_round
+    streams = [training_batches(setting, client, round_number) for client in setting.clients]
+    per_step = [[next(stream) for stream in streams] for _ in range(steps)]
+    pad = pad_token_id(setting.tokenizer)
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        inputs = embed(batch["input_ids"]).detach().requires_grad_(True)
+        logits = base(inputs_embeds=inputs, attention_mask=batch["attention_mask"]).logits
+        CAUSAL.loss(logits, batch["labels"]).backward()
+
+    def seconds(size: int) -> float:
+        start = time.perf_counter()
+        for batches in per_step:
+            for first in range(0, len(batches), size):
+                step(concatenate(batches[first : first + size], pad)[0])
+        return time.perf_counter() - start
+
+    seconds(k)  # warm-up
+    return statistics.median(seconds(1) for _ in range(3)) / statistics.median(seconds(k) for _ in range(3))
 
 
 def measure(config: ExperimentConfig, target: Path, peak: float) -> dict[str, float]:
@@ -112,14 +150,18 @@ def run(
             "k",
             "round wall (s)",
             "speed-up vs k=1",
+            "base ceiling",
             "% of fp32 peak",
             "peak RSS (MiB)",
         ],
     )
+    ceilings: dict[tuple[str, int, int, int], float] = {}
     with tempfile.TemporaryDirectory() as folder:
         sources = {"builtin": "builtin"}
+        paths = {"builtin": default_model_path()}
         if "hidden-512" in models:
-            sources["hidden-512"] = str(hidden_512_folder(Path(folder)))
+            paths["hidden-512"] = hidden_512_folder(Path(folder))
+            sources["hidden-512"] = str(paths["hidden-512"])
         for model in models:
             for algorithm, count, batch in itertools.product(algorithms, clients, batch_sizes):
                 baseline = None
@@ -140,6 +182,9 @@ def run(
                     )
                     result = measure(config, Path(folder) / f"{model}-{algorithm}-{count}-{batch}-{k}", peak)
                     baseline = baseline or result["wall"]
+                    if (model, count, batch, k) not in ceilings:
+                        ceiling = base_ceiling(build_setting(config), paths[model], k) if k > 1 else 1.0
+                        ceilings[model, count, batch, k] = ceiling
                     table.add(
                         model,
                         algorithm,
@@ -148,6 +193,7 @@ def run(
                         k,
                         f"{result['wall']:.2f}",
                         f"{baseline / result['wall']:.2f}x",
+                        f"{ceilings[model, count, batch, k]:.2f}x",
                         f"{100 * result['fraction']:.1f}%",
                         f"{result['memory']:,.0f}",
                     )
@@ -156,6 +202,10 @@ def run(
     table.note(
         "k = 1 is the sequential runtime; at k > 1 a round's clients set up and evaluate one by one, then train k at "
         "a time as one batch; the round wall includes setup, messages and checkpoints"
+    )
+    table.note(
+        "base ceiling: the frozen base alone over the round's batches, each client's alone vs k joined (what "
+        "batching could gain at most); peak RSS is the process's, which keeps what earlier rows left resident"
     )
     return table
 
