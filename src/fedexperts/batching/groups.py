@@ -32,7 +32,7 @@ from torch import nn
 
 from fedexperts.data.layout import IGNORE_INDEX
 from fedexperts.errors import FedExpertsError
-from fedexperts.moe.experts import apply_gate
+from fedexperts.moe.experts import apply_gate, dense_projection
 
 
 class BatchingError(FedExpertsError):
@@ -299,10 +299,9 @@ def _dense_stacked_experts(
     spread = hidden.reshape(count, 1, per_group, width).expand(count, experts, per_group, width)
 
     def project(inputs: torch.Tensor, name: str) -> torch.Tensor:
-        weight = stacked[name].flatten(0, 1)
-        out = torch.bmm(inputs, weight if unit.is_transposed else weight.transpose(1, 2))
         bias = stacked.get(f"{name}_bias")
-        return out if bias is None else out + bias.flatten(0, 1).unsqueeze(1)
+        flat_bias = None if bias is None else bias.flatten(0, 1)
+        return dense_projection(inputs, stacked[name].flatten(0, 1), flat_bias, bool(unit.is_transposed))
 
     gated = apply_gate(unit, project(spread.reshape(count * experts, per_group, width), "gate_up_proj"))
     out = project(gated, "down_proj").reshape(count, experts, per_group, -1)

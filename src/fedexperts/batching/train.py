@@ -27,7 +27,7 @@ from torch import nn
 
 from fedexperts.batching.groups import ClientRandom, RowGroups, concatenate, grouped_forwards, units
 from fedexperts.config import TrainConfig
-from fedexperts.data.layout import CAUSAL, IGNORE_INDEX
+from fedexperts.data.layout import CAUSAL
 from fedexperts.interface import ProximalTerm
 from fedexperts.moe.params import NO_WEIGHT_DECAY
 from fedexperts.moe.precision import autocast_for
@@ -210,7 +210,7 @@ def _objective(
     owner = groups.owners(logits.device)
     count = len(members)
     row_sums = per_token.reshape(groups.total, -1).sum(dim=1)
-    targets = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    targets = CAUSAL.targets_per_row(labels)
     sums = row_sums.new_zeros(count).index_add_(0, owner, row_sums)
     counts = targets.new_zeros(count).index_add_(0, owner, targets)
     losses = sums / counts

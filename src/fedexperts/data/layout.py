@@ -127,7 +127,11 @@ class BatchLayout:
 
     def target_count(self, labels: torch.Tensor) -> int:
         """How many tokens :meth:`loss` is taken over."""
-        return int((labels[:, int(not self.encoder_decoder) :] != IGNORE_INDEX).sum())
+        return int(self.targets_per_row(labels).sum())
+
+    def targets_per_row(self, labels: torch.Tensor) -> torch.Tensor:
+        """How many tokens of each row :meth:`loss` is taken over (a tensor, one count per row)."""
+        return (labels[:, int(not self.encoder_decoder) :] != IGNORE_INDEX).sum(dim=1)
 
     @property
     def generation_padding(self) -> str:

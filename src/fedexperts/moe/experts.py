@@ -138,10 +138,11 @@ def apply_gate(experts: Any, gate_up: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, experts.act_fn(gate)) * up
 
 
-def _dense_projection(
+def dense_projection(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
 ) -> torch.Tensor:
-    """Every expert's projection of every token in one batched matmul: (T, in) -> (E, T, out)."""
+    """Every expert's projection of every token in one batched matmul: (T, in) -> (E, T, out), or (E, T, in) ->
+    (E, T, out) when each expert has tokens of its own."""
     out = torch.matmul(hidden, weight if transposed else weight.transpose(1, 2))
     return out if bias is None else out + bias.unsqueeze(1)
 
@@ -160,8 +161,8 @@ def each_expert_output(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
     math = fused_math(layer, experts)
     gate_up_bias = experts.gate_up_proj_bias if math.has_bias else None
     down_bias = experts.down_proj_bias if math.has_bias else None
-    gate_up = _dense_projection(hidden, experts.gate_up_proj, gate_up_bias, math.transposed)
-    return _dense_projection(apply_gate(experts, gate_up), experts.down_proj, down_bias, math.transposed)
+    gate_up = dense_projection(hidden, experts.gate_up_proj, gate_up_bias, math.transposed)
+    return dense_projection(apply_gate(experts, gate_up), experts.down_proj, down_bias, math.transposed)
 
 
 def one_expert_output(layer: MoELayer, expert: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from fedexperts.moe.experts import FusedMath, _dense_projection, apply_gate
+from fedexperts.moe.experts import FusedMath, apply_gate, dense_projection
 
 PERSONAL_LORA = "personal_lora"
 PERSONAL_ADAPTER = "default"
@@ -84,7 +84,7 @@ class FusedExpertLora(nn.Module):
     def _project(self, experts: nn.Module, hidden: torch.Tensor, name: str) -> torch.Tensor:
         weight = experts.get_parameter(name)
         bias = experts.get_parameter(f"{name}_bias") if self.has_bias else None
-        out = _dense_projection(hidden, weight, bias, self.transposed)
+        out = dense_projection(hidden, weight, bias, self.transposed)
         a = self.lora_A[name].to(hidden.dtype).transpose(1, 2)
         b = self.lora_B[name].to(hidden.dtype).transpose(1, 2)
         return out + self.scaling * torch.matmul(torch.matmul(self.dropout(hidden), a), b)
